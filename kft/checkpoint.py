@@ -1,0 +1,174 @@
+"""Files kft writes and reads back: atomic writes, resume checkpoints, backbone weights, anchors.
+
+Every file is written to a temporary name in the same directory and renamed into place, so a
+run killed at any moment leaves either the old file or the new one, never half of one.
+A resume checkpoint is a directory (model weights, optimizer state, trainer state) that is
+complete before it is renamed to `ckpt/epoch-N`; `ckpt/latest` names the newest complete one.
+Nothing is unpickled: weights are HDF5 read by Keras, arrays are `.npz` read with
+allow_pickle=False, state is JSON.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+import h5py
+import keras
+import numpy as np
+
+_BACKBONE_ATTR = "kft_backbone"
+_SIZE_ATTR = "kft_image_size"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ""):
+    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a text file atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+
+
+def write_json(path: str, obj) -> None:
+    """Writes JSON atomically."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def save_model_weights(model: keras.Model, path: str) -> None:
+    """Saves a model's weights (`.weights.h5`) atomically."""
+    with atomic_path(path, suffix=".weights.h5") as tmp:
+        model.save_weights(tmp)
+
+
+def save_backbone_weights(backbone: keras.Model, backbone_name: str, image_size: int, path: str) -> None:
+    """Saves backbone weights tagged with the backbone name and input size, for `--weights=PATH`."""
+    with atomic_path(path, suffix=".weights.h5") as tmp:
+        backbone.save_weights(tmp)
+        with h5py.File(tmp, "a") as f:
+            f.attrs[_BACKBONE_ATTR] = backbone_name
+            f.attrs[_SIZE_ATTR] = image_size
+
+
+def load_backbone_weights(backbone: keras.Model, backbone_name: str, image_size: int, path: str) -> None:
+    """Loads a backbone weights file, checking it was written for this backbone.
+
+    Args:
+      backbone: the freshly built backbone.
+      backbone_name: its keras.applications class name.
+      image_size: its input size (weights of a convolutional backbone transfer across sizes;
+        the size is reported, not enforced, unless the weights themselves differ).
+      path: a `.weights.h5` file written by kft (or by Keras for this architecture).
+
+    Raises:
+      ValueError: one line naming the file and the mismatch.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"--weights={path}: no such file; allowed: imagenet, none, or a backbone.weights.h5 file")
+    try:
+        with h5py.File(path, "r") as f:
+            saved_name = f.attrs.get(_BACKBONE_ATTR)
+            saved_size = f.attrs.get(_SIZE_ATTR)
+    except OSError:
+        raise ValueError(f"--weights={path}: not an HDF5 weights file") from None
+    if saved_name is not None and str(saved_name) != backbone_name:
+        raise ValueError(f"--weights={path} holds {saved_name} weights, but --backbone={backbone_name}")
+    try:
+        backbone.load_weights(path)
+    except Exception as e:  # Keras raises several types for a structure mismatch.
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        size = f" (saved at image_size {int(saved_size)})" if saved_size is not None else ""
+        raise ValueError(
+            f"--weights={path} does not fit {backbone_name} at image_size {image_size}{size}: {detail}"
+        ) from None
+
+
+def save_arrays(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """Saves named arrays to `.npz` atomically."""
+    with atomic_path(path, suffix=".npz") as tmp:
+        np.savez(tmp, **arrays)
+
+
+def load_arrays(path: str) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+class ResumeCheckpoints:
+    """`MODEL_DIR/ckpt/epoch-N` directories holding everything needed to continue a run."""
+
+    def __init__(self, model_dir: str, keep: int = 2):
+        self.root = os.path.join(model_dir, "ckpt")
+        self.keep = keep
+
+    def save(self, index: int, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict) -> None:
+        """Writes checkpoint `index` (a running epoch count) and points `latest` at it."""
+        os.makedirs(self.root, exist_ok=True)
+        final = os.path.join(self.root, f"epoch-{index}")
+        tmp = tempfile.mkdtemp(dir=self.root, prefix=".tmp-")
+        try:
+            model.save_weights(os.path.join(tmp, "model.weights.h5"))
+            np.savez(os.path.join(tmp, "optimizer.npz"), **{f"v{i:05d}": v.numpy() for i, v in enumerate(optimizer.variables)})
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump(state, f, indent=2, sort_keys=True)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+        write_text(os.path.join(self.root, "latest"), f"epoch-{index}\n")
+        self._prune(index)
+
+    def _prune(self, newest: int) -> None:
+        for name in os.listdir(self.root):
+            if name.startswith(".tmp-"):
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+            elif name.startswith("epoch-") and int(name[6:]) <= newest - self.keep:
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+    def latest_state(self) -> dict | None:
+        """The trainer state of the newest complete checkpoint, or None."""
+        directory = self._latest_dir()
+        return read_json(os.path.join(directory, "state.json")) if directory else None
+
+    def _latest_dir(self) -> str | None:
+        pointer = os.path.join(self.root, "latest")
+        if not os.path.exists(pointer):
+            return None
+        with open(pointer) as f:
+            directory = os.path.join(self.root, f.read().strip())
+        return directory if os.path.isdir(directory) else None
+
+    def restore(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+        """Loads the newest checkpoint's weights and optimizer state (optimizer already built)."""
+        directory = self._latest_dir()
+        model.load_weights(os.path.join(directory, "model.weights.h5"))
+        saved = load_arrays(os.path.join(directory, "optimizer.npz"))
+        if len(saved) != len(optimizer.variables):
+            raise ValueError(
+                f"checkpoint {directory} has {len(saved)} optimizer variables, this stage has "
+                f"{len(optimizer.variables)}; was --optimizer or --stages changed?"
+            )
+        for i, variable in enumerate(optimizer.variables):
+            variable.assign(saved[f"v{i:05d}"])

@@ -1,0 +1,44 @@
+"""The resolved run configuration: one frozen dataclass built once from the flags.
+
+Library code takes a `Config` (or plain arguments), never absl FLAGS, so every module can be
+used and tested without the command line.
+"""
+
+import dataclasses
+
+from kft.schedule import Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a fine-tuning run needs. Field meanings are the flags' help texts (kft/flags.py)."""
+
+    dataset: str
+    backbone: str
+    stages: tuple[Stage, ...]
+    model_dir: str
+    data_dir: str | None = None
+    val_fraction: float = 0.1
+    train_limit_per_class: int = 0
+    weights: str | None = "imagenet"
+    image_size: int = 224
+    batch_size: int = 64
+    seed: int = 0
+    lr_scale: float = 1.0
+    optimizer: str = "adam"
+    l2sp_alpha: float = 0.01
+    l2sp_beta: float = 0.01
+    label_smoothing: float = 0.0
+    dropout: float = 0.2
+    hidden_units: int = 0
+    augment: tuple[str, ...] = ()
+    export_dir: str = ""
+    jit_compile: str = "auto"
+    mixed_precision: str = "none"
+    strategy: str = "auto"
+    deterministic: bool = False
+    verbose: int = 1
+
+    @property
+    def total_epochs(self) -> int:
+        return sum(stage.epochs for stage in self.stages)

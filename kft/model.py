@@ -1,0 +1,129 @@
+"""The fine-tuning model: images 0..255 -> resize + backbone preprocessing -> backbone -> new head.
+
+The model takes raw pixel values (uint8 or float in 0..255) of any height and width; resizing
+and the backbone's own preprocessing are inside it, so the exported SavedModel takes raw images.
+
+Fine-tuning rules written into the code (keras-io transfer-learning guide):
+- The backbone is called with training=False unless the current stage says `bn=train`, so
+  BatchNorm keeps its pretrained statistics and dropout inside the backbone is off.
+- Changing `trainable` only takes effect after the model is compiled again.
+"""
+
+import dataclasses
+
+import keras
+import tensorflow as tf
+
+from kft import backbones
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+    """The new classification head.
+
+    Attributes:
+      num_classes: number of output classes.
+      dropout: dropout rate before the last dense layer.
+      hidden_units: width of an optional hidden dense layer (0 = none).
+    """
+
+    num_classes: int
+    dropout: float = 0.2
+    hidden_units: int = 0
+
+
+@keras.saving.register_keras_serializable("kft")
+class Preprocess(keras.layers.Layer):
+    """Casts to float32, resizes to the backbone's input size and applies its preprocessing."""
+
+    def __init__(self, backbone_name: str, image_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone_name = backbone_name
+        self.image_size = image_size
+        self._preprocess = backbones.get(backbone_name).preprocess
+
+    def call(self, images):
+        # Preprocessing runs in float32 whatever the mixed-precision policy: pixel means and
+        # scales lose precision in bfloat16.
+        x = tf.cast(images, tf.float32)
+        x = tf.image.resize(x, (self.image_size, self.image_size))
+        return self._preprocess(x)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.image_size, self.image_size, 3)
+
+    def get_config(self):
+        return {**super().get_config(), "backbone_name": self.backbone_name, "image_size": self.image_size}
+
+
+class Classifier(keras.Model):
+    """Backbone plus new head. Training logic lives in `kft.trainer.FineTuner`, a subclass."""
+
+    def __init__(self, spec: backbones.BackboneSpec, backbone: keras.Model, head: HeadConfig, image_size: int, **kwargs):
+        super().__init__(**kwargs)
+        self.spec = spec
+        self.head_config = head
+        self.image_size = image_size
+        self.preprocess = Preprocess(spec.name, image_size, name="preprocess", dtype="float32")
+        self.backbone = backbone
+        # Set per stage by kft.schedule.apply_stage; read when the step function is traced,
+        # which is why a stage change recompiles.
+        self.backbone_training = False
+        self.pool = keras.layers.GlobalAveragePooling2D(name="head_pool")
+        self.dropout = keras.layers.Dropout(head.dropout, name="head_dropout")
+        self.hidden = (
+            keras.layers.Dense(head.hidden_units, activation="relu", name="head_hidden")
+            if head.hidden_units
+            else None
+        )
+        # The classifier stays float32 under mixed precision so the softmax is stable.
+        self.classify = keras.layers.Dense(head.num_classes, activation="softmax", dtype="float32", name="head_logits")
+
+    @property
+    def head_layers(self) -> list:
+        return [layer for layer in (self.hidden, self.classify) if layer is not None]
+
+    def features(self, images, training=False):
+        """Pooled backbone features of raw images."""
+        x = self.preprocess(images)
+        x = self.backbone(x, training=bool(training) and self.backbone_training)
+        return self.pool(x)
+
+    def head(self, features, training=False):
+        """Class probabilities from pooled features."""
+        x = self.dropout(features, training=training)
+        if self.hidden is not None:
+            x = self.hidden(x)
+        return self.classify(x)
+
+    def call(self, images, training=False):
+        return self.head(self.features(images, training=training), training=training)
+
+
+def build_classifier(
+    backbone_name: str,
+    image_size: int,
+    weights: str | None,
+    head: HeadConfig,
+) -> Classifier:
+    """Builds the backbone (from ImageNet, nothing, or a kft weights file) and a new head.
+
+    Args:
+      backbone_name: a keras.applications class name.
+      image_size: square input size of the backbone.
+      weights: "imagenet", None (random init), or a path to `backbone.weights.h5` written by kft.
+      head: the head configuration.
+
+    Returns:
+      A built Classifier.
+    """
+    from kft import checkpoint  # Imported here: checkpoint imports model for its checks.
+
+    spec = backbones.get(backbone_name)
+    keras_weights = "imagenet" if weights == "imagenet" else None
+    backbone = backbones.build(spec, image_size, keras_weights)
+    if weights not in (None, "imagenet"):
+        checkpoint.load_backbone_weights(backbone, spec.name, image_size, weights)
+    classifier = Classifier(spec, backbone, head, image_size, name=f"kft_{spec.name}")
+    classifier(tf.zeros((1, image_size, image_size, 3), tf.uint8))
+    return classifier
