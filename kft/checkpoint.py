@@ -160,10 +160,12 @@ class ResumeCheckpoints:
             directory = os.path.join(self.root, f.read().strip())
         return directory if os.path.isdir(directory) else None
 
-    def restore(self, model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
-        """Loads the newest checkpoint's weights and optimizer state (optimizer already built)."""
+    def restore(self, model: keras.Model, optimizer: keras.optimizers.Optimizer | None) -> None:
+        """Loads the newest checkpoint's weights and, if given, optimizer state (already built)."""
         directory = self._latest_dir()
         model.load_weights(os.path.join(directory, "model.weights.h5"))
+        if optimizer is None:
+            return
         saved = load_arrays(os.path.join(directory, "optimizer.npz"))
         if len(saved) != len(optimizer.variables):
             raise ValueError(

@@ -32,6 +32,9 @@ class Config:
     dropout: float = 0.2
     hidden_units: int = 0
     augment: tuple[str, ...] = ()
+    pretrain_dataset: str = ""
+    pretrain_stages: tuple[Stage, ...] = ()
+    compare_scratch: bool = False
     export_dir: str = ""
     jit_compile: str = "auto"
     mixed_precision: str = "none"

@@ -1,0 +1,86 @@
+"""One `kft.train` invocation: optional source-task pretraining, the fine-tune, export, and an
+optional from-scratch comparison. Each part is a `trainer.train` run in its own directory, so
+each resumes on its own after an interruption.
+
+    MODEL_DIR/pretrain/   the source-task run (--pretrain_dataset); its backbone.weights.h5 is
+                          the fine-tune's --weights
+    MODEL_DIR/            the fine-tune
+    MODEL_DIR/scratch/    the same backbone from random init on the target, all layers
+                          trainable, same total epochs (--compare_scratch)
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+from absl import logging
+
+from kft import checkpoint, export, schedule, trainer
+from kft.config import Config
+
+
+def run(config: Config, flagfile_text: str = "") -> dict:
+    """Runs everything `config` asks for and returns the fine-tune's metrics."""
+    if config.pretrain_dataset:
+        source = dataclasses.replace(
+            config,
+            dataset=config.pretrain_dataset,
+            stages=config.pretrain_stages,
+            train_limit_per_class=0,
+            model_dir=os.path.join(config.model_dir, "pretrain"),
+            pretrain_dataset="",
+            compare_scratch=False,
+        )
+        logging.info("source task: training %s on %s", config.backbone, source.dataset)
+        source_metrics = trainer.train(source)
+        print(f"source task {source.dataset}: best val accuracy {source_metrics['best_val_accuracy']:.4f}")
+        config = dataclasses.replace(config, weights=os.path.join(source.model_dir, "backbone.weights.h5"))
+
+    metrics = trainer.train(config, flagfile_text=flagfile_text)
+    print(f"fine-tuned on {config.dataset}: best val accuracy {metrics['best_val_accuracy']:.4f}")
+
+    if config.export_dir != "none":
+        export_base = config.export_dir or os.path.join(config.model_dir, "export")
+        classifier, class_names, _ = trainer.load_classifier(config.model_dir)
+        images = _validation_images(config)
+        version_dir = export.export_saved_model(classifier, class_names, export_base, images)
+        metrics["export"] = version_dir
+        print(f"exported SavedModel to {version_dir}")
+
+    if config.compare_scratch:
+        first_lr = config.stages[0].lr
+        scratch = dataclasses.replace(
+            config,
+            weights=None,
+            stages=(schedule.Stage("all", config.total_epochs, first_lr),),
+            l2sp_alpha=0.0,
+            model_dir=os.path.join(config.model_dir, "scratch"),
+            pretrain_dataset="",
+            compare_scratch=False,
+            export_dir="none",
+        )
+        logging.info("baseline: training %s from scratch on %s", config.backbone, config.dataset)
+        scratch_metrics = trainer.train(scratch)
+        metrics["scratch_best_val_accuracy"] = scratch_metrics["best_val_accuracy"]
+        print(
+            f"transfer check on {config.dataset}: fine-tuned {metrics['best_val_accuracy']:.4f} vs "
+            f"from scratch {scratch_metrics['best_val_accuracy']:.4f} (same backbone, {config.total_epochs} epochs)"
+        )
+    checkpoint.write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
+    return metrics
+
+
+def _validation_images(config: Config, limit: int = 64) -> np.ndarray:
+    """A batch of validation images to check the export against the Keras model."""
+    from kft import data
+
+    splits = data.load(
+        config.dataset,
+        image_size=config.image_size,
+        batch_size=limit,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        data_dir=config.data_dir,
+    )
+    images, _ = next(iter(splits.val))
+    return np.asarray(images)

@@ -1,0 +1,203 @@
+"""Every kft.train flag, its help and its validator; `config_from_flags` freezes them into a Config.
+
+Validators run while absl parses the command line, so a bad value stops the program with one
+line naming the flag, the value and what is allowed, before any model is built or file written.
+"""
+
+import os
+
+from absl import flags
+
+from kft import augment, backbones, data, schedule
+from kft.config import Config
+
+FLAGS = flags.FLAGS
+
+# Flags that do not change what a run computes; a resumed run may change them freely.
+RESUME_FREE_FLAGS = ("export_dir", "verbose", "overwrite", "flagfile")
+
+
+def _checked(name: str, parse, help_allowed: str = ""):
+    """Registers a validator that calls `parse(value)` and turns ValueError into a flag error."""
+
+    def check(value):
+        try:
+            parse(value)
+        except ValueError as e:
+            raise flags.ValidationError(str(e)) from None
+        return True
+
+    flags.register_validator(name, check)
+
+
+def _range(name: str, low=None, high=None, low_open=False):
+    def check(value):
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and value > high
+        if too_low or too_high:
+            bound = f"{'>' if low_open else '>='} {low}" if low is not None else ""
+            upper = f"<= {high}" if high is not None else ""
+            raise flags.ValidationError(f"must be {' and '.join(x for x in (bound, upper) if x)}")
+        return True
+
+    flags.register_validator(name, check)
+
+
+# Data.
+flags.DEFINE_string("dataset", "digits", "Training data: tfds:NAME (e.g. tfds:cifar10), folder:PATH (one subfolder per class; PATH/train and PATH/val used when present), or the built-in offline dataset digits (classes subset: digits:0-4, digits:5-9, digits:1,3,7).")
+flags.DEFINE_string("data_dir", None, "Where TFDS keeps (or finds already downloaded) datasets.")
+flags.DEFINE_float("val_fraction", 0.1, "Fraction of the training data held out for validation when the source has no validation split.")
+flags.DEFINE_integer("train_limit_per_class", 0, "Keep at most this many training images per class (0 = all); makes a few-shot task.")
+# Model.
+flags.DEFINE_string("backbone", "ResNet50", "A keras.applications class name, e.g. ResNet50, MobileNetV3Small, EfficientNetB0, ConvNeXtTiny.")
+flags.DEFINE_string("weights", "imagenet", "Backbone start: imagenet, none (random init), or a PATH to the backbone.weights.h5 a previous kft run wrote.")
+flags.DEFINE_integer("image_size", 0, "Square input size of the backbone; 0 = the backbone's ImageNet size. Images are resized inside the model.")
+flags.DEFINE_float("dropout", 0.2, "Dropout rate before the head's last dense layer.")
+flags.DEFINE_integer("hidden_units", 0, "Width of an optional hidden dense layer in the head (0 = none).")
+# Training.
+flags.DEFINE_integer("batch_size", 64, "Global batch size (split across replicas).")
+flags.DEFINE_integer("seed", 0, "Seed for data splits, shuffling, augmentation and initialization.")
+flags.DEFINE_string("stages", "head:3@1e-3,top2:3@1e-4", "The unfreeze schedule: comma-separated WHAT:EPOCHS@LR[:bn=frozen|train][:warmup=F], WHAT = head | topN | from=BLOCK | all. Example: head:3@1e-3,top2:2@1e-4,all:2@1e-5.")
+flags.DEFINE_float("lr_scale", 1.0, "Multiplies every stage's learning rate (what kft.tune searches).")
+flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "adam, or sgd with Nesterov momentum 0.9. Neither adds weight decay: L2-SP replaces it.")
+flags.DEFINE_float("l2sp_alpha", 0.01, "L2-SP strength pulling backbone weights toward the pretrained ones; 0 = plain fine-tuning.")
+flags.DEFINE_float("l2sp_beta", 0.01, "L2 strength on the new head's kernels.")
+flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the training loss.")
+flags.DEFINE_string("augment", "crop,flip", "Comma list of on-device augmentations from: crop, flip, translate, colour, mixup, cutmix; none for no augmentation.")
+# Transfer check (the quickstart uses these).
+flags.DEFINE_string("pretrain_dataset", "", "If set, first train the backbone on this source dataset (same syntax as --dataset) and fine-tune from the result.")
+flags.DEFINE_string("pretrain_stages", "all:5@1e-3", "Stage schedule of the source-task training (--pretrain_dataset).")
+flags.DEFINE_boolean("compare_scratch", False, "Also train the same backbone from random init on the target with the same epochs, and report both accuracies.")
+# Outputs.
+flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard events, flags.cfg, metrics.json, weights. Rerunning the same command resumes.")
+flags.DEFINE_string("export_dir", "", "SavedModel base directory (TF Serving layout EXPORT_DIR/<version>/); default MODEL_DIR/export; none to skip.")
+flags.DEFINE_boolean("overwrite", False, "Delete an existing run in --model_dir instead of resuming it.")
+# Runtime.
+flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation of the train step; auto = on for GPU/TPU, off on CPU (slower there).")
+flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"], "Mixed precision policy; the head's output layer stays float32.")
+flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy.")
+flags.DEFINE_boolean("deterministic", False, "Force deterministic TF ops (with --seed: identical metrics on CPU).")
+flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
+
+flags.mark_flag_as_required("model_dir")
+_checked("dataset", data.parse_spec)
+_checked("pretrain_dataset", lambda v: v and data.parse_spec(v))
+_checked("backbone", backbones.get)
+_checked("stages", schedule.parse_stages)
+_checked("pretrain_stages", schedule.parse_stages)
+_checked("augment", augment.parse)
+_range("val_fraction", 0.0, 0.9, low_open=True)
+_range("train_limit_per_class", 0)
+_range("image_size", 0)
+_range("dropout", 0.0, 0.95)
+_range("hidden_units", 0)
+_range("batch_size", 1)
+_range("lr_scale", 0.0, low_open=True)
+_range("l2sp_alpha", 0.0)
+_range("l2sp_beta", 0.0)
+_range("label_smoothing", 0.0, 0.5)
+_range("verbose", 0, 2)
+
+
+def _check_weights(value):
+    if value in ("imagenet", "none") or os.path.isfile(value):
+        return True
+    raise flags.ValidationError("allowed: imagenet, none, or the path of an existing backbone.weights.h5 file")
+
+
+flags.register_validator("weights", _check_weights)
+
+
+@flags.multi_flags_validator(["backbone", "image_size"])
+def _check_image_size(values):
+    try:
+        spec = backbones.get(values["backbone"])
+    except ValueError:
+        return True  # Reported by the backbone validator.
+    size = values["image_size"]
+    if size and size < spec.min_size:
+        raise flags.ValidationError(
+            f"--image_size={size} is below {spec.name}'s minimum input size {spec.min_size}"
+        )
+    return True
+
+
+def config_from_flags() -> Config:
+    """Freezes the parsed flags into a Config."""
+    spec = backbones.get(FLAGS.backbone)
+    return Config(
+        dataset=FLAGS.dataset,
+        data_dir=FLAGS.data_dir,
+        val_fraction=FLAGS.val_fraction,
+        train_limit_per_class=FLAGS.train_limit_per_class,
+        backbone=spec.name,
+        weights=None if FLAGS.weights == "none" else FLAGS.weights,
+        image_size=FLAGS.image_size or spec.default_size,
+        dropout=FLAGS.dropout,
+        hidden_units=FLAGS.hidden_units,
+        batch_size=FLAGS.batch_size,
+        seed=FLAGS.seed,
+        stages=schedule.parse_stages(FLAGS.stages),
+        lr_scale=FLAGS.lr_scale,
+        optimizer=FLAGS.optimizer,
+        l2sp_alpha=FLAGS.l2sp_alpha,
+        l2sp_beta=FLAGS.l2sp_beta,
+        label_smoothing=FLAGS.label_smoothing,
+        augment=augment.parse(FLAGS.augment),
+        pretrain_dataset=FLAGS.pretrain_dataset,
+        pretrain_stages=schedule.parse_stages(FLAGS.pretrain_stages),
+        compare_scratch=FLAGS.compare_scratch,
+        model_dir=FLAGS.model_dir,
+        export_dir=FLAGS.export_dir,
+        jit_compile=FLAGS.jit_compile,
+        mixed_precision=FLAGS.mixed_precision,
+        strategy=FLAGS.strategy,
+        deterministic=FLAGS.deterministic,
+        verbose=FLAGS.verbose,
+    )
+
+
+def resolved_flagfile(names: list[str] | None = None) -> str:
+    """The flags of this module as a flagfile that reproduces the run (`--flagfile=...`)."""
+    lines = ["# Resolved kft.train flags; `python -m kft.train --flagfile=THIS_FILE` reproduces the run."]
+    for flag in sorted(FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
+        if names is not None and flag.name not in names:
+            continue
+        if flag.name == "overwrite":
+            continue
+        value = flag.value
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            lines.append(f"--{flag.name}" if value else f"--no{flag.name}")
+        else:
+            lines.append(f"--{flag.name}={value}")
+    return "\n".join(lines) + "\n"
+
+
+def resume_conflict(saved_flagfile: str, current_flagfile: str) -> str | None:
+    """Names the first flag that differs between a run's saved flags.cfg and this command.
+
+    Returns:
+      None if the command may resume the saved run, else "--NAME: saved X, now Y".
+    """
+
+    def parse(text):
+        values = {}
+        for line in text.splitlines():
+            if line.startswith("--"):
+                name, _, value = line[2:].partition("=")
+                if name.startswith("no") and not value and name[2:] in FLAGS:
+                    name, value = name[2:], "false"
+                elif not value:
+                    value = "true"
+                values[name] = value
+        return values
+
+    saved, current = parse(saved_flagfile), parse(current_flagfile)
+    for name in sorted(set(saved) | set(current)):
+        if name in RESUME_FREE_FLAGS:
+            continue
+        if saved.get(name) != current.get(name):
+            return f"--{name}: saved {saved.get(name)!r}, now {current.get(name)!r}"
+    return None

@@ -1,0 +1,430 @@
+"""The staged fine-tune: the compiled train step, the stage loop, checkpoints and resume.
+
+A run is a list of stages (kft.schedule). For each stage kft sets what is trainable, builds a
+fresh optimizer with the stage's warmup+cosine schedule and recompiles (Keras only sees a
+`trainable` change after compiling again), then trains for the stage's epochs. After every
+epoch it writes a complete resume checkpoint, so rerunning the same command continues at the
+same stage and epoch with its optimizer state.
+
+Files under MODEL_DIR:
+  ckpt/epoch-N/       resume checkpoints (model + optimizer + state), ckpt/latest names the newest
+  anchors.npz         L2-SP theta0: the backbone as first loaded, kept across resume
+  model.weights.h5    the classifier with the best validation accuracy
+  backbone.weights.h5 its backbone, usable as the next run's --weights
+  classes.json        class names, image size and backbone, for kft.evaluate / kft.predict
+  metrics.json        final and best validation accuracy, per stage, wall time
+  tb/                 TensorBoard events
+"""
+
+import dataclasses
+import math
+import os
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from kft import augment as augment_lib
+from kft import backbones, checkpoint, data, l2sp, model, report, runtime, schedule
+from kft.config import Config
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+class FineTuner(keras.Model):
+    """Wraps the classifier with the train step: on-device augmentation, loss, L2-SP penalty."""
+
+    def __init__(self, classifier: model.Classifier, augmenter, penalty: l2sp.L2SP | None, label_smoothing: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.classifier = classifier
+        self.augmenter = augmenter
+        self.penalty = penalty
+        self.label_smoothing = label_smoothing
+        self.num_classes = classifier.head_config.num_classes
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+        self.l2sp_tracker = keras.metrics.Mean(name="l2sp")
+        self.head_l2_tracker = keras.metrics.Mean(name="head_l2")
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.accuracy_tracker, self.l2sp_tracker, self.head_l2_tracker]
+
+    def call(self, images, training=False):
+        return self.classifier(images, training=training)
+
+    def train_step(self, batch):
+        images, labels = batch
+        labels = tf.cast(labels, tf.int32)
+        x = tf.cast(images, tf.float32)
+        y = tf.one_hot(labels, self.num_classes)
+        if self.augmenter is not None:
+            x, y = self.augmenter(x, y)
+        variables = self.trainable_variables
+        with tf.GradientTape() as tape:
+            probs = self.classifier(x, training=True)
+            data_loss = tf.reduce_mean(
+                keras.losses.categorical_crossentropy(y, probs, label_smoothing=self.label_smoothing)
+            )
+            sp, head_l2 = self.penalty.penalty(variables) if self.penalty else (tf.constant(0.0), tf.constant(0.0))
+            loss = data_loss + sp + head_l2
+            # Each replica holds a slice of the global batch; gradients are summed across them.
+            replicas = tf.distribute.get_strategy().num_replicas_in_sync
+            scaled = self.optimizer.scale_loss(loss / replicas)
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply(grads, variables)
+        self.loss_tracker.update_state(loss)
+        self.accuracy_tracker.update_state(labels, probs)
+        self.l2sp_tracker.update_state(sp)
+        self.head_l2_tracker.update_state(head_l2)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, batch):
+        images, labels = batch
+        labels = tf.cast(labels, tf.int32)
+        probs = self.classifier(images, training=False)
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, probs))
+        self.loss_tracker.update_state(loss)
+        self.accuracy_tracker.update_state(labels, probs)
+        return {"loss": self.loss_tracker.result(), "accuracy": self.accuracy_tracker.result()}
+
+
+def apply_stage(classifier: model.Classifier, blocks: list, stage: schedule.Stage) -> list[str]:
+    """Makes exactly the stage's blocks and the head trainable; sets the BatchNorm policy.
+
+    With bn=frozen the backbone runs in inference mode: BatchNorm uses (and keeps) its moving
+    statistics while its gamma/beta still train in unfrozen blocks. With bn=train the backbone
+    runs in training mode, and only the unfrozen blocks' BatchNorm layers update statistics
+    (a BatchNorm layer with trainable=False always runs in inference mode in Keras 3).
+
+    Returns:
+      The names of the trainable blocks.
+    """
+    names = schedule.trainable_block_names(stage, [b.name for b in blocks])
+    chosen = set(names)
+    classifier.backbone.trainable = True
+    for block in blocks:
+        for layer in block.layers:
+            layer.trainable = block.name in chosen
+    classifier.backbone_training = stage.bn == "train"
+    return names
+
+
+def make_optimizer(name: str, learning_rate, mixed_precision: str) -> keras.optimizers.Optimizer:
+    """Adam or SGD with Nesterov momentum 0.9; no weight decay (L2-SP takes its place)."""
+    if name == "adam":
+        optimizer = keras.optimizers.Adam(learning_rate)
+    else:
+        optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
+    if mixed_precision == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def steps_per_epoch(dataset: tf.data.Dataset, num_examples: int, batch_size: int) -> int:
+    cardinality = int(dataset.cardinality())
+    if cardinality > 0:
+        return cardinality
+    return max(1, num_examples // batch_size)
+
+
+class _EpochEnd(keras.callbacks.Callback):
+    """Checks for divergence each batch; after each epoch hands logs to the run loop."""
+
+    def __init__(self, stage_index: int, stage: schedule.Stage, first_epoch: int, on_epoch):
+        super().__init__()
+        self.stage_index = stage_index
+        self.stage = stage
+        self.first_epoch = first_epoch
+        self.on_epoch = on_epoch
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            raise DivergenceError(
+                f"loss became {loss} in stage {self.stage_index + 1} ({self.stage.describe()}), "
+                f"epoch {self.epoch - self.first_epoch + 1}, step {batch + 1}: the learning rate is "
+                f"likely too high; lower --lr_scale or the stage's learning rate. The last good "
+                f"checkpoint is kept."
+            )
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.on_epoch(epoch, dict(logs or {}))
+
+
+@dataclasses.dataclass
+class _RunState:
+    """What a resume checkpoint records besides weights."""
+
+    stage: int = 0  # index of the stage in progress
+    epoch: int = 0  # epochs finished in that stage
+    best_val_accuracy: float = -1.0
+    history: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _block_of_variable(blocks) -> dict[str, str]:
+    return {w.path: block.name for block in blocks for layer in block.layers for w in layer.weights}
+
+
+def train(config: Config, splits: data.Splits | None = None, flagfile_text: str = "") -> dict:
+    """Runs (or resumes) the staged fine-tune described by `config`.
+
+    Args:
+      config: the run configuration.
+      splits: the data; loaded from `config.dataset` when None.
+      flagfile_text: written to MODEL_DIR/flags.cfg once the configuration has been checked.
+
+    Returns:
+      The metrics written to MODEL_DIR/metrics.json.
+
+    Raises:
+      ValueError: bad configuration found before training (one line).
+      DivergenceError: the loss became NaN or Inf.
+    """
+    started = time.time()
+    runtime.set_determinism(config.seed, config.deterministic)
+    runtime.set_precision(config.mixed_precision)
+    strategy = runtime.make_strategy(config.strategy)
+    jit = runtime.resolve_jit_compile(config.jit_compile)
+    os.makedirs(config.model_dir, exist_ok=True)
+
+    if splits is None:
+        splits = data.load(
+            config.dataset,
+            image_size=config.image_size,
+            batch_size=config.batch_size,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+            data_dir=config.data_dir,
+            train_limit_per_class=config.train_limit_per_class or None,
+        )
+    logging.info("data: %d train, %d val images, %d classes, %d unreadable files skipped",
+                 splits.num_train, splits.num_val, len(splits.class_names), splits.skipped)
+
+    ckpts = checkpoint.ResumeCheckpoints(config.model_dir)
+    saved = ckpts.latest_state()
+    state = _RunState(**saved) if saved else _RunState()
+    anchors_path = os.path.join(config.model_dir, "anchors.npz")
+
+    with strategy.scope():
+        head = model.HeadConfig(len(splits.class_names), config.dropout, config.hidden_units)
+        classifier = model.build_classifier(config.backbone, config.image_size, config.weights, head)
+        blocks = backbones.blocks(classifier.spec, classifier.backbone)
+        schedule.validate_against_blocks(config.stages, [b.name for b in blocks])
+        if flagfile_text:
+            checkpoint.write_text(os.path.join(config.model_dir, "flags.cfg"), flagfile_text)
+        if os.path.exists(anchors_path):
+            anchors = checkpoint.load_arrays(anchors_path)
+        else:
+            anchors = l2sp.anchor_arrays(classifier.backbone)
+            checkpoint.save_arrays(anchors_path, anchors)
+        penalty = None
+        if config.l2sp_alpha or config.l2sp_beta:
+            head_kernels = [layer.kernel for layer in classifier.head_layers]
+            penalty = l2sp.L2SP(classifier.backbone, head_kernels, anchors, config.l2sp_alpha, config.l2sp_beta)
+        augmenter = augment_lib.Augmenter(config.augment, seed=config.seed) if config.augment else None
+        tuner = FineTuner(classifier, augmenter, penalty, config.label_smoothing, name="finetuner")
+
+    checkpoint.write_json(
+        os.path.join(config.model_dir, "classes.json"),
+        {"class_names": list(splits.class_names), "backbone": config.backbone, "image_size": config.image_size},
+    )
+    summaries = Summaries(os.path.join(config.model_dir, "tb"))
+    if not saved:
+        summaries.augmented_grid(splits.train, config.augment, config.seed, len(splits.class_names))
+    block_of = _block_of_variable(blocks)
+    steps = steps_per_epoch(splits.train, splits.num_train, config.batch_size)
+    first_epoch_of = np.cumsum([0] + [s.epochs for s in config.stages]).tolist()
+
+    for index, stage in enumerate(config.stages):
+        if index < state.stage:
+            continue
+        stage_started = time.time()
+        with strategy.scope():
+            trainable_blocks = apply_stage(classifier, blocks, stage)
+            lr = schedule.stage_learning_rate(stage, config.lr_scale, steps)
+            optimizer = make_optimizer(config.optimizer, lr, config.mixed_precision)
+            tuner.compile(optimizer=optimizer, jit_compile=jit)
+            optimizer.build(tuner.trainable_variables)
+        resumed_mid_stage = saved is not None and state.epoch > 0
+        if saved is not None:
+            ckpts.restore(tuner, optimizer if resumed_mid_stage else None)
+            logging.info("resumed at stage %d epoch %d from %s", index + 1, state.epoch, ckpts.root)
+            saved = None
+        logging.info("stage %d/%d %s: trainable blocks %s, %d steps/epoch",
+                     index + 1, len(config.stages), stage.describe(),
+                     ", ".join(trainable_blocks) if trainable_blocks else "none (head only)", steps)
+        summaries.stage_start(index, stage, trainable_blocks, first_epoch_of[index])
+        first = first_epoch_of[index]
+
+        def on_epoch(epoch, logs, index=index, stage=stage, optimizer=optimizer, lr=lr, first=first):
+            stage_epoch = epoch - first + 1
+            val_acc = float(logs.get("val_accuracy", float("nan")))
+            record = {"stage": index + 1, "epoch": stage_epoch, "global_epoch": epoch + 1,
+                      **{k: float(v) for k, v in logs.items()}}
+            record["learning_rate"] = float(lr(max(0, int(optimizer.iterations.numpy()) - 1)))
+            drift = penalty.drift(block_of) if penalty else {}
+            summaries.epoch(epoch + 1, record, drift)
+            state.history.append(record)
+            if val_acc > state.best_val_accuracy:
+                state.best_val_accuracy = val_acc
+                checkpoint.save_model_weights(classifier, os.path.join(config.model_dir, "model.weights.h5"))
+            state.stage, state.epoch = index, stage_epoch
+            state.seconds += time.time() - on_epoch.last
+            on_epoch.last = time.time()
+            if stage_epoch == stage.epochs:
+                state.stage, state.epoch = index + 1, 0
+            ckpts.save(epoch + 1, tuner, optimizer, dataclasses.asdict(state))
+
+        on_epoch.last = time.time()
+        tuner.fit(
+            splits.train,
+            validation_data=splits.val,
+            initial_epoch=first + state.epoch,
+            epochs=first + stage.epochs,
+            callbacks=[_EpochEnd(index, stage, first, on_epoch)],
+            verbose=config.verbose,
+        )
+        logging.info("stage %d done in %.1fs", index + 1, time.time() - stage_started)
+
+    return _finish(config, classifier, splits, state, summaries, started)
+
+
+def _finish(config, classifier, splits, state, summaries, started) -> dict:
+    """Loads the best weights, writes backbone weights, confusion matrix and metrics.json."""
+    best_path = os.path.join(config.model_dir, "model.weights.h5")
+    classifier.load_weights(best_path)
+    checkpoint.save_backbone_weights(
+        classifier.backbone, config.backbone, config.image_size, os.path.join(config.model_dir, "backbone.weights.h5")
+    )
+    labels, probs = predict_dataset(classifier, splits.val)
+    val_report = report.classification_report(labels, probs, splits.class_names)
+    summaries.confusion(config.total_epochs, report.confusion_png(np.asarray(val_report["confusion_matrix"]), splits.class_names))
+    per_stage = []
+    for index, stage in enumerate(config.stages):
+        rows = [r for r in state.history if r["stage"] == index + 1]
+        per_stage.append({
+            "stage": stage.describe(),
+            "epochs": len(rows),
+            "final_val_accuracy": rows[-1].get("val_accuracy") if rows else None,
+            "best_val_accuracy": max((r.get("val_accuracy", -1) for r in rows), default=None),
+        })
+    metrics = {
+        "best_val_accuracy": state.best_val_accuracy,
+        "final_val_accuracy": state.history[-1].get("val_accuracy") if state.history else None,
+        "best_model_val_accuracy": val_report["accuracy"],
+        "stages": per_stage,
+        "train_seconds": round(state.seconds, 2),
+        "wall_seconds_this_invocation": round(time.time() - started, 2),
+        "num_train": splits.num_train,
+        "num_val": splits.num_val,
+        "skipped_files": splits.skipped,
+    }
+    checkpoint.write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
+    return metrics
+
+
+def predict_dataset(classifier: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and predicted probabilities over a whole (images, labels) dataset."""
+    labels, probs = [], []
+    for images, batch_labels in dataset:
+        probs.append(np.asarray(classifier(images, training=False)))
+        labels.append(np.asarray(batch_labels))
+    return np.concatenate(labels), np.concatenate(probs)
+
+
+def load_classifier(model_dir: str) -> tuple[model.Classifier, tuple[str, ...], int]:
+    """Rebuilds the best classifier of a finished kft run (for kft.evaluate and kft.predict).
+
+    Returns:
+      (classifier mapping raw uint8 images to probabilities, class names, image size).
+    """
+    meta_path = os.path.join(model_dir, "classes.json")
+    weights_path = os.path.join(model_dir, "model.weights.h5")
+    if not (os.path.exists(meta_path) and os.path.exists(weights_path)):
+        raise ValueError(f"--model_dir={model_dir} holds no finished kft run (no classes.json / model.weights.h5)")
+    meta = checkpoint.read_json(meta_path)
+    flags_cfg = _read_head_flags(os.path.join(model_dir, "flags.cfg"))
+    head = model.HeadConfig(len(meta["class_names"]), flags_cfg.get("dropout", 0.2), flags_cfg.get("hidden_units", 0))
+    classifier = model.build_classifier(meta["backbone"], meta["image_size"], None, head)
+    classifier.load_weights(weights_path)
+    return classifier, tuple(meta["class_names"]), meta["image_size"]
+
+
+def _read_head_flags(path: str) -> dict:
+    values = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line.startswith("--dropout="):
+                    values["dropout"] = float(line.split("=", 1)[1])
+                elif line.startswith("--hidden_units="):
+                    values["hidden_units"] = int(line.split("=", 1)[1])
+    return values
+
+
+class Summaries:
+    """TensorBoard events: scalars per epoch, stage boundaries, images."""
+
+    def __init__(self, logdir: str):
+        self.train = tf.summary.create_file_writer(os.path.join(logdir, "train"))
+        self.val = tf.summary.create_file_writer(os.path.join(logdir, "validation"))
+
+    def epoch(self, step: int, record: dict, drift: dict[str, float]) -> None:
+        with self.train.as_default(step=step):
+            for key in ("loss", "accuracy", "l2sp", "head_l2", "learning_rate"):
+                if key in record:
+                    tf.summary.scalar(key, record[key])
+            tf.summary.scalar("stage", record["stage"])
+            for block, value in drift.items():
+                tf.summary.scalar(f"drift/{block}", value)
+        with self.val.as_default(step=step):
+            for key in ("loss", "accuracy"):
+                if f"val_{key}" in record:
+                    tf.summary.scalar(key, record[f"val_{key}"])
+        self.train.flush()
+        self.val.flush()
+
+    def stage_start(self, index: int, stage: schedule.Stage, blocks: list[str], step: int) -> None:
+        with self.train.as_default(step=step):
+            tf.summary.text(
+                "stages",
+                f"stage {index + 1} starts at epoch {step}: {stage.describe()}; trainable blocks: "
+                f"{', '.join(blocks) if blocks else 'none (head only)'}",
+            )
+
+    def augmented_grid(self, dataset: tf.data.Dataset, ops: tuple[str, ...], seed: int, num_classes: int) -> None:
+        images, labels = next(iter(dataset))
+        x = tf.cast(images[:16], tf.float32)
+        if ops:
+            # A separate augmenter, so logging does not advance the training RNG.
+            x, _ = augment_lib.Augmenter(ops, seed=seed + 1)(x, tf.one_hot(labels[:16], num_classes))
+        with self.train.as_default(step=0):
+            tf.summary.image("augmented_training_images", _grid(tf.cast(x, tf.uint8)), step=0)
+
+    def confusion(self, step: int, png: bytes) -> None:
+        with self.val.as_default(step=step):
+            tf.summary.image("confusion_matrix", tf.expand_dims(tf.io.decode_png(png, channels=3), 0))
+        self.val.flush()
+
+
+def _grid(images: tf.Tensor, columns: int = 4) -> tf.Tensor:
+    """Tiles [N,H,W,3] images into one [1, rows*H, columns*W, 3] image."""
+    n = int(images.shape[0])
+    rows = math.ceil(n / columns)
+    pad = rows * columns - n
+    images = tf.concat([images, tf.zeros([pad, *images.shape[1:]], images.dtype)], 0)
+    h, w = int(images.shape[1]), int(images.shape[2])
+    grid = tf.reshape(images, [rows, columns, h, w, 3])
+    grid = tf.transpose(grid, [0, 2, 1, 3, 4])
+    return tf.reshape(grid, [1, rows * h, columns * w, 3])
