@@ -4,3 +4,40 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def make_splits(num_classes=3, per_class=8, size=32, batch_size=8, seed=0):
+    """A tiny in-memory kft.data.Splits of coloured squares (class = colour channel)."""
+    import tensorflow as tf
+
+    from kft import data
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label in range(num_classes):
+        for _ in range(per_class):
+            image = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+            image[:, :, label % 3] += 150
+            images.append(image)
+            labels.append(label)
+    images, labels = np.stack(images), np.array(labels, np.int32)
+    order = rng.permutation(len(labels))
+    images, labels = images[order], labels[order]
+    train = tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size, drop_remainder=True)
+    val = tf.data.Dataset.from_tensor_slices((images[:batch_size], labels[:batch_size])).batch(batch_size)
+    return data.Splits(
+        train=train,
+        val=val,
+        class_names=tuple(str(i) for i in range(num_classes)),
+        num_train=len(labels),
+        num_val=batch_size,
+        skipped=0,
+    )
+
+
+@pytest.fixture
+def tiny_splits():
+    return make_splits()
