@@ -15,8 +15,13 @@ import tensorflow as tf
 
 
 def backbone_parameters(backbone: keras.Model) -> list:
-    """Every trainable-kind variable of the backbone (BatchNorm moving statistics excluded)."""
-    return [w for w in backbone.weights if w.trainable]
+    """Every parameter of the backbone, frozen or not (BatchNorm moving statistics excluded).
+
+    Keras flips `variable.trainable` when a layer is frozen, so the variable's flag cannot
+    tell a frozen parameter from a statistic; each layer's own list of trainable-kind
+    variables can.
+    """
+    return [w for layer in backbone.layers for w in layer._trainable_variables]
 
 
 def anchor_arrays(backbone: keras.Model) -> dict[str, np.ndarray]:

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from kft import backbones, checkpoint, model, schedule, trainer
+from kft import backbones, checkpoint, l2sp, model, schedule, trainer
 from kft.config import Config
 
 
@@ -138,7 +138,7 @@ def test_resume_continues_at_same_stage_and_epoch(tmp_path, tiny_splits, monkeyp
     # The anchors are the weights as first loaded, not as resumed.
     first = checkpoint.load_arrays(str(tmp_path / "run" / "anchors.npz"))
     fresh = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(3))
-    assert set(first) == {w.path for w in fresh.backbone.weights if w.trainable}
+    assert set(first) == {w.path for w in l2sp.backbone_parameters(fresh.backbone)}
 
 
 def test_checkpoint_round_trips_optimizer_state(tmp_path, tiny_splits):
