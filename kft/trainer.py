@@ -49,6 +49,8 @@ class FineTuner(keras.Model):
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.l2sp_tracker = keras.metrics.Mean(name="l2sp")
         self.head_l2_tracker = keras.metrics.Mean(name="head_l2")
+        # No variables of its own; the classifier arrives built and the augmenter needs none.
+        self.built = True
 
     @property
     def metrics(self):
@@ -233,7 +235,6 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
             penalty = l2sp.L2SP(classifier.backbone, head_kernels, anchors, config.l2sp_alpha, config.l2sp_beta)
         augmenter = augment_lib.Augmenter(config.augment, seed=config.seed) if config.augment else None
         tuner = FineTuner(classifier, augmenter, penalty, config.label_smoothing, name="finetuner")
-        tuner(tf.zeros((1, config.image_size, config.image_size, 3), tf.uint8))  # Builds it.
 
     checkpoint.write_json(
         os.path.join(config.model_dir, "classes.json"),

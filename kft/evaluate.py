@@ -1,0 +1,161 @@
+"""`python -m kft.evaluate (--export_dir=D | --model_dir=D) --dataset=SPEC`: test-set metrics.
+
+Evaluates an exported SavedModel (a TF Serving base directory, whose latest version is used, or
+one version directory) or a finished kft training run on a data source and writes, by default
+beside the model (`<version dir>/eval/` or `<model_dir>/eval/`):
+
+    eval.json             accuracy, per-class precision/recall/support, confusion matrix,
+                          dataset, model path, image size and the number of undecodable files
+    confusion_matrix.png  the confusion matrix, coloured by fraction of the true class
+
+and prints the per-class table. Which examples are evaluated: a TFDS test split, `PATH/test`
+(else `PATH/val`) of a split image folder, every image of a flat one (`folder:PATH` with one
+subfolder per class), or the held-out split of `digits`; see `kft.data.load_eval`.
+"""
+
+import os
+import sys
+import time
+
+from absl import flags, logging
+
+from kft import cli
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("export_dir", None, "A SavedModel written by kft: the export base directory (its latest integer version is used) or one version directory. Exactly one of --export_dir and --model_dir.")
+flags.DEFINE_string("model_dir", None, "A finished kft.train run directory; its best weights are evaluated. Exactly one of --export_dir and --model_dir.")
+flags.DEFINE_string("dataset", None, "Data to evaluate on, same specs as training: tfds:NAME[,test=SPLIT], folder:PATH (PATH/test or PATH/val if present, else every image under PATH, one subfolder per class), or digits[:CLASSES].")
+flags.DEFINE_string("data_dir", None, "Where TFDS keeps (or finds already downloaded) datasets.")
+flags.DEFINE_integer("image_size", None, "Side of the square images the data loader produces (the model resizes again to its own size); default: the run's size with --model_dir, 224 with --export_dir.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 64, "Images per evaluation batch.", lower_bound=1)
+flags.DEFINE_string("output_dir", None, "Where eval.json and confusion_matrix.png go; default: an eval/ folder beside the model (<version dir>/eval or <model_dir>/eval).")
+flags.DEFINE_float("val_fraction", None, "digits only: the held-out fraction used in training (the split is seeded, so it must match); default: read from the run's flags.cfg, else 0.1.", lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_integer("seed", None, "digits only: the training --seed (the held-out split depends on it); default: read from the run's flags.cfg, else 0.")
+flags.mark_flag_as_required("dataset")
+flags.register_multi_flags_validator(
+    ["export_dir", "model_dir"],
+    lambda values: (values["export_dir"] is None) != (values["model_dir"] is None),
+    message="exactly one of --export_dir and --model_dir is required",
+)
+
+# Log a progress line every this many batches.
+_PROGRESS_EVERY = 20
+_DEFAULT_EXPORT_IMAGE_SIZE = 224
+
+
+def _training_flag(run_dir: str | None, name: str, parse, default):
+    """The value of --name in a training run's flags.cfg, else `default`."""
+    path = os.path.join(run_dir, "flags.cfg") if run_dir else ""
+    if path and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip().startswith(f"--{name}="):
+                    return parse(line.strip().split("=", 1)[1])
+    return default
+
+
+def _load_model(export_dir: str | None, model_dir: str | None):
+    """Returns (predict: uint8 batch -> probabilities, class names, image size, model path, run dir)."""
+    if export_dir is not None:
+        from kft import export
+
+        try:
+            served = export.load_serving(export_dir)
+        except ValueError as e:
+            raise cli.UsageError(f"--export_dir={export_dir}: {e}") from None
+        # The default export of a run is MODEL_DIR/export/<version>; its flags.cfg, if there,
+        # holds the digits split settings.
+        run_dir = os.path.dirname(os.path.dirname(os.path.abspath(served.path)))
+        return served, tuple(served.class_names), None, served.path, run_dir
+
+    import tensorflow as tf
+
+    from kft import trainer
+
+    try:
+        classifier, class_names, image_size = trainer.load_classifier(model_dir)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    predict = tf.function(lambda images: classifier(images, training=False), reduce_retracing=True)
+    return (lambda images: predict(images).numpy()), tuple(class_names), image_size, model_dir, model_dir
+
+
+def _predict_all(predict, dataset):
+    """Runs `predict` over every batch; returns (labels, probabilities) as numpy."""
+    import numpy as np
+
+    batches = int(dataset.cardinality())
+    of = f"/{batches}" if batches > 0 else ""
+    labels, probabilities = [], []
+    started = time.time()
+    for index, (images, batch_labels) in enumerate(dataset, start=1):
+        probabilities.append(np.asarray(predict(images), np.float32))
+        labels.append(np.asarray(batch_labels))
+        if index % _PROGRESS_EVERY == 0:
+            done = sum(len(b) for b in labels)
+            logging.info("evaluated %d images (batch %d%s, %.1f img/s)", done, index, of, done / (time.time() - started))
+    if not labels:
+        raise cli.UsageError(f"--dataset={FLAGS.dataset} has no examples to evaluate")
+    return np.concatenate(labels), np.concatenate(probabilities)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}; flags look like --name=value")
+    # Cheap checks before TensorFlow is imported.
+    for name in ("export_dir", "model_dir"):
+        value = FLAGS[name].value
+        if value is not None and not os.path.isdir(value):
+            raise cli.UsageError(f"--{name}={value} does not exist or is not a directory")
+
+    from kft import checkpoint, data, report  # Heavy imports after the flags are known to be good.
+
+    predict, model_classes, model_image_size, model_path, run_dir = _load_model(FLAGS.export_dir, FLAGS.model_dir)
+    image_size = FLAGS.image_size or model_image_size or _DEFAULT_EXPORT_IMAGE_SIZE
+    val_fraction = FLAGS.val_fraction
+    if val_fraction is None:
+        val_fraction = _training_flag(run_dir, "val_fraction", float, 0.1)
+    seed = FLAGS.seed if FLAGS.seed is not None else _training_flag(run_dir, "seed", int, 0)
+    try:
+        # With class_names, labels index the model's classes; a source with other classes
+        # (or, for TFDS and digits, another order) is rejected, naming both lists.
+        dataset, data_classes, skipped = data.load_eval(
+            FLAGS.dataset,
+            image_size=image_size,
+            batch_size=FLAGS.batch_size,
+            data_dir=FLAGS.data_dir,
+            class_names=model_classes,
+            val_fraction=val_fraction,
+            seed=seed,
+        )
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    if tuple(data_classes) != model_classes:
+        raise cli.UsageError(
+            f"--dataset={FLAGS.dataset} has classes {list(data_classes)}, but the model at {model_path} "
+            f"was trained on {list(model_classes)}"
+        )
+
+    logging.info("evaluating %s on %s at %d px", model_path, FLAGS.dataset, image_size)
+    labels, probabilities = _predict_all(predict, dataset)
+    result = report.classification_report(labels, probabilities, model_classes)
+    result.update(dataset=FLAGS.dataset, model=os.path.abspath(model_path), image_size=image_size, skipped=skipped)
+
+    output_dir = FLAGS.output_dir or os.path.join(model_path, "eval")
+    json_path = os.path.join(output_dir, "eval.json")
+    png_path = os.path.join(output_dir, "confusion_matrix.png")
+    checkpoint.write_json(json_path, result)
+    png = report.confusion_png(result["confusion_matrix"], model_classes)
+    with checkpoint.atomic_path(png_path, suffix=".png") as tmp, open(tmp, "wb") as f:
+        f.write(png)
+
+    print(report.format_table(result))
+    if skipped:
+        print(f"skipped {skipped} files that could not be decoded")
+    print(f"wrote {json_path} and {png_path}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,179 @@
+"""`python -m kft.evaluate` end to end, as a user runs it: a subprocess on an export or a run dir.
+
+kft.evaluate is never imported here: it defines absl flags (--dataset, ...) that kft.flags
+defines too, and both cannot live in one process.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from kft import export
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["blue", "green", "red"]  # Sorted, as the folder loader orders class folders.
+SIZE = 16
+# TensorFlow's C++ start-up lines, which TF_CPP_MIN_LOG_LEVEL no longer silences (TF 2.21).
+_TF_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IWE]\d{4} |To enable the following)")
+
+
+def colour_model() -> keras.Model:
+    """Predicts the dominant channel: blue, green, red (class order above)."""
+    images = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(images)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(3, activation="softmax")
+    probabilities = dense(x)
+    # Channel c (RGB) -> class index: red 2, green 1, blue 0.
+    kernel = np.zeros((3, 3), np.float32)
+    kernel[0, 2] = kernel[1, 1] = kernel[2, 0] = 10.0
+    dense.set_weights([kernel, np.zeros(3, np.float32)])
+    return keras.Model(images, probabilities)
+
+
+def write_folder(root, contents: dict[str, list[int]]) -> dict[str, list[str]]:
+    """contents: class folder -> list of channel indices of the images' dominant colour."""
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, channels in contents.items():
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        paths[name] = []
+        for i, channel in enumerate(channels):
+            image = rng.integers(0, 60, (SIZE, SIZE, 3), dtype=np.uint8)
+            image[..., channel] += 150
+            path = os.path.join(root, name, f"{i}.png")
+            Image.fromarray(image).save(path)
+            paths[name].append(path)
+    return paths
+
+
+def run_evaluate(*args, cwd=ROOT):
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(
+        [sys.executable, "-m", "kft.evaluate", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.strip() and not _TF_NOISE.match(line)]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    base = str(tmp_path_factory.mktemp("export"))
+    model = colour_model()
+    check = np.random.default_rng(1).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    version = export.export_saved_model(model, CLASSES, base, check)
+    return model, base, version
+
+
+def test_evaluates_a_flat_folder_with_an_export(exported, tmp_path):
+    model, base, version = exported
+    # RGB channels 0 red, 1 green, 2 blue; two images sit in the wrong folder.
+    paths = write_folder(tmp_path / "data", {"blue": [2, 2, 2], "green": [1, 1, 0], "red": [0, 0, 0, 2]})
+    (tmp_path / "data" / "red" / "broken.png").write_bytes(b"not a png")  # Skipped and counted.
+    result = run_evaluate(f"--export_dir={base}", f"--dataset=folder:{tmp_path / 'data'}", f"--image_size={SIZE}", "--batch_size=4")
+    assert result.returncode == 0, result.stderr
+
+    # Direct computation: the Keras model on the same files.
+    labels, images = [], []
+    for index, name in enumerate(CLASSES):
+        for path in paths[name]:
+            labels.append(index)
+            images.append(np.asarray(Image.open(path)))
+    predicted = np.argmax(np.asarray(model(np.stack(images))), axis=-1)
+    want = float(np.mean(predicted == np.array(labels)))
+    assert want == pytest.approx(8 / 10)  # The test data is what it says.
+
+    out = os.path.join(version, "eval")  # Default: beside the model.
+    with open(os.path.join(out, "eval.json")) as f:
+        report = json.load(f)
+    assert report["accuracy"] == pytest.approx(want)
+    assert report["num_examples"] == 10
+    assert report["skipped"] == 1
+    assert report["image_size"] == SIZE
+    assert report["dataset"] == f"folder:{tmp_path / 'data'}"
+    assert report["model"] == os.path.abspath(version)
+    assert [row["class"] for row in report["per_class"]] == CLASSES
+    assert [row["support"] for row in report["per_class"]] == [3, 3, 4]
+    with open(os.path.join(out, "confusion_matrix.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "accuracy" in result.stdout and "0.8000" in result.stdout
+
+
+def assert_usage_error(result, *expected):
+    assert result.returncode == 2, result.stderr
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1, result.stderr
+    assert "error: " in lines[0]
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+def test_neither_or_both_model_flags(tmp_path):
+    assert_usage_error(run_evaluate("--dataset=digits"), "--export_dir", "--model_dir", "export_dir=None")
+    both = run_evaluate(f"--export_dir={tmp_path}", f"--model_dir={tmp_path}", "--dataset=digits")
+    assert_usage_error(both, "exactly one of --export_dir and --model_dir", f"model_dir={tmp_path}")
+
+
+def test_missing_export_dir(tmp_path):
+    missing = str(tmp_path / "nope")
+    assert_usage_error(run_evaluate(f"--export_dir={missing}", "--dataset=digits"), f"--export_dir={missing}")
+
+
+def test_export_dir_without_versions(tmp_path):
+    assert_usage_error(run_evaluate(f"--export_dir={tmp_path}", "--dataset=digits"), f"--export_dir={tmp_path}", "no SavedModel version")
+
+
+def test_class_name_mismatch(exported, tmp_path):
+    _, base, _ = exported
+    write_folder(tmp_path / "data", {"blue": [2], "green": [1], "zebra": [0]})
+    result = run_evaluate(f"--export_dir={base}", f"--dataset=folder:{tmp_path / 'data'}")
+    assert_usage_error(result, "zebra", "'blue', 'green', 'red'")
+
+
+def test_bad_batch_size(tmp_path):
+    assert_usage_error(run_evaluate(f"--export_dir={tmp_path}", "--dataset=digits", "--batch_size=0"), "batch_size", "0")
+
+
+def test_evaluates_a_training_run_dir(tmp_path):
+    """--model_dir: the files kft.train leaves (classes.json, model.weights.h5)."""
+    from kft import checkpoint
+    from kft import model as model_lib
+
+    keras.utils.set_random_seed(0)
+    classifier = model_lib.build_classifier("MobileNetV3Small", 32, None, model_lib.HeadConfig(len(CLASSES)))
+    run = tmp_path / "run"
+    checkpoint.save_model_weights(classifier, str(run / "model.weights.h5"))
+    checkpoint.write_json(str(run / "classes.json"), {"class_names": CLASSES, "backbone": "MobileNetV3Small", "image_size": 32})
+    paths = write_folder(tmp_path / "data", {"blue": [2, 2], "green": [1], "red": [0, 0]})
+    out = tmp_path / "out"
+    result = run_evaluate(f"--model_dir={run}", f"--dataset=folder:{tmp_path / 'data'}", f"--output_dir={out}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "eval.json").read_text())
+    assert (out / "confusion_matrix.png").exists()
+    assert not (run / "eval").exists()  # --output_dir replaces the default beside the model.
+    assert report["image_size"] == 32 and report["model"] == str(run)
+
+    # Direct computation on the same images, resized as the loader does (16 -> 32 px).
+    import tensorflow as tf
+
+    from kft import data
+
+    labels, images = [], []
+    for index, name in enumerate(CLASSES):
+        for path in paths[name]:
+            labels.append(index)
+            images.append(data.resize_uint8(tf.constant(np.asarray(Image.open(path))), 32))
+    predicted = np.argmax(np.asarray(classifier(tf.stack(images))), axis=-1)
+    labels = np.array(labels)
+    assert report["accuracy"] == pytest.approx(float(np.mean(predicted == labels)))
+    assert report["confusion_matrix"] == [[int(np.sum((labels == t) & (predicted == p))) for p in range(3)] for t in range(3)]
+
