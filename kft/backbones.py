@@ -368,7 +368,7 @@ def build(spec: BackboneSpec, image_size: int, weights: str | None) -> keras.Mod
             f"the minimum is {spec.min_size}"
         )
     with warnings.catch_warnings():
-        # MobileNet/MobileNetV2 only publish weights for a few sizes and fall back to the
+        # The MobileNets (V1, V2, V3) publish weights for a few sizes and fall back to the
         # 224 ones with a warning. Without the classifier the conv weights do not depend
         # on the input size, so the fallback is exactly what we want.
         warnings.filterwarnings("ignore", message=r".*will be loaded as the default")
