@@ -2,8 +2,34 @@
 
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _import_tensorflow_quietly() -> None:
+    """Imports TF and Keras with stderr held back, replayed only if the import fails.
+
+    TensorFlow's C++ runtime writes a few log lines at import, before TF_CPP_MIN_LOG_LEVEL
+    takes effect; they would bury a one-line error about a bad flag.
+    """
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+            import tensorflow  # noqa: F401
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.write(held.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+_import_tensorflow_quietly()
 
 from absl import app, flags  # noqa: E402
 
@@ -13,7 +39,8 @@ class UsageError(Exception):
 
 
 def _parse_flags_or_exit(argv: list[str]) -> list[str]:
-    prog = os.path.basename(argv[0]) if argv else "kft"
+    main_module = getattr(sys.modules.get("__main__"), "__spec__", None)
+    prog = main_module.name if main_module else os.path.basename(argv[0] if argv else "kft")
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

@@ -27,6 +27,8 @@ def run(config: Config, flagfile_text: str = "") -> dict:
             dataset=config.pretrain_dataset,
             stages=config.pretrain_stages,
             train_limit_per_class=0,
+            # Nothing pretrained to stay close to yet: the source task trains freely.
+            l2sp_alpha=0.0,
             model_dir=os.path.join(config.model_dir, "pretrain"),
             pretrain_dataset="",
             compare_scratch=False,
@@ -48,11 +50,13 @@ def run(config: Config, flagfile_text: str = "") -> dict:
         print(f"exported SavedModel to {version_dir}")
 
     if config.compare_scratch:
-        first_lr = config.stages[0].lr
+        # From-scratch training needs BatchNorm statistics that adapt; it uses the learning
+        # rate of the source-task recipe when there is one (a from-scratch recipe), else 1e-3.
+        lr = config.pretrain_stages[0].lr if config.pretrain_stages else 1e-3
         scratch = dataclasses.replace(
             config,
             weights=None,
-            stages=(schedule.Stage("all", config.total_epochs, first_lr),),
+            stages=(schedule.Stage("all", config.total_epochs, lr, bn="train"),),
             l2sp_alpha=0.0,
             model_dir=os.path.join(config.model_dir, "scratch"),
             pretrain_dataset="",

@@ -66,7 +66,7 @@ flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the training loss
 flags.DEFINE_string("augment", "crop,flip", "Comma list of on-device augmentations from: crop, flip, translate, colour, mixup, cutmix; none for no augmentation.")
 # Transfer check (the quickstart uses these).
 flags.DEFINE_string("pretrain_dataset", "", "If set, first train the backbone on this source dataset (same syntax as --dataset) and fine-tune from the result.")
-flags.DEFINE_string("pretrain_stages", "all:5@1e-3", "Stage schedule of the source-task training (--pretrain_dataset).")
+flags.DEFINE_string("pretrain_stages", "all:5@1e-3:bn=train", "Stage schedule of the source-task training (--pretrain_dataset); from random init BatchNorm must train (bn=train).")
 flags.DEFINE_boolean("compare_scratch", False, "Also train the same backbone from random init on the target with the same epochs, and report both accuracies.")
 # Outputs.
 flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard events, flags.cfg, metrics.json, weights. Rerunning the same command resumes.")

@@ -31,6 +31,10 @@ from kft import backbones, checkpoint, data, l2sp, model, report, runtime, sched
 from kft.config import Config
 
 
+# BatchNorm momentum while a stage updates statistics (bn=train).
+BN_TRAIN_MOMENTUM = 0.9
+
+
 class DivergenceError(RuntimeError):
     """The loss became NaN or Inf."""
 
@@ -101,7 +105,8 @@ def apply_stage(classifier: model.Classifier, blocks: list, stage: schedule.Stag
     With bn=frozen the backbone runs in inference mode: BatchNorm uses (and keeps) its moving
     statistics while its gamma/beta still train in unfrozen blocks. With bn=train the backbone
     runs in training mode, and only the unfrozen blocks' BatchNorm layers update statistics
-    (a BatchNorm layer with trainable=False always runs in inference mode in Keras 3).
+    (a BatchNorm layer with trainable=False always runs in inference mode in Keras 3), with
+    momentum BN_TRAIN_MOMENTUM.
 
     Returns:
       The names of the trainable blocks.
@@ -112,6 +117,10 @@ def apply_stage(classifier: model.Classifier, blocks: list, stage: schedule.Stag
     for block in blocks:
         for layer in block.layers:
             layer.trainable = block.name in chosen
+            if isinstance(layer, keras.layers.BatchNormalization) and stage.bn == "train":
+                # Keras's 0.99 suits ImageNet-length training; a stage of a few hundred steps
+                # would leave the moving statistics far behind the weights they normalize.
+                layer.momentum = BN_TRAIN_MOMENTUM
     classifier.backbone_training = stage.bn == "train"
     return names
 
@@ -295,6 +304,7 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
             epochs=first + stage.epochs,
             callbacks=[_EpochEnd(index, stage, first, on_epoch)],
             verbose=config.verbose,
+            shuffle=False,  # The tf.data pipeline shuffles (seeded).
         )
         logging.info("stage %d done in %.1fs", index + 1, time.time() - stage_started)
 

@@ -1,0 +1,121 @@
+"""Entry points end to end: the smoke configs under TFDS mock data, resume, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from absl import flags
+
+from kft import export
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+
+
+def run_train_in_process(argv: list[str]) -> None:
+    """Parses kft.train flags as the command line would and runs its main()."""
+    from kft import train
+
+    FLAGS.unparse_flags()
+    try:
+        FLAGS(["kft.train", *argv])
+        train.main(["kft.train"])
+    finally:
+        FLAGS.unparse_flags()
+
+
+def run_module(module: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.mark.parametrize("name", ["cifar10_resnet50", "cifar10_mobilenetv3"])
+def test_smoke_twin_trains_exports_and_evaluates(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(ROOT)
+    model_dir = tmp_path / "run"
+    with tfds.testing.mock_data(num_examples=24):
+        run_train_in_process([f"--flagfile=configs/smoke/{name}.cfg", f"--model_dir={model_dir}"])
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    smoke_stages = [s for s in open(f"configs/smoke/{name}.cfg") if s.startswith("--stages=")][0]
+    assert len(metrics["stages"]) == smoke_stages.count(",") + 1
+    assert all(s["epochs"] == 1 for s in metrics["stages"])
+    version = metrics["export"]
+    assert version.endswith(os.path.join("export", "1"))
+    assert export.read_class_names(version) == [str(i) for i in range(10)]
+    saved_flags = (model_dir / "flags.cfg").read_text()
+    assert "--backbone=" in saved_flags and "--dataset=tfds:cifar10" in saved_flags
+    # The resolved flags reproduce the run: rerunning with them resumes (nothing left to do).
+    with tfds.testing.mock_data(num_examples=24):
+        run_train_in_process([f"--flagfile={model_dir / 'flags.cfg'}"])
+    assert sorted(os.listdir(model_dir / "export")) == ["1", "2"]
+
+
+def test_train_then_evaluate_model_dir_on_digits(tmp_path):
+    model_dir = tmp_path / "run"
+    result = run_module(
+        "kft.train", f"--model_dir={model_dir}", "--dataset=digits:0-2", "--backbone=MobileNetV2",
+        "--weights=none", "--image_size=32", "--batch_size=32", "--stages=head:1@1e-2,top1:1@1e-3",
+        "--train_limit_per_class=32", "--verbose=0", "--export_dir=none",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "best val accuracy" in result.stdout
+    result = run_module("kft.evaluate", f"--model_dir={model_dir}", "--dataset=digits:0-2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((model_dir / "eval" / "eval.json").read_text())
+    assert report["num_examples"] > 0 and 0 <= report["accuracy"] <= 1
+    assert (model_dir / "eval" / "confusion_matrix.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--backbone=ResNet5"], "unknown backbone 'ResNet5'; choose one of:"),
+        (["--bogus=1"], "Unknown command line flag 'bogus'"),
+        (["--stages=head:3"], "malformed stage 'head:3'"),
+        (["--lr_scale=0"], "flag --lr_scale=0.0: must be > 0.0"),
+        (["--lr_scale=-1"], "--lr_scale=-1.0"),
+        (["--augment=rotate"], "unknown augmentation 'rotate'"),
+        (["--dataset=imagenet"], "imagenet"),
+        (["--weights=/nonexistent/backbone.weights.h5"], "--weights=/nonexistent/backbone.weights.h5"),
+        (["--backbone=InceptionV3", "--image_size=32"], "--image_size=32 is below InceptionV3's minimum input size 75"),
+        (["--jit_compile=maybe"], "--jit_compile"),
+        (["--batch_size=0"], "--batch_size=0"),
+    ],
+)
+def test_bad_flags_fail_in_one_line_before_writing(tmp_path, args, fragment):
+    model_dir = tmp_path / "run"
+    result = run_module("kft.train", f"--model_dir={model_dir}", *args, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert fragment in lines[0]
+    assert not model_dir.exists()
+
+
+def test_stage_naming_missing_block_and_resume_conflicts(tmp_path):
+    model_dir = tmp_path / "run"
+    common = [f"--model_dir={model_dir}", "--dataset=digits:0-1", "--backbone=MobileNetV2", "--weights=none",
+              "--image_size=32", "--batch_size=32", "--verbose=0", "--export_dir=none", "--train_limit_per_class=16"]
+    result = run_module("kft.train", *common, "--stages=head:1@1e-3,from=conv9_block1:1@1e-4")
+    assert result.returncode == 2
+    assert "no block 'conv9_block1' in this backbone; its blocks are: stem, expanded_conv, block_1" in result.stderr.strip().splitlines()[-1]
+    assert not (model_dir / "flags.cfg").exists()
+    assert run_module("kft.train", *common, "--stages=head:1@1e-3").returncode == 0
+    result = run_module("kft.train", *common, "--stages=head:2@1e-3")
+    assert result.returncode == 2
+    assert "holds a run with other flags (--stages: saved 'head:1@1e-3', now 'head:2@1e-3')" in result.stderr
+    assert (model_dir / "metrics.json").exists()
+
+
+def test_unwritable_model_dir_is_found_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    result = run_module("kft.train", f"--model_dir={blocker}/run", "--weights=none", "--image_size=32")
+    assert result.returncode == 2
+    assert f"--model_dir={blocker}/run is not writable" in result.stderr
