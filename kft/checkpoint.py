@@ -39,6 +39,19 @@ def atomic_path(path: str, suffix: str = ""):
             os.remove(tmp)
 
 
+def remove_temporaries(directory: str) -> None:
+    """Deletes the `.tmp-*` files and directories an interrupted write left in `directory`."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.startswith(".tmp-"):
+            path = os.path.join(directory, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+
+
 def write_text(path: str, text: str) -> None:
     """Writes a text file atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
@@ -120,6 +133,9 @@ class ResumeCheckpoints:
     def __init__(self, model_dir: str, keep: int = 2):
         self.root = os.path.join(model_dir, "ckpt")
         self.keep = keep
+        # A run owns its directory: temporaries here were left by a killed earlier invocation.
+        remove_temporaries(model_dir)
+        remove_temporaries(self.root)
 
     def save(self, index: int, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict) -> None:
         """Writes checkpoint `index` (a running epoch count) and points `latest` at it."""

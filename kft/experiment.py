@@ -11,6 +11,7 @@ each resumes on its own after an interruption.
 
 import dataclasses
 import os
+import shutil
 
 import numpy as np
 from absl import logging
@@ -43,6 +44,7 @@ def run(config: Config, flagfile_text: str = "") -> dict:
 
     if config.export_dir != "none":
         export_base = config.export_dir or os.path.join(config.model_dir, "export")
+        _remove_interrupted_exports(export_base)
         classifier, class_names, _ = trainer.load_classifier(config.model_dir)
         images = _validation_images(config)
         version_dir = export.export_saved_model(classifier, class_names, export_base, images)
@@ -72,6 +74,14 @@ def run(config: Config, flagfile_text: str = "") -> dict:
         )
     checkpoint.write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
     return metrics
+
+
+def _remove_interrupted_exports(export_base: str) -> None:
+    """Deletes temporary directories an interrupted export of this run left behind."""
+    if os.path.isdir(export_base):
+        for name in os.listdir(export_base):
+            if name.startswith(export.TMP_PREFIX):
+                shutil.rmtree(os.path.join(export_base, name), ignore_errors=True)
 
 
 def _validation_images(config: Config, limit: int = 64) -> np.ndarray:

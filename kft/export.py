@@ -26,7 +26,7 @@ from absl import logging
 
 SIGNATURE_KEY = "serving_default"
 LABELS_FILE = "labels.txt"
-_TMP_PREFIX = ".tmp-export-"
+TMP_PREFIX = ".tmp-export-"
 
 
 class ExportMismatchError(ValueError):
@@ -215,11 +215,11 @@ def export_saved_model(
         raise ValueError(f"atol must be >= 0, got {atol}")
     expected = _check_inputs(model, class_names, check_images)
     os.makedirs(export_base, exist_ok=True)
-    stale = [n for n in os.listdir(export_base) if n.startswith(_TMP_PREFIX)]
+    stale = [n for n in os.listdir(export_base) if n.startswith(TMP_PREFIX)]
     if stale:
         logging.warning("ignoring leftover partial exports (safe to delete): %s", ", ".join(stale))
 
-    tmp = tempfile.mkdtemp(dir=export_base, prefix=_TMP_PREFIX)
+    tmp = tempfile.mkdtemp(dir=export_base, prefix=TMP_PREFIX)
     try:
         with tempfile.TemporaryDirectory() as labels_dir:
             labels_path = os.path.join(labels_dir, LABELS_FILE)
