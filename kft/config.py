@@ -29,6 +29,8 @@ class Config:
     l2sp_alpha: float = 0.01
     l2sp_beta: float = 0.01
     label_smoothing: float = 0.0
+    layer_lr_decay: float = 1.0
+    ema_decay: float = 0.0
     dropout: float = 0.2
     hidden_units: int = 0
     augment: tuple[str, ...] = ()

@@ -63,6 +63,8 @@ flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "adam, or sgd with Neste
 flags.DEFINE_float("l2sp_alpha", 0.01, "L2-SP strength pulling backbone weights toward the pretrained ones; 0 = plain fine-tuning.")
 flags.DEFINE_float("l2sp_beta", 0.01, "L2 strength on the new head's kernels.")
 flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the training loss.")
+flags.DEFINE_float("layer_lr_decay", 1.0, "Layer-wise learning rates: the top block gets the stage's rate, each block below this factor times the one above (1 = off; timm's layer decay, fastai's slice(lo, hi)).")
+flags.DEFINE_float("ema_decay", 0.0, "Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0 = off); validation, the best checkpoint and the export use it.")
 flags.DEFINE_string("augment", "crop,flip", "Comma list of on-device augmentations from: crop, flip, translate, colour, mixup, cutmix; none for no augmentation.")
 # Transfer check (the quickstart uses these).
 flags.DEFINE_string("pretrain_dataset", "", "If set, first train the backbone on this source dataset (same syntax as --dataset) and fine-tune from the result.")
@@ -96,6 +98,8 @@ _range("lr_scale", 0.0, low_open=True)
 _range("l2sp_alpha", 0.0)
 _range("l2sp_beta", 0.0)
 _range("label_smoothing", 0.0, 0.5)
+_range("layer_lr_decay", 0.0, 1.0, low_open=True)
+_range("ema_decay", 0.0, 0.99999)
 _range("verbose", 0, 2)
 
 
@@ -143,6 +147,8 @@ def config_from_flags() -> Config:
         l2sp_alpha=FLAGS.l2sp_alpha,
         l2sp_beta=FLAGS.l2sp_beta,
         label_smoothing=FLAGS.label_smoothing,
+        layer_lr_decay=FLAGS.layer_lr_decay,
+        ema_decay=FLAGS.ema_decay,
         augment=augment.parse(FLAGS.augment),
         pretrain_dataset=FLAGS.pretrain_dataset,
         pretrain_stages=schedule.parse_stages(FLAGS.pretrain_stages),

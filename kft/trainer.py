@@ -16,6 +16,7 @@ Files under MODEL_DIR:
   tb/                 TensorBoard events
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -40,9 +41,18 @@ class DivergenceError(RuntimeError):
 
 
 class FineTuner(keras.Model):
-    """Wraps the classifier with the train step: on-device augmentation, loss, L2-SP penalty."""
+    """Wraps the classifier with the train step: on-device augmentation, loss, L2-SP penalty,
+    layer-wise learning rates and a weight EMA."""
 
-    def __init__(self, classifier: model.Classifier, augmenter, penalty: l2sp.L2SP | None, label_smoothing: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        classifier: model.Classifier,
+        augmenter,
+        penalty: l2sp.L2SP | None,
+        label_smoothing: float = 0.0,
+        ema_decay: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.classifier = classifier
         self.augmenter = augmenter
@@ -53,8 +63,25 @@ class FineTuner(keras.Model):
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.l2sp_tracker = keras.metrics.Mean(name="l2sp")
         self.head_l2_tracker = keras.metrics.Mean(name="head_l2")
-        # No variables of its own; the classifier arrives built and the augmenter needs none.
+        # Per-variable multipliers of the optimizer's update (layer-wise learning rates), set
+        # per stage by set_layer_lr_scales; read when the step is traced.
+        self.update_scales: dict[int, float] = {}
+        self.ema_decay = float(ema_decay)
+        # The averaged weights live beside the model's and are saved with it, so a resumed run
+        # continues the same average. BatchNorm statistics are averaged too (as timm does).
+        self.ema_weights = [
+            keras.Variable(w.numpy(), trainable=False, name="ema", aggregation="mean")
+            for w in (classifier.weights if ema_decay else [])
+        ]
+        # No variables of its own besides those; the classifier arrives built.
         self.built = True
+
+    def swap_ema(self) -> None:
+        """Exchanges the model's weights with the averaged ones (call twice to undo)."""
+        for weight, average in zip(self.classifier.weights, self.ema_weights):
+            current = weight.numpy()
+            weight.assign(average.numpy())
+            average.assign(current)
 
     @property
     def metrics(self):
@@ -64,7 +91,7 @@ class FineTuner(keras.Model):
         return self.classifier(images, training=training)
 
     def train_step(self, batch):
-        images, labels = batch
+        images, labels = batch[0], batch[1]  # train_on_batch adds a sample-weight slot.
         labels = tf.cast(labels, tf.int32)
         x = tf.cast(images, tf.float32)
         y = tf.one_hot(labels, self.num_classes)
@@ -82,7 +109,21 @@ class FineTuner(keras.Model):
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(loss / replicas)
         grads = tape.gradient(scaled, variables)
+        scaled_vars = [(v, self.update_scales[id(v)]) for v in variables if self.update_scales.get(id(v), 1.0) != 1.0]
+        before = [tf.identity(v.value) for v, _ in scaled_vars]
         self.optimizer.apply(grads, variables)
+        # Layer-wise learning rates without parameter groups: shrink each variable's update
+        # by its block's factor. Exact for any optimizer (Adam's update is invariant to
+        # gradient scale, so scaling gradients instead would do nothing there).
+        for (v, scale), old in zip(scaled_vars, before):
+            v.assign(old + scale * (v.value - old))
+        if self.ema_weights:
+            # TF's ExponentialMovingAverage warmup: early in a stage the average follows the
+            # weights closely instead of remembering the stage's starting point.
+            steps = tf.cast(self.optimizer.iterations, tf.float32)
+            decay = tf.minimum(self.ema_decay, (1.0 + steps) / (10.0 + steps))
+            for weight, average in zip(self.classifier.weights, self.ema_weights):
+                average.assign(decay * average.value + (1.0 - decay) * tf.cast(weight.value, average.dtype))
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(labels, probs)
         self.l2sp_tracker.update_state(sp)
@@ -90,7 +131,7 @@ class FineTuner(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def test_step(self, batch):
-        images, labels = batch
+        images, labels = batch[0], batch[1]  # train_on_batch adds a sample-weight slot.
         labels = tf.cast(labels, tf.int32)
         probs = self.classifier(images, training=False)
         loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, probs))
@@ -123,6 +164,26 @@ def apply_stage(classifier: model.Classifier, blocks: list, stage: schedule.Stag
                 layer.momentum = BN_TRAIN_MOMENTUM
     classifier.backbone_training = stage.bn == "train"
     return names
+
+
+def layer_lr_scales(blocks: list, decay: float) -> dict[int, float]:
+    """Update multipliers for layer-wise learning rates (timm's layer decay).
+
+    The top block (and the head) get the stage's learning rate, each block below `decay`
+    times the one above: block k from the top gets decay**k.
+
+    Returns:
+      id(variable) -> multiplier, for backbone variables whose multiplier is not 1.
+    """
+    scales = {}
+    if decay == 1.0:
+        return scales
+    for depth, block in enumerate(reversed(blocks)):
+        for layer in block.layers:
+            for w in layer.weights:
+                if depth:
+                    scales[id(w)] = decay**depth
+    return scales
 
 
 def make_optimizer(name: str, learning_rate, mixed_precision: str) -> keras.optimizers.Optimizer:
@@ -169,6 +230,34 @@ class _EpochEnd(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.on_epoch(epoch, dict(logs or {}))
+
+
+class _ValidateAveraged(keras.callbacks.Callback):
+    """With --ema_decay, validation sees the averaged weights."""
+
+    def __init__(self, tuner: FineTuner):
+        super().__init__()
+        self.tuner = tuner
+
+    def on_test_begin(self, logs=None):
+        if self.tuner.ema_weights:
+            self.tuner.swap_ema()
+
+    def on_test_end(self, logs=None):
+        if self.tuner.ema_weights:
+            self.tuner.swap_ema()
+
+
+@contextlib.contextmanager
+def _averaged_weights(tuner: FineTuner):
+    """Puts the averaged weights in the model for the block (nothing without --ema_decay)."""
+    if tuner.ema_weights:
+        tuner.swap_ema()
+    try:
+        yield
+    finally:
+        if tuner.ema_weights:
+            tuner.swap_ema()
 
 
 @dataclasses.dataclass
@@ -243,7 +332,7 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
             head_kernels = [layer.kernel for layer in classifier.head_layers]
             penalty = l2sp.L2SP(classifier.backbone, head_kernels, anchors, config.l2sp_alpha, config.l2sp_beta)
         augmenter = augment_lib.Augmenter(config.augment, seed=config.seed) if config.augment else None
-        tuner = FineTuner(classifier, augmenter, penalty, config.label_smoothing, name="finetuner")
+        tuner = FineTuner(classifier, augmenter, penalty, config.label_smoothing, config.ema_decay, name="finetuner")
 
     checkpoint.write_json(
         os.path.join(config.model_dir, "classes.json"),
@@ -266,6 +355,7 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
             optimizer = make_optimizer(config.optimizer, lr, config.mixed_precision)
             tuner.compile(optimizer=optimizer, jit_compile=jit)
             optimizer.build(tuner.trainable_variables)
+            tuner.update_scales = layer_lr_scales(blocks, config.layer_lr_decay)
         resumed_mid_stage = saved is not None and state.epoch > 0
         if saved is not None:
             ckpts.restore(tuner, optimizer if resumed_mid_stage else None)
@@ -288,7 +378,8 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
             state.history.append(record)
             if val_acc > state.best_val_accuracy:
                 state.best_val_accuracy = val_acc
-                checkpoint.save_model_weights(classifier, os.path.join(config.model_dir, "model.weights.h5"))
+                with _averaged_weights(tuner):
+                    checkpoint.save_model_weights(classifier, os.path.join(config.model_dir, "model.weights.h5"))
             state.stage, state.epoch = index, stage_epoch
             state.seconds += time.time() - on_epoch.last
             on_epoch.last = time.time()
@@ -302,7 +393,7 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
             validation_data=splits.val,
             initial_epoch=first + state.epoch,
             epochs=first + stage.epochs,
-            callbacks=[_EpochEnd(index, stage, first, on_epoch)],
+            callbacks=[_EpochEnd(index, stage, first, on_epoch), _ValidateAveraged(tuner)],
             verbose=config.verbose,
             shuffle=False,  # The tf.data pipeline shuffles (seeded).
         )

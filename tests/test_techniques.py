@@ -1,0 +1,91 @@
+"""Layer-wise learning rates and the weight EMA do exactly what they claim."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kft import backbones, model, schedule, trainer
+from kft.config import Config
+
+
+def _tuner(decay=1.0, ema_decay=0.0, optimizer="adam", seed=0):
+    keras_seed = tf.keras.utils.set_random_seed(seed)
+    del keras_seed
+    classifier = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(3, dropout=0.0))
+    blocks = backbones.blocks(classifier.spec, classifier.backbone)
+    trainer.apply_stage(classifier, blocks, schedule.parse_stages("all:1@1e-3")[0])
+    tuner = trainer.FineTuner(classifier, None, None, ema_decay=ema_decay)
+    tuner.compile(optimizer=trainer.make_optimizer(optimizer, 1e-3, "none"), jit_compile=False)
+    tuner.update_scales = trainer.layer_lr_scales(blocks, decay)
+    return tuner, blocks
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_layer_decay_scales_each_blocks_step_by_its_depth(tiny_splits, optimizer):
+    images, labels = next(iter(tiny_splits.train))
+    plain, blocks = _tuner(1.0, optimizer=optimizer)
+    decayed, decayed_blocks = _tuner(0.5, optimizer=optimizer)
+    decayed.classifier.set_weights(plain.classifier.get_weights())
+    start = [w.numpy().copy() for w in plain.classifier.weights]
+    plain.train_on_batch(images, labels)
+    decayed.train_on_batch(images, labels)
+    index = {id(w): i for i, w in enumerate(decayed.classifier.weights)}
+    plain_weights = plain.classifier.weights
+    checked = set()
+    for depth, block in enumerate(reversed(decayed_blocks)):
+        for layer in block.layers:
+            for w in layer.trainable_weights:
+                i = index[id(w)]
+                full = plain_weights[i].numpy() - start[i]
+                step = w.numpy() - start[i]
+                if np.abs(full).max() > 1e-6:
+                    np.testing.assert_allclose(step, 0.5**depth * full, rtol=1e-3, atol=1e-9, err_msg=w.path)
+                    checked.add(depth)
+    # Adam moves every parameter by about the learning rate, so every depth is measurable;
+    # SGD's steps in the deep blocks of a random-init network fall below float32 resolution.
+    assert len(checked) >= (5 if optimizer == "adam" else 2), checked
+    # The head moves at the stage's full rate.
+    head = decayed.classifier.classify.kernel
+    np.testing.assert_allclose(head.numpy(), plain.classifier.classify.kernel.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_layer_lr_scales_follow_block_order():
+    classifier = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(2))
+    blocks = backbones.blocks(classifier.spec, classifier.backbone)
+    scales = trainer.layer_lr_scales(blocks, 0.8)
+    top = blocks[-1].layers[0].weights[0]
+    bottom = [w for layer in blocks[0].layers for w in layer.weights][0]
+    assert id(top) not in scales
+    assert scales[id(bottom)] == pytest.approx(0.8 ** (len(blocks) - 1))
+    assert trainer.layer_lr_scales(blocks, 1.0) == {}
+
+
+def test_ema_is_the_warmed_up_average_of_the_weights(tiny_splits):
+    tuner, _ = _tuner(ema_decay=0.6)
+    weight = tuner.classifier.classify.kernel
+    average_index = [i for i, w in enumerate(tuner.classifier.weights) if w is weight][0]
+    expected = weight.numpy().astype(np.float64)
+    for step, (images, labels) in enumerate(tiny_splits.train, start=1):
+        tuner.train_on_batch(images, labels)
+        decay = min(0.6, (1 + step) / (10 + step))
+        expected = decay * expected + (1 - decay) * weight.numpy()
+    np.testing.assert_allclose(tuner.ema_weights[average_index].numpy(), expected, rtol=1e-5, atol=1e-7)
+    raw = weight.numpy().copy()
+    tuner.swap_ema()
+    np.testing.assert_allclose(weight.numpy(), expected, rtol=1e-5, atol=1e-7)
+    tuner.swap_ema()
+    np.testing.assert_array_equal(weight.numpy(), raw)
+
+
+def test_train_with_ema_and_layer_decay_saves_the_averaged_model(tmp_path, tiny_splits):
+    config = Config(
+        dataset="unused", backbone="MobileNetV2", weights=None, image_size=32, batch_size=8,
+        stages=schedule.parse_stages("head:1@1e-2,all:2@1e-3"), model_dir=str(tmp_path),
+        ema_decay=0.9, layer_lr_decay=0.7, verbose=0, l2sp_alpha=0.0,
+    )
+    metrics = trainer.train(config, tiny_splits)
+    assert [s["epochs"] for s in metrics["stages"]] == [1, 2]
+    best = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(3))
+    best.load_weights(str(tmp_path / "model.weights.h5"))
+    labels, probs = trainer.predict_dataset(best, tiny_splits.val)
+    assert metrics["best_model_val_accuracy"] == pytest.approx(float(np.mean(probs.argmax(1) == labels)))
