@@ -31,6 +31,7 @@ class Config:
     label_smoothing: float = 0.0
     layer_lr_decay: float = 1.0
     ema_decay: float = 0.0
+    cache_features: bool = False
     dropout: float = 0.2
     hidden_units: int = 0
     augment: tuple[str, ...] = ()

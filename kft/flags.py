@@ -64,6 +64,7 @@ flags.DEFINE_float("l2sp_alpha", 0.01, "L2-SP strength pulling backbone weights 
 flags.DEFINE_float("l2sp_beta", 0.01, "L2 strength on the new head's kernels.")
 flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the training loss.")
 flags.DEFINE_float("layer_lr_decay", 1.0, "Layer-wise learning rates: the top block gets the stage's rate, each block below this factor times the one above (1 = off; timm's layer decay, fastai's slice(lo, hi)).")
+flags.DEFINE_boolean("cache_features", False, "Compute the frozen backbone's features once and train head-only stages on them (much faster; those stages then run without augmentation).")
 flags.DEFINE_float("ema_decay", 0.0, "Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0 = off); validation, the best checkpoint and the export use it.")
 flags.DEFINE_string("augment", "crop,flip", "Comma list of on-device augmentations from: crop, flip, translate, colour, mixup, cutmix; none for no augmentation.")
 # Transfer check (the quickstart uses these).
@@ -149,6 +150,7 @@ def config_from_flags() -> Config:
         label_smoothing=FLAGS.label_smoothing,
         layer_lr_decay=FLAGS.layer_lr_decay,
         ema_decay=FLAGS.ema_decay,
+        cache_features=FLAGS.cache_features,
         augment=augment.parse(FLAGS.augment),
         pretrain_dataset=FLAGS.pretrain_dataset,
         pretrain_stages=schedule.parse_stages(FLAGS.pretrain_stages),

@@ -66,6 +66,9 @@ class FineTuner(keras.Model):
         # Per-variable multipliers of the optimizer's update (layer-wise learning rates), set
         # per stage by set_layer_lr_scales; read when the step is traced.
         self.update_scales: dict[int, float] = {}
+        # True while a head-only stage trains on cached backbone features (--cache_features):
+        # batches then hold pooled features instead of images.
+        self.on_features = False
         self.ema_decay = float(ema_decay)
         # The averaged weights live beside the model's and are saved with it, so a resumed run
         # continues the same average. BatchNorm statistics are averaged too (as timm does).
@@ -90,16 +93,21 @@ class FineTuner(keras.Model):
     def call(self, images, training=False):
         return self.classifier(images, training=training)
 
+    def _forward(self, inputs, training):
+        if self.on_features:
+            return self.classifier.head(inputs, training=training)
+        return self.classifier(inputs, training=training)
+
     def train_step(self, batch):
-        images, labels = batch[0], batch[1]  # train_on_batch adds a sample-weight slot.
+        inputs, labels = batch[0], batch[1]  # train_on_batch adds a sample-weight slot.
         labels = tf.cast(labels, tf.int32)
-        x = tf.cast(images, tf.float32)
+        x = tf.cast(inputs, tf.float32)
         y = tf.one_hot(labels, self.num_classes)
-        if self.augmenter is not None:
+        if self.augmenter is not None and not self.on_features:
             x, y = self.augmenter(x, y)
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            probs = self.classifier(x, training=True)
+            probs = self._forward(x, training=True)
             data_loss = tf.reduce_mean(
                 keras.losses.categorical_crossentropy(y, probs, label_smoothing=self.label_smoothing)
             )
@@ -131,9 +139,9 @@ class FineTuner(keras.Model):
         return {m.name: m.result() for m in self.metrics}
 
     def test_step(self, batch):
-        images, labels = batch[0], batch[1]  # train_on_batch adds a sample-weight slot.
+        inputs, labels = batch[0], batch[1]  # train_on_batch adds a sample-weight slot.
         labels = tf.cast(labels, tf.int32)
-        probs = self.classifier(images, training=False)
+        probs = self._forward(inputs, training=False)
         loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, probs))
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(labels, probs)
@@ -345,10 +353,17 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
     steps = steps_per_epoch(splits.train, splits.num_train, config.batch_size)
     first_epoch_of = np.cumsum([0] + [s.epochs for s in config.stages]).tolist()
 
+    cached = None
     for index, stage in enumerate(config.stages):
         if index < state.stage:
             continue
         stage_started = time.time()
+        train_data, val_data = splits.train, splits.val
+        tuner.on_features = config.cache_features and stage.what == "head"
+        if tuner.on_features:
+            if cached is None:
+                cached = cache_features(classifier, splits, config.batch_size, config.seed)
+            train_data, val_data = cached
         with strategy.scope():
             trainable_blocks = apply_stage(classifier, blocks, stage)
             lr = schedule.stage_learning_rate(stage, config.lr_scale, steps)
@@ -389,8 +404,8 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
 
         on_epoch.last = time.time()
         tuner.fit(
-            splits.train,
-            validation_data=splits.val,
+            train_data,
+            validation_data=val_data,
             initial_epoch=first + state.epoch,
             epochs=first + stage.epochs,
             callbacks=[_EpochEnd(index, stage, first, on_epoch), _ValidateAveraged(tuner)],
@@ -400,6 +415,43 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         logging.info("stage %d done in %.1fs", index + 1, time.time() - stage_started)
 
     return _finish(config, classifier, splits, state, summaries, started)
+
+
+def cache_features(
+    classifier: model.Classifier, splits: data.Splits, batch_size: int, seed: int
+) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """Pooled backbone features of the train and val sets, computed once (--cache_features).
+
+    A head-only stage with a frozen backbone in inference mode sees the same features every
+    epoch, so the backbone's forward pass need not be repeated. Augmentation cannot apply to
+    cached features: head-only stages then train without it.
+
+    Returns:
+      (train, val) datasets of (float32 features, int32 labels); train reshuffles each epoch
+      and keeps the image pipeline's batch layout.
+    """
+    started = time.time()
+
+    def features_of(dataset):
+        features, labels = [], []
+        for images, batch_labels in dataset:
+            features.append(tf.cast(classifier.features(images, training=False), tf.float32).numpy())
+            labels.append(batch_labels.numpy())
+        return np.concatenate(features), np.concatenate(labels)
+
+    train_x, train_y = features_of(splits.train)
+    val_x, val_y = features_of(splits.val)
+    drop = len(train_y) >= batch_size
+    train = (
+        tf.data.Dataset.from_tensor_slices((train_x, train_y))
+        .shuffle(len(train_y), seed=seed, reshuffle_each_iteration=True)
+        .batch(batch_size, drop_remainder=drop)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    logging.info("cached %d train and %d val feature vectors of size %d in %.1fs",
+                 len(train_y), len(val_y), train_x.shape[1], time.time() - started)
+    return train, val
 
 
 def _finish(config, classifier, splits, state, summaries, started) -> dict:

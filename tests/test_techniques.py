@@ -89,3 +89,38 @@ def test_train_with_ema_and_layer_decay_saves_the_averaged_model(tmp_path, tiny_
     best.load_weights(str(tmp_path / "model.weights.h5"))
     labels, probs = trainer.predict_dataset(best, tiny_splits.val)
     assert metrics["best_model_val_accuracy"] == pytest.approx(float(np.mean(probs.argmax(1) == labels)))
+
+
+def test_cached_features_step_equals_image_step(tiny_splits):
+    images, labels = next(iter(tiny_splits.train))
+    on_images, blocks = _tuner(seed=1)
+    on_features, _ = _tuner(seed=1)
+    on_features.classifier.set_weights(on_images.classifier.get_weights())
+    for tuner in (on_images, on_features):
+        trainer.apply_stage(tuner.classifier, blocks if tuner is on_images else
+                            backbones.blocks(tuner.classifier.spec, tuner.classifier.backbone),
+                            schedule.parse_stages("head:1@1e-2")[0])
+        tuner.compile(optimizer=trainer.make_optimizer("adam", 1e-2, "none"), jit_compile=False)
+    on_features.on_features = True
+    features = on_features.classifier.features(images, training=False)
+    on_images.train_on_batch(images, labels)
+    on_features.train_on_batch(features, labels)
+    for a, b in zip(on_images.classifier.weights, on_features.classifier.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+def test_train_with_cached_features_keeps_backbone_and_trains_head(tmp_path, tiny_splits):
+    config = Config(
+        dataset="unused", backbone="MobileNetV2", weights=None, image_size=32, batch_size=8,
+        stages=schedule.parse_stages("head:3@1e-2"), model_dir=str(tmp_path), cache_features=True,
+        augment=("flip",), verbose=0,
+    )
+    tf.keras.utils.set_random_seed(config.seed)  # trainer.train builds the same initial model
+    start = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(3))
+    metrics = trainer.train(config, tiny_splits)
+    assert metrics["stages"][0]["epochs"] == 3
+    trained = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(3))
+    trained.load_weights(str(tmp_path / "model.weights.h5"))
+    for w, w0 in zip(trained.backbone.weights, start.backbone.weights):
+        np.testing.assert_array_equal(w.numpy(), w0.numpy(), err_msg=w.path)
+    assert not np.array_equal(trained.classify.kernel.numpy(), start.classify.kernel.numpy())
