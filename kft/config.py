@@ -28,6 +28,10 @@ class Config:
     optimizer: str = "adam"
     l2sp_alpha: float = 0.01
     l2sp_beta: float = 0.01
+    regularizer: str = "l2sp"
+    delta_alpha: float = 0.01
+    bss_eta: float = 0.001
+    bss_k: int = 1
     label_smoothing: float = 0.0
     layer_lr_decay: float = 1.0
     ema_decay: float = 0.0

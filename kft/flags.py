@@ -62,6 +62,10 @@ flags.DEFINE_float("lr_scale", 1.0, "Multiplies every stage's learning rate (wha
 flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "adam, or sgd with Nesterov momentum 0.9. Neither adds weight decay: L2-SP replaces it.")
 flags.DEFINE_float("l2sp_alpha", 0.01, "L2-SP strength pulling backbone weights toward the pretrained ones; 0 = plain fine-tuning.")
 flags.DEFINE_float("l2sp_beta", 0.01, "L2 strength on the new head's kernels.")
+flags.DEFINE_enum("regularizer", "l2sp", ["l2sp", "delta", "bss", "none"], "Regularizer toward the pretrained model: l2sp (weights, --l2sp_alpha), delta (last feature map, --delta_alpha), bss (batch spectral shrinkage of the features, --bss_eta), none. The head's --l2sp_beta applies with all of them.")
+flags.DEFINE_float("delta_alpha", 0.01, "DELTA strength: feature-map distance to the pretrained backbone's.")
+flags.DEFINE_float("bss_eta", 0.001, "BSS strength: the smallest squared singular values of the batch features.")
+flags.DEFINE_integer("bss_k", 1, "BSS: how many of the smallest singular values are shrunk.")
 flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the training loss.")
 flags.DEFINE_float("layer_lr_decay", 1.0, "Layer-wise learning rates: the top block gets the stage's rate, each block below this factor times the one above (1 = off; timm's layer decay, fastai's slice(lo, hi)).")
 flags.DEFINE_boolean("cache_features", False, "Compute the frozen backbone's features once and train head-only stages on them (much faster; those stages then run without augmentation).")
@@ -98,6 +102,9 @@ _range("batch_size", 1)
 _range("lr_scale", 0.0, low_open=True)
 _range("l2sp_alpha", 0.0)
 _range("l2sp_beta", 0.0)
+_range("delta_alpha", 0.0)
+_range("bss_eta", 0.0)
+_range("bss_k", 1)
 _range("label_smoothing", 0.0, 0.5)
 _range("layer_lr_decay", 0.0, 1.0, low_open=True)
 _range("ema_decay", 0.0, 0.99999)
@@ -147,6 +154,10 @@ def config_from_flags() -> Config:
         optimizer=FLAGS.optimizer,
         l2sp_alpha=FLAGS.l2sp_alpha,
         l2sp_beta=FLAGS.l2sp_beta,
+        regularizer=FLAGS.regularizer,
+        delta_alpha=FLAGS.delta_alpha,
+        bss_eta=FLAGS.bss_eta,
+        bss_k=FLAGS.bss_k,
         label_smoothing=FLAGS.label_smoothing,
         layer_lr_decay=FLAGS.layer_lr_decay,
         ema_decay=FLAGS.ema_decay,

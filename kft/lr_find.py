@@ -69,13 +69,10 @@ def run_sweep(config, stage_index: int, min_lr: float, max_lr: float, steps: int
     classifier = model.build_classifier(config.backbone, config.image_size, config.weights, head)
     blocks = backbones.blocks(classifier.spec, classifier.backbone)
     trainer.apply_stage(classifier, blocks, stage)
-    penalty = None
-    if config.l2sp_alpha or config.l2sp_beta:
-        anchors = l2sp.anchor_arrays(classifier.backbone)
-        penalty = l2sp.L2SP(classifier.backbone, [layer.kernel for layer in classifier.head_layers],
-                            anchors, config.l2sp_alpha, config.l2sp_beta)
+    penalty, feature_regularizer = trainer.make_regularizers(config, classifier, l2sp.anchor_arrays(classifier.backbone))
     augmenter = augment.Augmenter(config.augment, seed=config.seed) if config.augment else None
-    tuner = trainer.FineTuner(classifier, augmenter, penalty, config.label_smoothing)
+    tuner = trainer.FineTuner(classifier, augmenter, penalty, config.label_smoothing,
+                              feature_regularizer=feature_regularizer)
     rates = exponential_rates(min_lr, max_lr, steps)
     schedule = keras.optimizers.schedules.ExponentialDecay(min_lr, decay_steps=max(1, steps - 1),
                                                            decay_rate=max_lr / min_lr)

@@ -83,11 +83,14 @@ class Classifier(keras.Model):
     def head_layers(self) -> list:
         return [layer for layer in (self.hidden, self.classify) if layer is not None]
 
+    def feature_map(self, images, training=False):
+        """The backbone's last feature map [B, h, w, C] of raw images."""
+        x = self.preprocess(images)
+        return self.backbone(x, training=bool(training) and self.backbone_training)
+
     def features(self, images, training=False):
         """Pooled backbone features of raw images."""
-        x = self.preprocess(images)
-        x = self.backbone(x, training=bool(training) and self.backbone_training)
-        return self.pool(x)
+        return self.pool(self.feature_map(images, training=training))
 
     def head(self, features, training=False):
         """Class probabilities from pooled features."""
@@ -96,8 +99,15 @@ class Classifier(keras.Model):
             x = self.hidden(x)
         return self.classify(x)
 
+    def forward_parts(self, images, training=False):
+        """(preprocessed images, last feature map, pooled features, probabilities)."""
+        preprocessed = self.preprocess(images)
+        feature_map = self.backbone(preprocessed, training=bool(training) and self.backbone_training)
+        pooled = self.pool(feature_map)
+        return preprocessed, feature_map, pooled, self.head(pooled, training=training)
+
     def call(self, images, training=False):
-        return self.head(self.features(images, training=training), training=training)
+        return self.forward_parts(images, training=training)[-1]
 
 
 def build_classifier(

@@ -28,7 +28,7 @@ import tensorflow as tf
 from absl import logging
 
 from kft import augment as augment_lib
-from kft import backbones, checkpoint, data, l2sp, model, report, runtime, schedule
+from kft import backbones, checkpoint, data, l2sp, model, regularizers, report, runtime, schedule
 from kft.config import Config
 
 
@@ -51,6 +51,7 @@ class FineTuner(keras.Model):
         penalty: l2sp.L2SP | None,
         label_smoothing: float = 0.0,
         ema_decay: float = 0.0,
+        feature_regularizer=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -63,6 +64,9 @@ class FineTuner(keras.Model):
         self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
         self.l2sp_tracker = keras.metrics.Mean(name="l2sp")
         self.head_l2_tracker = keras.metrics.Mean(name="head_l2")
+        self.feature_reg_tracker = keras.metrics.Mean(name="feature_reg")
+        # DELTA or BSS (kft.regularizers), or None.
+        self.feature_regularizer = feature_regularizer
         # Per-variable multipliers of the optimizer's update (layer-wise learning rates), set
         # per stage by set_layer_lr_scales; read when the step is traced.
         self.update_scales: dict[int, float] = {}
@@ -88,15 +92,22 @@ class FineTuner(keras.Model):
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.accuracy_tracker, self.l2sp_tracker, self.head_l2_tracker]
+        return [self.loss_tracker, self.accuracy_tracker, self.l2sp_tracker, self.head_l2_tracker,
+                self.feature_reg_tracker]
 
     def call(self, images, training=False):
         return self.classifier(images, training=training)
 
     def _forward(self, inputs, training):
+        """Probabilities and the feature regularizer's value (0 without one)."""
         if self.on_features:
-            return self.classifier.head(inputs, training=training)
-        return self.classifier(inputs, training=training)
+            return self.classifier.head(inputs, training=training), tf.constant(0.0)
+        preprocessed, feature_map, pooled, probs = self.classifier.forward_parts(inputs, training=training)
+        if isinstance(self.feature_regularizer, regularizers.Delta):
+            return probs, self.feature_regularizer(preprocessed, feature_map)
+        if isinstance(self.feature_regularizer, regularizers.BatchSpectralShrinkage):
+            return probs, self.feature_regularizer(pooled)
+        return probs, tf.constant(0.0)
 
     def train_step(self, batch):
         inputs, labels = batch[0], batch[1]  # train_on_batch adds a sample-weight slot.
@@ -107,12 +118,12 @@ class FineTuner(keras.Model):
             x, y = self.augmenter(x, y)
         variables = self.trainable_variables
         with tf.GradientTape() as tape:
-            probs = self._forward(x, training=True)
+            probs, feature_reg = self._forward(x, training=True)
             data_loss = tf.reduce_mean(
                 keras.losses.categorical_crossentropy(y, probs, label_smoothing=self.label_smoothing)
             )
             sp, head_l2 = self.penalty.penalty(variables) if self.penalty else (tf.constant(0.0), tf.constant(0.0))
-            loss = data_loss + sp + head_l2
+            loss = data_loss + sp + head_l2 + feature_reg
             # Each replica holds a slice of the global batch; gradients are summed across them.
             replicas = tf.distribute.get_strategy().num_replicas_in_sync
             scaled = self.optimizer.scale_loss(loss / replicas)
@@ -136,12 +147,13 @@ class FineTuner(keras.Model):
         self.accuracy_tracker.update_state(labels, probs)
         self.l2sp_tracker.update_state(sp)
         self.head_l2_tracker.update_state(head_l2)
+        self.feature_reg_tracker.update_state(feature_reg)
         return {m.name: m.result() for m in self.metrics}
 
     def test_step(self, batch):
         inputs, labels = batch[0], batch[1]  # train_on_batch adds a sample-weight slot.
         labels = tf.cast(labels, tf.int32)
-        probs = self._forward(inputs, training=False)
+        probs, _ = self._forward(inputs, training=False)
         loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, probs))
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(labels, probs)
@@ -192,6 +204,22 @@ def layer_lr_scales(blocks: list, decay: float) -> dict[int, float]:
                 if depth:
                     scales[id(w)] = decay**depth
     return scales
+
+
+def make_regularizers(config: Config, classifier: model.Classifier, anchors: dict):
+    """The L2-SP penalty (its alpha term only with --regularizer=l2sp; the head's beta term
+    always) and the feature regularizer (DELTA, BSS or None) that --regularizer selects."""
+    alpha = config.l2sp_alpha if config.regularizer == "l2sp" else 0.0
+    penalty = None
+    if alpha or config.l2sp_beta:
+        head_kernels = [layer.kernel for layer in classifier.head_layers]
+        penalty = l2sp.L2SP(classifier.backbone, head_kernels, anchors, alpha, config.l2sp_beta)
+    feature_regularizer = None
+    if config.regularizer == "delta":
+        feature_regularizer = regularizers.Delta(classifier.backbone, anchors, config.delta_alpha)
+    elif config.regularizer == "bss":
+        feature_regularizer = regularizers.BatchSpectralShrinkage(config.bss_eta, config.bss_k)
+    return penalty, feature_regularizer
 
 
 def make_optimizer(name: str, learning_rate, mixed_precision: str) -> keras.optimizers.Optimizer:
@@ -335,12 +363,10 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         else:
             anchors = l2sp.anchor_arrays(classifier.backbone)
             checkpoint.save_arrays(anchors_path, anchors)
-        penalty = None
-        if config.l2sp_alpha or config.l2sp_beta:
-            head_kernels = [layer.kernel for layer in classifier.head_layers]
-            penalty = l2sp.L2SP(classifier.backbone, head_kernels, anchors, config.l2sp_alpha, config.l2sp_beta)
+        penalty, feature_regularizer = make_regularizers(config, classifier, anchors)
         augmenter = augment_lib.Augmenter(config.augment, seed=config.seed) if config.augment else None
-        tuner = FineTuner(classifier, augmenter, penalty, config.label_smoothing, config.ema_decay, name="finetuner")
+        tuner = FineTuner(classifier, augmenter, penalty, config.label_smoothing, config.ema_decay,
+                          feature_regularizer, name="finetuner")
 
     checkpoint.write_json(
         os.path.join(config.model_dir, "classes.json"),
@@ -537,7 +563,7 @@ class Summaries:
 
     def epoch(self, step: int, record: dict, drift: dict[str, float]) -> None:
         with self.train.as_default(step=step):
-            for key in ("loss", "accuracy", "l2sp", "head_l2", "learning_rate"):
+            for key in ("loss", "accuracy", "l2sp", "head_l2", "feature_reg", "learning_rate"):
                 if key in record:
                     tf.summary.scalar(key, record[key])
             tf.summary.scalar("stage", record["stage"])
