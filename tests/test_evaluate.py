@@ -99,6 +99,7 @@ def test_evaluates_a_flat_folder_with_an_export(exported, tmp_path):
     assert report["num_examples"] == 10
     assert report["skipped"] == 1
     assert report["image_size"] == SIZE
+    assert report["tta"] == "none"
     assert report["dataset"] == f"folder:{tmp_path / 'data'}"
     assert report["model"] == os.path.abspath(version)
     assert [row["class"] for row in report["per_class"]] == CLASSES
@@ -177,3 +178,70 @@ def test_evaluates_a_training_run_dir(tmp_path):
     assert report["accuracy"] == pytest.approx(float(np.mean(predicted == labels)))
     assert report["confusion_matrix"] == [[int(np.sum((labels == t) & (predicted == p))) for p in range(3)] for t in range(3)]
 
+
+ORIENTATION_CLASSES = ["left", "middle", "right"]
+
+
+class HalfMeans(keras.layers.Layer):
+    """Mean brightness (0..1) of the left and of the right half of each image: [B, 2]."""
+
+    def call(self, images):
+        import tensorflow as tf
+
+        x = tf.cast(images, tf.float32) / 255.0
+        half = tf.shape(x)[2] // 2
+        left = tf.reduce_mean(x[:, :, :half], axis=[1, 2, 3])
+        right = tf.reduce_mean(x[:, :, tf.shape(x)[2] - half :], axis=[1, 2, 3])
+        return tf.stack([left, right], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], 2)
+
+
+def orientation_model() -> keras.Model:
+    """Logits [4d, 1, -3d] with d = left minus right brightness: mirroring an image changes them."""
+    images = keras.Input((None, None, 3))
+    dense = keras.layers.Dense(3, activation="softmax")
+    probabilities = dense(HalfMeans()(images))
+    dense.set_weights([np.array([[4.0, 0.0, -3.0], [-4.0, 0.0, 3.0]], np.float32), np.array([0.0, 1.0, 0.0], np.float32)])
+    return keras.Model(images, probabilities)
+
+
+def test_tta_flip_averages_the_image_and_its_mirror(tmp_path):
+    model = orientation_model()
+    base = str(tmp_path / "export")
+    export.export_saved_model(model, ORIENTATION_CLASSES, base, np.zeros((1, SIZE, SIZE, 3), np.uint8))
+    # Per class, left-minus-right brightness differences (x 255) of its images.
+    contents = {"left": [102, 128, 204], "middle": [102, -102, 26], "right": [-153, -26, 0]}
+    labels, images = [], []
+    for index, name in enumerate(ORIENTATION_CLASSES):
+        os.makedirs(tmp_path / "data" / name)
+        for i, d in enumerate(contents[name]):
+            image = np.full((SIZE, SIZE, 3), 60, np.uint8)
+            image[:, : SIZE // 2] += max(d, 0)
+            image[:, SIZE // 2 :] += max(-d, 0)
+            Image.fromarray(image).save(tmp_path / "data" / name / f"{i}.png")
+            labels.append(index)
+            images.append(image)
+    labels, images = np.array(labels), np.stack(images)
+
+    direct = np.asarray(model(images))
+    mirrored = np.asarray(model(images[:, :, ::-1]))
+    averaged = (direct + mirrored) / 2
+
+    def confusion(probabilities):
+        predicted = np.argmax(probabilities, axis=-1)
+        return [[int(np.sum((labels == t) & (predicted == p))) for p in range(3)] for t in range(3)]
+
+    # The data tells the three apart: averaging is neither the direct nor the mirrored prediction.
+    assert confusion(averaged) != confusion(direct) and confusion(averaged) != confusion(mirrored)
+    assert np.any(np.abs(direct - mirrored) > 0.3)
+
+    out = tmp_path / "eval"
+    flags = [f"--export_dir={base}", f"--dataset=folder:{tmp_path / 'data'}", f"--image_size={SIZE}", "--batch_size=4", f"--output_dir={out}"]
+    result = run_evaluate(*flags, "--tta=flip")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "eval.json").read_text())
+    assert report["tta"] == "flip"  # The default, none, is checked in test_evaluates_a_flat_folder_with_an_export.
+    assert report["confusion_matrix"] == confusion(averaged)
+    assert report["accuracy"] == pytest.approx(float(np.mean(np.argmax(averaged, -1) == labels)))
