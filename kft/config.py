@@ -43,6 +43,7 @@ class Config:
     pretrain_stages: tuple[Stage, ...] = ()
     compare_scratch: bool = False
     export_dir: str = ""
+    export_tflite: str = "off"
     jit_compile: str = "auto"
     mixed_precision: str = "none"
     strategy: str = "auto"

@@ -20,20 +20,25 @@ from kft import checkpoint, export, schedule, trainer
 from kft.config import Config
 
 
+def source_config(config: Config, model_dir: str) -> Config:
+    """The source-task run of `--pretrain_dataset` (also used by kft.tune), in `model_dir`."""
+    return dataclasses.replace(
+        config,
+        dataset=config.pretrain_dataset,
+        stages=config.pretrain_stages,
+        train_limit_per_class=0,
+        # Nothing pretrained to stay close to yet: the source task trains freely.
+        l2sp_alpha=0.0,
+        model_dir=model_dir,
+        pretrain_dataset="",
+        compare_scratch=False,
+    )
+
+
 def run(config: Config, flagfile_text: str = "") -> dict:
     """Runs everything `config` asks for and returns the fine-tune's metrics."""
     if config.pretrain_dataset:
-        source = dataclasses.replace(
-            config,
-            dataset=config.pretrain_dataset,
-            stages=config.pretrain_stages,
-            train_limit_per_class=0,
-            # Nothing pretrained to stay close to yet: the source task trains freely.
-            l2sp_alpha=0.0,
-            model_dir=os.path.join(config.model_dir, "pretrain"),
-            pretrain_dataset="",
-            compare_scratch=False,
-        )
+        source = source_config(config, os.path.join(config.model_dir, "pretrain"))
         logging.info("source task: training %s on %s", config.backbone, source.dataset)
         source_metrics = trainer.train(source)
         print(f"source task {source.dataset}: best val accuracy {source_metrics['best_val_accuracy']:.4f}")
@@ -42,14 +47,24 @@ def run(config: Config, flagfile_text: str = "") -> dict:
     metrics = trainer.train(config, flagfile_text=flagfile_text)
     print(f"fine-tuned on {config.dataset}: best val accuracy {metrics['best_val_accuracy']:.4f}")
 
+    if config.export_dir != "none" or config.export_tflite != "off":
+        classifier, class_names, _ = trainer.load_classifier(config.model_dir)
+        images, labels = _validation_batch(config)
     if config.export_dir != "none":
         export_base = config.export_dir or os.path.join(config.model_dir, "export")
         _remove_interrupted_exports(export_base)
-        classifier, class_names, _ = trainer.load_classifier(config.model_dir)
-        images = _validation_images(config)
         version_dir = export.export_saved_model(classifier, class_names, export_base, images)
         metrics["export"] = version_dir
         print(f"exported SavedModel to {version_dir}")
+    if config.export_tflite != "off":
+        from kft import tflite  # The TFLite converter is only loaded when asked for.
+
+        metrics["tflite"] = tflite.export_tflite(
+            classifier, os.path.join(config.model_dir, "tflite"), images,
+            quantize="none" if config.export_tflite == "float32" else "dynamic",
+            check_labels=labels, class_names=class_names,
+        )
+        print(f"exported TFLite models to {os.path.join(config.model_dir, 'tflite')}")
 
     if config.compare_scratch:
         # From-scratch training needs BatchNorm statistics that adapt; it uses the learning
@@ -84,8 +99,8 @@ def _remove_interrupted_exports(export_base: str) -> None:
                 shutil.rmtree(os.path.join(export_base, name), ignore_errors=True)
 
 
-def _validation_images(config: Config, limit: int = 64) -> np.ndarray:
-    """A batch of validation images to check the export against the Keras model."""
+def _validation_batch(config: Config, limit: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """A batch of validation images and labels to check exports against the Keras model."""
     from kft import data
 
     splits = data.load(
@@ -95,6 +110,7 @@ def _validation_images(config: Config, limit: int = 64) -> np.ndarray:
         val_fraction=config.val_fraction,
         seed=config.seed,
         data_dir=config.data_dir,
+        train_limit_per_class=config.train_limit_per_class or None,
     )
-    images, _ = next(iter(splits.val))
-    return np.asarray(images)
+    images, labels = next(iter(splits.val))
+    return np.asarray(images), np.asarray(labels)

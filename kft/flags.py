@@ -14,7 +14,7 @@ from kft.config import Config
 FLAGS = flags.FLAGS
 
 # Flags that do not change what a run computes; a resumed run may change them freely.
-RESUME_FREE_FLAGS = ("export_dir", "verbose", "overwrite", "flagfile")
+RESUME_FREE_FLAGS = ("export_dir", "export_tflite", "verbose", "overwrite", "flagfile")
 
 
 def _checked(name: str, parse, help_allowed: str = ""):
@@ -78,6 +78,7 @@ flags.DEFINE_boolean("compare_scratch", False, "Also train the same backbone fro
 # Outputs.
 flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard events, flags.cfg, metrics.json, weights. Rerunning the same command resumes.")
 flags.DEFINE_string("export_dir", "", "SavedModel base directory (TF Serving layout EXPORT_DIR/<version>/); default MODEL_DIR/export; none to skip.")
+flags.DEFINE_enum("export_tflite", "off", ["off", "float32", "dynamic"], "Also write TFLite models to MODEL_DIR/tflite (input fixed at --image_size): float32, or float32 plus dynamic-range int8; each checked against the Keras model.")
 flags.DEFINE_boolean("overwrite", False, "Delete an existing run in --model_dir instead of resuming it.")
 # Runtime.
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation of the train step; auto = on for GPU/TPU, off on CPU (slower there).")
@@ -168,6 +169,7 @@ def config_from_flags() -> Config:
         compare_scratch=FLAGS.compare_scratch,
         model_dir=FLAGS.model_dir,
         export_dir=FLAGS.export_dir,
+        export_tflite=FLAGS.export_tflite,
         jit_compile=FLAGS.jit_compile,
         mixed_precision=FLAGS.mixed_precision,
         strategy=FLAGS.strategy,

@@ -61,10 +61,15 @@ def test_train_then_evaluate_model_dir_on_digits(tmp_path):
     result = run_module(
         "kft.train", f"--model_dir={model_dir}", "--dataset=digits:0-2", "--backbone=MobileNetV2",
         "--weights=none", "--image_size=32", "--batch_size=32", "--stages=head:1@1e-2,top1:1@1e-3",
-        "--train_limit_per_class=32", "--verbose=0", "--export_dir=none",
+        "--train_limit_per_class=32", "--verbose=0", "--export_dir=none", "--export_tflite=dynamic",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "best val accuracy" in result.stdout
+    assert not (model_dir / "export").exists()
+    tflite_report = json.loads((model_dir / "tflite" / "tflite.json").read_text())
+    assert (model_dir / "tflite" / "model_float32.tflite").exists()
+    assert (model_dir / "tflite" / "model_int8_dynamic.tflite").exists()
+    assert tflite_report
     result = run_module("kft.evaluate", f"--model_dir={model_dir}", "--dataset=digits:0-2")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((model_dir / "eval" / "eval.json").read_text())
