@@ -67,13 +67,14 @@ class L2SP:
                 head = self.beta * tf.add_n(terms)
         return sp, head
 
-    def drift(self, block_of: dict[str, str]) -> dict[str, float]:
-        """||theta - theta0|| per block (numpy, for logging), given variable path -> block name."""
-        sums: dict[str, float] = {}
-        for w in self.params:
-            block = block_of.get(w.path)
-            if block is None:
-                continue
-            diff = np.asarray(w.numpy(), np.float64) - np.asarray(self.anchors[w.path].numpy(), np.float64)
-            sums[block] = sums.get(block, 0.0) + float(np.sum(diff * diff))
-        return {block: float(np.sqrt(s)) for block, s in sums.items()}
+
+def drift(backbone: keras.Model, anchors: dict[str, np.ndarray], block_of: dict[str, str]) -> dict[str, float]:
+    """||theta - theta0|| per block (numpy, for logging), given variable path -> block name."""
+    sums: dict[str, float] = {}
+    for w in backbone_parameters(backbone):
+        block = block_of.get(w.path)
+        if block is None or w.path not in anchors:
+            continue
+        diff = np.asarray(w.numpy(), np.float64) - np.asarray(anchors[w.path], np.float64)
+        sums[block] = sums.get(block, 0.0) + float(np.sum(diff * diff))
+    return {block: float(np.sqrt(s)) for block, s in sums.items()}

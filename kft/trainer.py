@@ -414,7 +414,7 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
             record = {"stage": index + 1, "epoch": stage_epoch, "global_epoch": epoch + 1,
                       **{k: float(v) for k, v in logs.items()}}
             record["learning_rate"] = float(lr(max(0, int(optimizer.iterations.numpy()) - 1)))
-            drift = penalty.drift(block_of) if penalty else {}
+            drift = l2sp.drift(classifier.backbone, anchors, block_of)
             summaries.epoch(epoch + 1, record, drift)
             state.history.append(record)
             if val_acc > state.best_val_accuracy:
