@@ -1,0 +1,633 @@
+"""KerasTuner search over `lr_scale` and `l2sp_alpha`; every trial is one `kft.trainer.train` run.
+
+The search space (ranges from kft.tune's flags):
+
+    lr_scale    log-uniform in [lr_scale_min, lr_scale_max]; multiplies every stage's LR
+    l2sp        True/False: whether L2-SP is on. False is plain fine-tuning (alpha = 0), which
+                a log-uniform alpha can never reach, so it gets its own switch
+    l2sp_alpha  log-uniform in [l2sp_alpha_min, l2sp_alpha_max]; the trial's alpha when l2sp
+                is on, ignored when it is off (sampled always, so every oracle, the Bayesian one
+                included, sees the same fixed-size space)
+
+Every other setting is the Config built from kft.train's flags, unchanged. A trial runs
+`trainer.train(dataclasses.replace(config, lr_scale=..., l2sp_alpha=...,
+model_dir=TUNE_DIR/trials/<id>, export_dir="none", verbose=0))` on the data loaded once per
+process. The objective is the trial's best validation accuracy (metrics["best_val_accuracy"]);
+no test split is ever read. Every trial uses the same --seed (same initialization and
+augmentation draws), but because the loaded training pipeline is shared, its seeded shuffle
+goes on from one trial to the next: trial k sees another epoch order than trial 0 or a fresh
+kft.train run. best.cfg reproduces the best trial's recipe, its data order only for trial 0.
+
+Hyperband budgets. KerasTuner's Hyperband gives each trial a budget `tuner/epochs` (total
+epochs). kft maps it onto the stage schedule by shortening only the LAST stage, the one that
+trains the most backbone: every earlier stage, the head stage first of all, always runs its
+full epochs. With E_total the schedule's epochs and E_last the last stage's:
+
+    max budget (Hyperband's max_epochs) = E_total                 the full schedule
+    min budget                          = E_total - E_last + 1     the last stage cut to 1 epoch
+    budget b                            -> last stage runs b - (E_total - E_last) epochs
+
+The shortened stage keeps its learning rate and runs its whole warmup + cosine schedule over
+the shorter length. KerasTuner's Hyperband starts at budget 1; kft raises its minimum to the
+min budget above, so every budget maps exactly (a schedule whose last stage has 1 epoch makes
+Hyperband a random search over full runs). A one-stage schedule shortens that stage.
+Promoted trials (`tuner/trial_id`) train again from the start with the larger budget rather
+than continuing the earlier run: a shortened stage has already decayed its learning rate to 0,
+so its weights are not the midpoint of the longer run. `--max_trials` caps every tuner,
+Hyperband included (its iterations are otherwise unbounded). best.cfg always trains the full
+schedule; on equal objectives the trial trained longest wins.
+
+Files under TUNE_DIR:
+
+    search.json     what this search is (resolved kft.train config + space + tuner); a rerun
+                    with anything else is refused
+    oracle/         KerasTuner's state (oracle.json, <tuner_id>.json, trial_<id>/trial.json)
+    trials/<id>/    each trial's kft run (checkpoints, TensorBoard, flags.cfg, metrics.json);
+                    `python -m kft.train --flagfile=TUNE_DIR/trials/<id>/flags.cfg` redoes it
+    pretrain/       the source-task run, when the flags set --pretrain_dataset
+    tb/             TensorBoard HParams: `tensorboard --logdir TUNE_DIR/tb`
+    trials.csv      one row per trial
+    best.cfg        the best trial's flags for `python -m kft.train --flagfile=TUNE_DIR/best.cfg`
+
+Resume: rerunning the same command reloads KerasTuner's oracle; finished trials are kept, a
+trial that was running when the process stopped runs again under the same id and directory,
+where `trainer.train` resumes from its last epoch checkpoint.
+"""
+
+import csv
+import dataclasses
+import gc
+import io
+import math
+import os
+import shutil
+import time
+
+import keras
+import keras_tuner as kt
+import tensorflow as tf
+from absl import logging
+from tensorboard.plugins.hparams import api as hparams_api
+
+from kft import checkpoint, data, runtime, schedule, trainer
+from kft.config import Config
+
+OBJECTIVE = "best_val_accuracy"
+TUNERS = ("hyperband", "bayesian", "random")
+SEARCH_FILE = "search.json"
+ORACLE_DIR = "oracle"
+
+# Config fields that do not change what a trial computes, or that each trial sets itself; a
+# rerun may change them without starting a different search.
+_FREE_FIELDS = ("model_dir", "export_dir", "verbose", "lr_scale", "l2sp_alpha", "compare_scratch")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpace:
+    """Ranges of the two searched knobs (both log-uniform; l2sp off is a candidate too)."""
+
+    lr_scale_min: float = 0.1
+    lr_scale_max: float = 10.0
+    l2sp_alpha_min: float = 1e-4
+    l2sp_alpha_max: float = 1e-1
+
+    def validate(self) -> None:
+        """Raises ValueError naming the flag of an empty, inverted or non-positive range."""
+        for name in ("lr_scale", "l2sp_alpha"):
+            low, high = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
+            if not (low > 0 and math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"--{name}_min={low:g} must be > 0 (the range is log-uniform)")
+            if low >= high:
+                raise ValueError(
+                    f"--{name}_min={low:g} must be < --{name}_max={high:g} (the range is "
+                    f"{'empty' if low == high else 'inverted'})"
+                )
+
+    def hyperparameters(self) -> kt.HyperParameters:
+        hp = kt.HyperParameters()
+        hp.Float("lr_scale", self.lr_scale_min, self.lr_scale_max, sampling="log")
+        hp.Boolean("l2sp", default=True)
+        hp.Float("l2sp_alpha", self.l2sp_alpha_min, self.l2sp_alpha_max, sampling="log")
+        return hp
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """What kft.tune's own flags say."""
+
+    tune_dir: str
+    tuner: str = "hyperband"
+    max_trials: int = 20
+    space: SearchSpace = SearchSpace()
+    hyperband_factor: int = 3
+    overwrite: bool = False
+
+
+def trial_values(values: dict) -> tuple[float, float]:
+    """(lr_scale, l2sp_alpha) of a trial's hyperparameter values; alpha is 0 when l2sp is off."""
+    alpha = float(values["l2sp_alpha"]) if values.get("l2sp", True) else 0.0
+    return float(values["lr_scale"]), alpha
+
+
+# ----------------------------------------------------------------------------------------------
+# Hyperband budget -> stage schedule.
+
+
+def min_budget(stages: tuple[schedule.Stage, ...]) -> int:
+    """The fewest total epochs a trial may train: all stages but the last in full, the last 1."""
+    if len(stages) == 1:
+        return 1
+    return sum(s.epochs for s in stages[:-1]) + 1
+
+
+def budget_stages(stages: tuple[schedule.Stage, ...], budget: int) -> tuple[schedule.Stage, ...]:
+    """The schedule shortened to `budget` total epochs by cutting only its last stage.
+
+    Raises:
+      ValueError: the budget is below `min_budget` or above the schedule's total epochs.
+    """
+    total = sum(s.epochs for s in stages)
+    low = min_budget(stages)
+    if not low <= budget <= total:
+        raise ValueError(f"epoch budget {budget} outside [{low}, {total}] for this schedule")
+    last = stages[-1]
+    return stages[:-1] + (dataclasses.replace(last, epochs=last.epochs - (total - budget)),)
+
+
+class _StageHyperbandOracle(kt.oracles.HyperbandOracle):
+    """KerasTuner's Hyperband with its smallest budget raised from 1 epoch to `min_epochs`."""
+
+    def __init__(self, min_epochs: int, **kwargs):
+        super().__init__(**kwargs)
+        self.min_epochs = min_epochs
+        # HyperbandOracle.__init__ derived its brackets from min_epochs=1; derive them again.
+        self._current_bracket = self._get_num_brackets() - 1
+        self._brackets = []
+        self._start_new_bracket()
+
+
+def make_oracle(tune: TuneConfig, config: Config) -> kt.Oracle:
+    """The KerasTuner oracle named by `tune.tuner`, seeded from `config.seed`."""
+    common = dict(
+        objective=kt.Objective(OBJECTIVE, direction="max"),
+        hyperparameters=tune.space.hyperparameters(),
+        # KerasTuner takes seed 0 to mean "pick one at random".
+        seed=config.seed + 1,
+    )
+    if tune.tuner == "hyperband":
+        oracle = _StageHyperbandOracle(
+            min_epochs=min_budget(config.stages),
+            max_epochs=config.total_epochs,
+            factor=tune.hyperband_factor,
+            hyperband_iterations=None,  # Unbounded: --max_trials ends the search.
+            **common,
+        )
+        oracle.max_trials = tune.max_trials
+    elif tune.tuner == "bayesian":
+        oracle = kt.oracles.BayesianOptimizationOracle(max_trials=tune.max_trials, **common)
+    elif tune.tuner == "random":
+        oracle = kt.oracles.RandomSearchOracle(max_trials=tune.max_trials, **common)
+    else:
+        raise ValueError(f"unknown tuner {tune.tuner!r}; choose one of: {', '.join(TUNERS)}")
+    oracle.verbose = 0  # kft prints its own one line per trial.
+    return oracle
+
+
+# ----------------------------------------------------------------------------------------------
+# Flagfiles.
+
+
+def _flag_line(name: str, value) -> str:
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    if isinstance(value, tuple) and value and isinstance(value[0], schedule.Stage):
+        value = ",".join(s.describe() for s in value)
+    elif isinstance(value, float):
+        value = repr(value)
+    return f"--{name}={value}"
+
+
+def override_flags(flagfile_text: str, overrides: dict) -> str:
+    """`flagfile_text` (one `--flag` per line) with the named flags replaced or appended."""
+    lines = flagfile_text.rstrip("\n").split("\n")
+    pending = dict(overrides)
+    out = []
+    for line in lines:
+        name = line[2:].split("=", 1)[0] if line.startswith("--") else None
+        if name is not None and "=" not in line and name.startswith("no") and name[2:] in overrides:
+            name = name[2:]
+        if name in pending:
+            out.append(_flag_line(name, pending.pop(name)))
+        elif name not in overrides:
+            out.append(line)
+    out.extend(_flag_line(name, value) for name, value in pending.items())
+    return "\n".join(out) + "\n"
+
+
+def _flag_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("--")]
+
+
+# ----------------------------------------------------------------------------------------------
+# The search's identity and its directory.
+
+
+def fingerprint(config: Config, tune: TuneConfig) -> dict:
+    """What makes a search this search: the config (minus free fields), the space, the tuner."""
+    fields = {}
+    for field in dataclasses.fields(config):
+        if field.name in _FREE_FIELDS:
+            continue
+        value = getattr(config, field.name)
+        if isinstance(value, tuple):
+            value = [v.describe() if isinstance(v, schedule.Stage) else v for v in value]
+        fields[field.name] = value
+    search = {"tuner": tune.tuner, **dataclasses.asdict(tune.space)}
+    if tune.tuner == "hyperband":
+        search["hyperband_factor"] = tune.hyperband_factor
+    return {"config": fields, "search": search}
+
+
+def fingerprint_conflict(saved: dict, current: dict) -> str | None:
+    """Names the first difference between two fingerprints, e.g. "--stages: saved X, now Y"."""
+    for part in ("search", "config"):
+        old, new = saved.get(part, {}), current.get(part, {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return f"--{key}: saved {old.get(key)!r}, now {new.get(key)!r}"
+    return None
+
+
+def prepare_tune_dir(tune: TuneConfig, current: dict) -> None:
+    """Checks TUNE_DIR holds this search (or nothing), then records the search in it.
+
+    Nothing is deleted unless `tune.overwrite`; a refused directory is left as it was.
+
+    Raises:
+      ValueError: the directory holds another search, or files that are not a kft search.
+    """
+    path = os.path.join(tune.tune_dir, SEARCH_FILE)
+    if tune.overwrite and os.path.isdir(tune.tune_dir):
+        shutil.rmtree(tune.tune_dir)
+    if os.path.exists(path):
+        conflict = fingerprint_conflict(checkpoint.read_json(path), current)
+        if conflict:
+            raise ValueError(
+                f"--tune_dir={tune.tune_dir} holds a different search ({conflict}); rerun with its "
+                "flags to resume it, pass --overwrite to start over, or use another --tune_dir"
+            )
+    elif os.path.isdir(tune.tune_dir) and os.listdir(tune.tune_dir):
+        raise ValueError(
+            f"--tune_dir={tune.tune_dir} is not empty and holds no kft search ({SEARCH_FILE} "
+            "missing); use a new or empty directory, or pass --overwrite to delete its contents"
+        )
+    try:
+        os.makedirs(tune.tune_dir, exist_ok=True)
+        checkpoint.write_json(path, current)
+    except OSError as e:
+        raise ValueError(f"--tune_dir={tune.tune_dir} is not writable: {e.strerror}") from None
+
+
+def wait_for_search(tune: TuneConfig, current: dict, timeout: float = 3600.0) -> None:
+    """A worker's check: waits for the chief to record the search, then compares it with ours.
+
+    Raises:
+      ValueError: the chief runs another search, or never recorded one within `timeout`.
+    """
+    path = os.path.join(tune.tune_dir, SEARCH_FILE)
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise ValueError(f"no chief recorded a search in --tune_dir={tune.tune_dir} within {timeout:.0f}s")
+        time.sleep(1.0)
+    conflict = fingerprint_conflict(checkpoint.read_json(path), current)
+    if conflict:
+        raise ValueError(f"this worker's flags differ from the chief's search in --tune_dir={tune.tune_dir} ({conflict})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed roles (KerasTuner's environment variables; see kft/tune.py).
+
+
+def role() -> str:
+    """"single", "chief" or "worker", from KERASTUNER_ORACLE_IP and KERASTUNER_TUNER_ID."""
+    if "KERASTUNER_ORACLE_IP" not in os.environ:
+        return "single"
+    missing = [v for v in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID") if v not in os.environ]
+    if missing:
+        raise ValueError(f"KERASTUNER_ORACLE_IP is set but {' and '.join(missing)} is not; distributed tuning needs all three")
+    return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
+
+
+# ----------------------------------------------------------------------------------------------
+# The tuner.
+
+
+def release_memory() -> None:
+    """Drops the finished trial's models, compiled functions and Keras global state."""
+    keras.backend.clear_session()
+    gc.collect()
+
+
+class StageTuner(kt.engine.base_tuner.BaseTuner):
+    """Runs each KerasTuner trial as one `trainer.train` call on the shared data.
+
+    Args:
+      oracle: from `make_oracle`.
+      config: the base run configuration (every trial changes only lr_scale, l2sp_alpha, the
+        last stage's epochs under Hyperband, and its output settings).
+      tune: kft.tune's settings.
+      splits: the data, loaded once per process; None on the chief, which runs no trial.
+      flagfile_text: the resolved kft.train flags of `config`, the base of each trial's
+        flags.cfg.
+    """
+
+    def __init__(self, oracle, config: Config, tune: TuneConfig, splits: data.Splits | None, flagfile_text: str):
+        self.config = config
+        self.tune = tune
+        self.splits = splits
+        self.flagfile_text = flagfile_text
+        self.ran = []  # Trial ids this process ran.
+        self._idle = False
+        super().__init__(oracle, directory=tune.tune_dir, project_name=ORACLE_DIR, overwrite=False)
+
+    def pre_create_trial(self):
+        # A Hyperband worker asks again at once while the oracle waits for other workers'
+        # trials (status IDLE); pause between such requests instead of spinning.
+        if self._idle:
+            time.sleep(1.0)
+        self._idle = True
+
+    def on_trial_begin(self, trial):
+        self._idle = False
+
+    def trial_config(self, trial_id: str, values: dict) -> tuple[Config, str]:
+        """The trial's Config and the flagfile that reproduces it with kft.train."""
+        lr_scale, alpha = trial_values(values)
+        stages = self.config.stages
+        if "tuner/epochs" in values:
+            stages = budget_stages(stages, int(values["tuner/epochs"]))
+        model_dir = os.path.abspath(os.path.join(self.tune.tune_dir, "trials", trial_id))
+        overrides = dict(lr_scale=lr_scale, l2sp_alpha=alpha, model_dir=model_dir, stages=stages,
+                         export_dir="none", verbose=0, compare_scratch=False)
+        config = dataclasses.replace(self.config, **overrides)
+        text = override_flags(self.flagfile_text, overrides)
+        return config, text
+
+    def run_trial(self, trial, *args, **kwargs) -> dict:
+        config, text = self.trial_config(trial.trial_id, trial.hyperparameters.values)
+        _discard_stale_run(config.model_dir, text)
+        print(f"trial {trial.trial_id}: lr_scale={config.lr_scale:.4g} l2sp_alpha={config.l2sp_alpha:.4g} "
+              f"epochs={config.total_epochs}{_on_worker()}", flush=True)
+        started = time.time()
+        try:
+            metrics = trainer.train(config, splits=self.splits, flagfile_text=text)
+        except trainer.DivergenceError as e:
+            print(f"trial {trial.trial_id}: failed, {e}", flush=True)
+            raise kt.errors.FailedTrialError(str(e)) from None
+        except ValueError as e:
+            # A configuration error (trainer.train checks before training) fails every trial.
+            raise kt.errors.FatalValueError(f"trial {trial.trial_id}: {e}") from None
+        finally:
+            release_memory()
+        seconds = time.time() - started
+        epochs = sum(s["epochs"] for s in metrics["stages"])
+        self.ran.append(trial.trial_id)
+        write_trial_hparams(self.tune.tune_dir, trial.trial_id, config, metrics[OBJECTIVE], epochs)
+        print(f"trial {trial.trial_id}: {OBJECTIVE}={metrics[OBJECTIVE]:.4f} in {seconds:.1f}s", flush=True)
+        return {OBJECTIVE: float(metrics[OBJECTIVE]), "epochs": float(epochs), "wall_seconds": round(seconds, 2)}
+
+
+def _on_worker() -> str:
+    return f" on {os.environ['KERASTUNER_TUNER_ID']}" if role() == "worker" else ""
+
+
+def _discard_stale_run(model_dir: str, flagfile_text: str) -> None:
+    """Deletes a trial directory left by other flags; one with the same flags resumes."""
+    saved = os.path.join(model_dir, "flags.cfg")
+    if not os.path.exists(saved):
+        return
+    with open(saved) as f:
+        same = _flag_lines(f.read()) == _flag_lines(flagfile_text)
+    if not same:
+        logging.warning("discarding %s: it holds a run with other flags than this trial", model_dir)
+        shutil.rmtree(model_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# Running a search.
+
+
+def load_splits(config: Config) -> data.Splits:
+    """The data exactly as `trainer.train` would load it for `config`."""
+    runtime.set_determinism(config.seed, config.deterministic)
+    return data.load(
+        config.dataset,
+        image_size=config.image_size,
+        batch_size=config.batch_size,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        train_limit_per_class=config.train_limit_per_class or None,
+    )
+
+
+def pretrain(config: Config, tune_dir: str) -> Config:
+    """Runs the source-task training once in TUNE_DIR/pretrain; the trials fine-tune from it.
+
+    Uses the same source-task config as `kft.train` (kft.experiment) and resumes like any run.
+
+    Returns:
+      `config` starting from the pretrained backbone, with no pretraining of its own.
+    """
+    from kft import experiment
+
+    source = experiment.source_config(config, os.path.join(os.path.abspath(tune_dir), "pretrain"))
+    metrics = trainer.train(source)
+    release_memory()
+    print(f"source task {source.dataset}: best val accuracy {metrics[OBJECTIVE]:.4f}", flush=True)
+    return dataclasses.replace(config, weights=os.path.join(source.model_dir, "backbone.weights.h5"), pretrain_dataset="")
+
+
+def run(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Splits | None = None) -> dict | None:
+    """Runs (or resumes) the search and writes its outputs.
+
+    On the chief of a distributed search, this serves the oracle until the workers are done;
+    on a worker, it runs trials and writes no outputs.
+
+    Args:
+      config: the base run configuration (from kft.train's flags).
+      tune: kft.tune's settings.
+      flagfile_text: `kft.flags.resolved_flagfile()` of `config`.
+      splits: the data; loaded from `config.dataset` when None.
+
+    Returns:
+      The summary `write_outputs` returns (None on a worker).
+
+    Raises:
+      ValueError: bad settings, or a tune directory that holds something else (one line).
+    """
+    tune.space.validate()
+    if tune.max_trials < 1:
+        raise ValueError(f"--max_trials={tune.max_trials} must be >= 1")
+    make_oracle(tune, config)  # Checks the tuner name before anything is written.
+    current = fingerprint(config, tune)
+    who = role()
+    if who == "worker":
+        wait_for_search(tune, current)
+    else:
+        prepare_tune_dir(tune, current)
+        write_hparams_config(tune, config)
+    base_flagfile = flagfile_text
+    if config.pretrain_dataset:
+        weights = os.path.join(os.path.abspath(tune.tune_dir), "pretrain", "backbone.weights.h5")
+        if who == "worker":
+            # The chief pretrains before it serves the first trial.
+            config = dataclasses.replace(config, weights=weights, pretrain_dataset="")
+        else:
+            config = pretrain(config, tune.tune_dir)
+        base_flagfile = override_flags(flagfile_text, {"weights": config.weights, "pretrain_dataset": ""})
+    if who != "chief" and splits is None:
+        splits = load_splits(config)
+    tuner = StageTuner(make_oracle(tune, config), config, tune, splits, base_flagfile)
+    # Saved before the first trial, so a rerun after any interruption reloads the oracle.
+    tuner.save()
+    error = None
+    try:
+        tuner.search()
+    except RuntimeError as e:
+        error = e  # KerasTuner stops after consecutive failed trials; report what finished.
+    if who == "worker":
+        print(f"worker {os.environ['KERASTUNER_TUNER_ID']} done; ran trials: {', '.join(tuner.ran) or 'none'}", flush=True)
+        if error:
+            raise error
+        return None
+    summary = write_outputs(tuner.oracle, config, tune, base_flagfile)
+    if error:
+        raise RuntimeError(str(error).splitlines()[0]) from None
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs.
+
+CSV_COLUMNS = ("trial_id", "lr_scale", "l2sp_alpha", "objective", "epochs", "wall_seconds", "status")
+
+
+def trial_rows(oracle: kt.Oracle) -> list[dict]:
+    """One row per trial in the oracle, in trial order."""
+    rows = []
+    for trial_id in sorted(oracle.trials, key=int):
+        trial = oracle.trials[trial_id]
+        lr_scale, alpha = trial_values(trial.hyperparameters.values)
+
+        def last(name, trial=trial):
+            return trial.metrics.get_last_value(name) if trial.metrics.exists(name) else None
+
+        epochs = last("epochs")
+        rows.append({
+            "trial_id": trial_id,
+            "lr_scale": lr_scale,
+            "l2sp_alpha": alpha,
+            "objective": trial.score if trial.status == "COMPLETED" else None,
+            "epochs": int(epochs) if epochs is not None else None,
+            "wall_seconds": last("wall_seconds"),
+            "status": trial.status,
+        })
+    return rows
+
+
+def write_outputs(oracle: kt.Oracle, config: Config, tune: TuneConfig, flagfile_text: str) -> dict:
+    """Writes trials.csv and best.cfg, prints the table; returns {"rows", "best"}."""
+    rows = trial_rows(oracle)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    checkpoint.write_text(os.path.join(tune.tune_dir, "trials.csv"), buffer.getvalue())
+
+    best = best_row(rows)
+    if best:
+        checkpoint.write_text(os.path.join(tune.tune_dir, "best.cfg"), best_flagfile(best, config, tune, flagfile_text))
+    print(format_table(rows, best))
+    if best:
+        print(f"best trial {best['trial_id']}: {OBJECTIVE}={best['objective']:.4f}; train it with:\n"
+              f"  python -m kft.train --flagfile={os.path.join(tune.tune_dir, 'best.cfg')}")
+    else:
+        print("no trial completed; no best.cfg written")
+    return {"rows": rows, "best": best}
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The completed trial with the highest objective; on a tie, the one trained longest, then
+    the earliest (a Hyperband round-0 trial and its promoted rerun can score the same)."""
+    completed = [r for r in rows if r["status"] == "COMPLETED" and r["objective"] is not None]
+    if not completed:
+        return None
+    return max(completed, key=lambda r: (r["objective"], r["epochs"] or 0, -int(r["trial_id"])))
+
+
+def best_flagfile(best: dict, config: Config, tune: TuneConfig, flagfile_text: str) -> str:
+    """The full resolved kft.train flags with the best trial's lr_scale and l2sp_alpha."""
+    model_dir = os.path.abspath(os.path.join(tune.tune_dir, "best"))
+    epochs_note = ""
+    if best["epochs"] is not None and best["epochs"] < config.total_epochs:
+        epochs_note = (f" That trial trained {best['epochs']} of the schedule's {config.total_epochs} "
+                       "epochs (a Hyperband budget); this file trains the full schedule.")
+    header = (
+        f"# The best trial ({best['trial_id']}) of the kft.tune search in {os.path.abspath(tune.tune_dir)} "
+        f"({tune.tuner}, {OBJECTIVE}={best['objective']:.4f}).{epochs_note}\n"
+        f"# Purpose: train the tuned recipe. Command: python -m kft.train --flagfile=THIS_FILE\n"
+        f"# Expected: validation accuracy near the trial's {best['objective']:.4f}. Hardware: as the search.\n"
+    )
+    body = override_flags(flagfile_text, {"lr_scale": best["lr_scale"], "l2sp_alpha": best["l2sp_alpha"],
+                                          "model_dir": model_dir})
+    return header + "\n".join(_flag_lines(body)) + "\n"
+
+
+def format_table(rows: list[dict], best: dict | None) -> str:
+    """The trials as a fixed-width text table; the best one is marked with *."""
+    header = f"{'trial':>6} {'lr_scale':>10} {'l2sp_alpha':>11} {'epochs':>6} {OBJECTIVE:>18} {'seconds':>8}  status"
+    lines = [header]
+    for r in rows:
+        mark = "*" if best and r["trial_id"] == best["trial_id"] else " "
+        objective = f"{r['objective']:.4f}" if r["objective"] is not None else "-"
+        seconds = f"{r['wall_seconds']:.1f}" if r["wall_seconds"] is not None else "-"
+        epochs = str(r["epochs"]) if r["epochs"] is not None else "-"
+        lines.append(f"{mark}{r['trial_id']:>5} {r['lr_scale']:>10.4g} {r['l2sp_alpha']:>11.4g} {epochs:>6} "
+                     f"{objective:>18} {seconds:>8}  {r['status']}")
+    return "\n".join(lines)
+
+
+def write_hparams_config(tune: TuneConfig, config: Config) -> None:
+    """Declares the HParams dashboard's columns once, in TUNE_DIR/tb."""
+    logdir = os.path.join(tune.tune_dir, "tb")
+    if os.path.isdir(logdir) and any(n.startswith("events.") for n in os.listdir(logdir)):
+        return
+    space = tune.space
+    with tf.summary.create_file_writer(logdir).as_default():
+        hparams_api.hparams_config(
+            hparams=[
+                hparams_api.HParam("lr_scale", hparams_api.RealInterval(space.lr_scale_min, space.lr_scale_max)),
+                hparams_api.HParam("l2sp_alpha", hparams_api.RealInterval(0.0, space.l2sp_alpha_max)),
+                hparams_api.HParam("epochs", hparams_api.IntInterval(min_budget(config.stages), config.total_epochs)),
+            ],
+            metrics=[hparams_api.Metric(OBJECTIVE, display_name="best val accuracy")],
+        )
+
+
+def write_trial_hparams(tune_dir: str, trial_id: str, config: Config, objective: float, epochs: int) -> None:
+    """One HParams session per finished trial, in TUNE_DIR/tb/<trial id>."""
+    writer = tf.summary.create_file_writer(os.path.join(tune_dir, "tb", trial_id))
+    with writer.as_default():
+        hparams_api.hparams({"lr_scale": config.lr_scale, "l2sp_alpha": config.l2sp_alpha, "epochs": epochs},
+                            trial_id=f"trial {trial_id}")
+        tf.summary.scalar(OBJECTIVE, objective, step=epochs)
+    writer.close()
+
+
+def read_trials_csv(path: str) -> list[dict]:
+    """trials.csv back as dicts of strings (for tests and tools)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+

@@ -1,0 +1,104 @@
+"""`python -m kft.tune --flagfile=F --tune_dir=D [--tuner=hyperband|bayesian|random] [--max_trials=N]`
+
+Searches `lr_scale` and `l2sp_alpha` with KerasTuner, each trial a `kft.trainer.train` run of
+the flagfile's recipe, then writes D/best.cfg:
+
+    python -m kft.tune  --flagfile=configs/cifar10_resnet50.cfg --tune_dir=runs/tune
+    python -m kft.train --flagfile=runs/tune/best.cfg
+
+kft.tune accepts every kft.train flag (later flags override the flagfile) plus its own:
+--tune_dir, --tuner, --max_trials, --lr_scale_min/max, --l2sp_alpha_min/max,
+--hyperband_factor. kft.train's --lr_scale and --l2sp_alpha are what it searches;
+--model_dir is not used (trials run in D/trials/<id>, best.cfg trains into D/best);
+--overwrite deletes D and starts the search over. Trials never export and never train the
+--compare_scratch baseline (best.cfg keeps both settings for the final run). With
+--pretrain_dataset, the source task is trained once, in D/pretrain, exactly as kft.train would;
+every trial, and best.cfg, starts from its backbone.weights.h5. The search space, the Hyperband
+budget -> stage mapping and the files in D are described in kft/search.py.
+
+Rerunning the same command resumes: finished trials are kept, an interrupted one continues from
+its last epoch checkpoint. A rerun may raise --max_trials to extend the search; any change that
+alters what a trial computes (another --stages, range, --tuner, ...) is refused with one line
+naming the flag; pass --overwrite to start over or pick another --tune_dir.
+
+Distributed tuning (KerasTuner's chief/worker mode). Start the same command once as the chief
+and once per worker, with KerasTuner's three environment variables; D must be one directory
+that every process can read and write (a shared filesystem):
+
+    export KERASTUNER_ORACLE_IP=10.0.0.1 KERASTUNER_ORACLE_PORT=8000   # the chief's address
+    KERASTUNER_TUNER_ID=chief   python -m kft.tune --flagfile=F --tune_dir=/shared/D   # one host
+    KERASTUNER_TUNER_ID=tuner0  python -m kft.tune --flagfile=F --tune_dir=/shared/D   # each worker:
+    KERASTUNER_TUNER_ID=tuner1  python -m kft.tune --flagfile=F --tune_dir=/shared/D   # unique id
+
+The chief (any id containing "chief") holds the oracle: it checks and records the search
+(D/search.json, --overwrite acts here only), runs the source-task pretraining if any, serves
+trials over gRPC, and once every worker has finished writes trials.csv, best.cfg and the table.
+It loads no data and trains nothing, so it fits on a small CPU host. Each worker waits for the
+chief's D/search.json, refuses to join a search with other flags, loads the data once and runs
+trials until the oracle says stop. Start order does not matter; rerunning the chief and workers
+with the same command resumes the search.
+"""
+
+import sys
+
+from absl import flags
+
+from kft import cli
+from kft import flags as kft_flags
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("tune_dir", None, "Search directory: KerasTuner state, one run per trial, trials.csv, best.cfg, TensorBoard HParams. Rerunning the same command resumes.")
+flags.DEFINE_enum("tuner", "hyperband", ["hyperband", "bayesian", "random"], "KerasTuner search algorithm.")
+flags.DEFINE_integer("max_trials", 20, "Number of trials (each one kft.train run); also caps Hyperband.", lower_bound=1)
+flags.DEFINE_float("lr_scale_min", 0.1, "Lower end of the log-uniform --lr_scale range searched.")
+flags.DEFINE_float("lr_scale_max", 10.0, "Upper end of the log-uniform --lr_scale range searched.")
+flags.DEFINE_float("l2sp_alpha_min", 1e-4, "Lower end of the log-uniform --l2sp_alpha range searched (alpha = 0, plain fine-tuning, is always a candidate too).")
+flags.DEFINE_float("l2sp_alpha_max", 1e-1, "Upper end of the log-uniform --l2sp_alpha range searched.")
+flags.DEFINE_integer("hyperband_factor", 3, "Hyperband's reduction factor: each round keeps 1/factor of the trials and trains them factor times longer.", lower_bound=2)
+
+
+def tune_config_from_flags():
+    from kft import search
+
+    return search.TuneConfig(
+        tune_dir=FLAGS.tune_dir,
+        tuner=FLAGS.tuner,
+        max_trials=FLAGS.max_trials,
+        space=search.SearchSpace(
+            lr_scale_min=FLAGS.lr_scale_min,
+            lr_scale_max=FLAGS.lr_scale_max,
+            l2sp_alpha_min=FLAGS.l2sp_alpha_min,
+            l2sp_alpha_max=FLAGS.l2sp_alpha_max,
+        ),
+        hyperband_factor=FLAGS.hyperband_factor,
+        overwrite=FLAGS.overwrite,
+    )
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}; flags look like --name=value")
+    if not FLAGS.tune_dir:
+        raise cli.UsageError("--tune_dir is required: the directory of the search (created, or resumed)")
+    from kft import search  # Heavy imports after the flags are known to be good.
+
+    config = kft_flags.config_from_flags()
+    tune = tune_config_from_flags()
+    try:
+        search.run(config, tune, flagfile_text=kft_flags.resolved_flagfile())
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def run_main() -> None:
+    # kft.train requires --model_dir; kft.tune gives each trial its own, so it needs none.
+    FLAGS.set_default("model_dir", "")
+    cli.run(main)
+
+
+if __name__ == "__main__":
+    run_main()
