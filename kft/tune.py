@@ -84,6 +84,11 @@ def main(argv):
     from kft import search  # Heavy imports after the flags are known to be good.
 
     config = kft_flags.config_from_flags()
+    if config.regularizer != "l2sp":
+        raise cli.UsageError(
+            f"--regularizer={config.regularizer}: kft.tune searches the L2-SP alpha; "
+            "searching DELTA's or BSS's strength is not supported yet (use --regularizer=l2sp)"
+        )
     tune = tune_config_from_flags()
     try:
         search.run(config, tune, flagfile_text=kft_flags.resolved_flagfile())
