@@ -30,6 +30,8 @@ class Config:
     l2sp_beta: float = 0.01
     regularizer: str = "l2sp"
     delta_alpha: float = 0.01
+    delta_weighting: str = "attention"
+    delta_attention_batches: int = 10
     bss_eta: float = 0.001
     bss_k: int = 1
     label_smoothing: float = 0.0

@@ -64,6 +64,8 @@ flags.DEFINE_float("l2sp_alpha", 0.01, "L2-SP strength pulling backbone weights 
 flags.DEFINE_float("l2sp_beta", 0.01, "L2 strength on the new head's kernels.")
 flags.DEFINE_enum("regularizer", "l2sp", ["l2sp", "delta", "bss", "none"], "Regularizer toward the pretrained model: l2sp (weights, --l2sp_alpha), delta (last feature map, --delta_alpha), bss (batch spectral shrinkage of the features, --bss_eta), none. The head's --l2sp_beta applies with all of them.")
 flags.DEFINE_float("delta_alpha", 0.01, "DELTA strength: feature-map distance to the pretrained backbone's.")
+flags.DEFINE_enum("delta_weighting", "attention", ["attention", "plain"], "DELTA channel weights: attention (channels whose removal most raises the loss of the pretrained backbone with the trained head are held closest; computed when the backbone first unfreezes, so put a head stage first) or plain (all equal).")
+flags.DEFINE_integer("delta_attention_batches", 10, "DELTA attention: training batches over which the loss increase per channel is averaged.")
 flags.DEFINE_float("bss_eta", 0.001, "BSS strength: the smallest squared singular values of the batch features.")
 flags.DEFINE_integer("bss_k", 1, "BSS: how many of the smallest singular values are shrunk.")
 flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the training loss.")
@@ -104,6 +106,7 @@ _range("lr_scale", 0.0, low_open=True)
 _range("l2sp_alpha", 0.0)
 _range("l2sp_beta", 0.0)
 _range("delta_alpha", 0.0)
+_range("delta_attention_batches", 1)
 _range("bss_eta", 0.0)
 _range("bss_k", 1)
 _range("label_smoothing", 0.0, 0.5)
@@ -157,6 +160,8 @@ def config_from_flags() -> Config:
         l2sp_beta=FLAGS.l2sp_beta,
         regularizer=FLAGS.regularizer,
         delta_alpha=FLAGS.delta_alpha,
+        delta_weighting=FLAGS.delta_weighting,
+        delta_attention_batches=FLAGS.delta_attention_batches,
         bss_eta=FLAGS.bss_eta,
         bss_k=FLAGS.bss_k,
         label_smoothing=FLAGS.label_smoothing,

@@ -9,6 +9,7 @@ same stage and epoch with its optimizer state.
 Files under MODEL_DIR:
   ckpt/epoch-N/       resume checkpoints (model + optimizer + state), ckpt/latest names the newest
   anchors.npz         L2-SP theta0: the backbone as first loaded, kept across resume
+  delta_attention.npz DELTA's channel weights (--delta_weighting=attention), kept across resume
   model.weights.h5    the classifier with the best validation accuracy
   backbone.weights.h5 its backbone, usable as the next run's --weights
   classes.json        class names, image size and backbone, for kft.evaluate / kft.predict
@@ -216,7 +217,8 @@ def make_regularizers(config: Config, classifier: model.Classifier, anchors: dic
         penalty = l2sp.L2SP(classifier.backbone, head_kernels, anchors, alpha, config.l2sp_beta)
     feature_regularizer = None
     if config.regularizer == "delta":
-        feature_regularizer = regularizers.Delta(classifier.backbone, anchors, config.delta_alpha)
+        feature_regularizer = regularizers.Delta(classifier.backbone, anchors, config.delta_alpha,
+                                                 config.delta_weighting)
     elif config.regularizer == "bss":
         feature_regularizer = regularizers.BatchSpectralShrinkage(config.bss_eta, config.bss_k)
     return penalty, feature_regularizer
@@ -402,6 +404,9 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
             ckpts.restore(tuner, optimizer if resumed_mid_stage else None)
             logging.info("resumed at stage %d epoch %d from %s", index + 1, state.epoch, ckpts.root)
             saved = None
+        if trainable_blocks and _needs_attention(feature_regularizer):
+            _set_delta_attention(feature_regularizer, classifier, splits.train, config, index, summaries,
+                                 first_epoch_of[index])
         logging.info("stage %d/%d %s: trainable blocks %s, %d steps/epoch",
                      index + 1, len(config.stages), stage.describe(),
                      ", ".join(trainable_blocks) if trainable_blocks else "none (head only)", steps)
@@ -441,6 +446,31 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         logging.info("stage %d done in %.1fs", index + 1, time.time() - stage_started)
 
     return _finish(config, classifier, splits, state, summaries, started)
+
+
+def _needs_attention(feature_regularizer) -> bool:
+    return (isinstance(feature_regularizer, regularizers.Delta) and feature_regularizer.weighting == "attention"
+            and not feature_regularizer.attention_set)
+
+
+def _set_delta_attention(delta, classifier, train_data, config, stage_index, summaries, step) -> None:
+    """DELTA's channel attention, computed when the backbone first unfreezes (the head has
+    trained by then and the backbone is still the pretrained one), or read back on resume."""
+    path = os.path.join(config.model_dir, "delta_attention.npz")
+    if os.path.exists(path):
+        weights = checkpoint.load_arrays(path)["channel_weights"]
+    else:
+        if stage_index == 0:
+            logging.warning("DELTA attention is measured with an untrained head (the first stage "
+                            "unfreezes the backbone); put a head stage first, e.g. head:2@1e-3")
+        started = time.time()
+        batches = train_data.take(config.delta_attention_batches)
+        weights = regularizers.channel_attention(delta, classifier, batches)
+        checkpoint.save_arrays(path, {"channel_weights": weights})
+        logging.info("DELTA channel attention from %d batches in %.1fs: weights %.3g..%.3g (mean 1)",
+                     config.delta_attention_batches, time.time() - started, weights.min(), weights.max())
+    delta.set_channel_weights(weights)
+    summaries.delta_attention(step, weights)
 
 
 def cache_features(
@@ -592,6 +622,11 @@ class Summaries:
             x, _ = augment_lib.Augmenter(ops, seed=seed + 1)(x, tf.one_hot(labels[:16], num_classes))
         with self.train.as_default(step=0):
             tf.summary.image("augmented_training_images", _grid(tf.cast(x, tf.uint8)), step=0)
+
+    def delta_attention(self, step: int, weights: np.ndarray) -> None:
+        with self.train.as_default(step=step):
+            tf.summary.histogram("delta_channel_weights", weights)
+        self.train.flush()
 
     def confusion(self, step: int, png: bytes) -> None:
         with self.val.as_default(step=step):

@@ -8,9 +8,9 @@ from kft import backbones, l2sp, model, regularizers, schedule, trainer
 from kft.config import Config
 
 
-def _classifier():
+def _classifier(backbone="MobileNetV2"):
     tf.keras.utils.set_random_seed(0)
-    return model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(3, dropout=0.0))
+    return model.build_classifier(backbone, 32, None, model.HeadConfig(3, dropout=0.0))
 
 
 def test_bss_is_the_smallest_squared_singular_values():
@@ -58,3 +58,98 @@ def test_regularizer_enters_the_training_loss(tiny_splits, kind):
     logs = tuner.train_on_batch(images, labels, return_dict=True)
     assert logs["feature_reg"] > 0
     assert logs["loss"] > logs["feature_reg"]
+
+
+def test_delta_channel_weights_weight_each_channel_as_numpy(tiny_splits):
+    classifier = _classifier("VGG16")  # randomly initialized MobileNetV2 features are ~1e-11
+    anchors = l2sp.anchor_arrays(classifier.backbone)
+    delta = regularizers.Delta(classifier.backbone, anchors, alpha=0.5, weighting="attention")
+    kernel = classifier.backbone.get_layer("block5_conv3").kernel
+    kernel.assign(kernel.numpy() * 1.5)
+    images = next(iter(tiny_splits.train))[0][:4]
+    pre, fmap, _, _ = classifier.forward_parts(images)
+    diff = fmap.numpy().astype(np.float64) - delta.reference(pre, training=False).numpy().astype(np.float64)
+    plain = float(delta(pre, fmap))
+    weights = np.random.default_rng(0).uniform(0.0, 2.0, size=diff.shape[-1]).astype(np.float32)
+    delta.set_channel_weights(weights)
+    per_channel = np.sum(diff**2, axis=(1, 2)) / (diff.shape[1] * diff.shape[2])  # [B, C]
+    expected = 0.5 * np.mean(np.sum(per_channel * weights, axis=1))
+    assert float(delta(pre, fmap)) == pytest.approx(expected, rel=1e-4)
+    assert expected != pytest.approx(plain, rel=1e-2)
+    # Uniform attention is the plain form.
+    delta.set_channel_weights(regularizers.attention_from_increase(np.full(diff.shape[-1], 0.3)))
+    assert float(delta(pre, fmap)) == pytest.approx(plain, rel=1e-5)
+
+
+def test_attention_is_c_times_softmax_of_standardized_increase():
+    increase = np.array([0.0, 0.1, 0.4, -0.2, 0.1])
+    z = (increase - increase.mean()) / increase.std()
+    expected = 5 * np.exp(z / 5) / np.exp(z / 5).sum()
+    weights = regularizers.attention_from_increase(increase)
+    np.testing.assert_allclose(weights, expected, rtol=1e-6)
+    assert weights.sum() == pytest.approx(5.0)
+    assert np.argmax(weights) == 2  # the channel whose removal hurts most is held closest
+
+
+def test_loss_increase_matches_zeroing_each_feature_map_channel(tiny_splits):
+    classifier = _classifier("VGG16")  # randomly initialized MobileNetV2 features are ~1e-11
+    delta = regularizers.Delta(classifier.backbone, l2sp.anchor_arrays(classifier.backbone), 1.0, "attention")
+    # The classifier's own backbone drifts away: attention must use the pretrained one.
+    kernel = classifier.backbone.get_layer("block5_conv3").kernel
+    kernel.assign(kernel.numpy() * 3.0)
+    batches = list(tiny_splits.train.take(2))
+    increase = regularizers.loss_increase(delta, classifier, batches, chunk=100)
+    assert increase.shape == (512,)
+
+    def loss(fmap, labels):
+        probs = classifier.head(classifier.pool(fmap)).numpy().astype(np.float64)
+        return -np.mean(np.log(probs[np.arange(len(labels)), labels]))
+
+    rng = np.random.default_rng(0)
+    for channel in rng.choice(512, size=6, replace=False):
+        per_batch = []
+        for images, labels in batches:
+            fmap = delta.reference(classifier.preprocess(images), training=False).numpy()
+            zeroed = fmap.copy()
+            zeroed[..., channel] = 0.0
+            per_batch.append(loss(zeroed, labels.numpy()) - loss(fmap, labels.numpy()))
+        assert increase[channel] == pytest.approx(np.mean(per_batch), abs=1e-6, rel=1e-3)
+    assert np.std(increase) > 0
+
+
+def _delta_config(model_dir):
+    return Config(dataset="unused", backbone="VGG16", weights=None, image_size=32, batch_size=8,
+                  stages=schedule.parse_stages("head:1@1e-2,all:1@1e-4"), model_dir=str(model_dir),
+                  regularizer="delta", delta_alpha=1.0, delta_attention_batches=2, augment=(), verbose=0)
+
+
+def test_train_computes_delta_attention_when_the_backbone_unfreezes(tmp_path, tiny_splits, monkeypatch):
+    seen = {}
+    original = regularizers.loss_increase
+
+    def spy(delta, classifier, batches, **kwargs):
+        # The head has trained for one stage; the backbone is still the pretrained one.
+        seen["head"] = classifier.classify.kernel.numpy().copy()
+        return original(delta, classifier, batches, **kwargs)
+
+    monkeypatch.setattr(regularizers, "loss_increase", spy)
+    tf.keras.utils.set_random_seed(0)
+    initial_head = model.build_classifier("VGG16", 32, None, model.HeadConfig(3)).classify.kernel.numpy()
+    metrics = trainer.train(_delta_config(tmp_path), tiny_splits)
+    assert not np.array_equal(seen["head"], initial_head)
+    weights = np.load(tmp_path / "delta_attention.npz")["channel_weights"]
+    assert weights.shape == (512,) and weights.sum() == pytest.approx(512, rel=1e-4)
+    assert weights.std() > 0
+    assert [s["epochs"] for s in metrics["stages"]] == [1, 1]
+
+
+def test_resumed_run_reads_delta_attention_back(tmp_path, tiny_splits, monkeypatch):
+    weights = np.linspace(0.5, 1.5, 512).astype(np.float32)
+    np.savez(tmp_path / "delta_attention.npz", channel_weights=weights)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("attention was recomputed")
+
+    monkeypatch.setattr(regularizers, "loss_increase", fail)
+    trainer.train(_delta_config(tmp_path), tiny_splits)
+    np.testing.assert_array_equal(np.load(tmp_path / "delta_attention.npz")["channel_weights"], weights)
