@@ -1,16 +1,20 @@
-"""KerasTuner search over `lr_scale` and `l2sp_alpha`; every trial is one `kft.trainer.train` run.
+"""KerasTuner search over `lr_scale` and the strength of the chosen `--regularizer`; every trial
+is one `kft.trainer.train` run.
 
-The search space (ranges from kft.tune's flags):
+The strength searched is the Config field of `config.regularizer` (STRENGTH_FIELDS): l2sp ->
+l2sp_alpha, delta -> delta_alpha, bss -> bss_eta; with none only lr_scale is searched. The
+search space (ranges from kft.tune's flags), written here for --regularizer=delta:
 
-    lr_scale    log-uniform in [lr_scale_min, lr_scale_max]; multiplies every stage's LR
-    l2sp        True/False: whether L2-SP is on. False is plain fine-tuning (alpha = 0), which
-                a log-uniform alpha can never reach, so it gets its own switch
-    l2sp_alpha  log-uniform in [l2sp_alpha_min, l2sp_alpha_max]; the trial's alpha when l2sp
-                is on, ignored when it is off (sampled always, so every oracle, the Bayesian one
-                included, sees the same fixed-size space)
+    lr_scale     log-uniform in [lr_scale_min, lr_scale_max]; multiplies every stage's LR
+    delta        True/False: whether the regularizer is on. False is plain fine-tuning
+                 (strength 0), which a log-uniform strength can never reach, so it gets its own
+                 switch (named after the regularizer: l2sp, delta, bss)
+    delta_alpha  log-uniform in [strength_min, strength_max]; the trial's strength when the
+                 switch is on, ignored when it is off (sampled always, so every oracle, the
+                 Bayesian one included, sees the same fixed-size space)
 
 Every other setting is the Config built from kft.train's flags, unchanged. A trial runs
-`trainer.train(dataclasses.replace(config, lr_scale=..., l2sp_alpha=...,
+`trainer.train(dataclasses.replace(config, lr_scale=..., delta_alpha=...,
 model_dir=TUNE_DIR/trials/<id>, export_dir="none", verbose=0))` on the data loaded once per
 process. The objective is the trial's best validation accuracy (metrics["best_val_accuracy"]);
 no test split is ever read. Every trial uses the same --seed (same initialization and
@@ -77,23 +81,38 @@ TUNERS = ("hyperband", "bayesian", "random")
 SEARCH_FILE = "search.json"
 ORACLE_DIR = "oracle"
 
+# The Config field holding each --regularizer's strength; "none" has no strength to search.
+STRENGTH_FIELDS = {"l2sp": "l2sp_alpha", "delta": "delta_alpha", "bss": "bss_eta", "none": None}
+
 # Config fields that do not change what a trial computes, or that each trial sets itself; a
-# rerun may change them without starting a different search.
-_FREE_FIELDS = ("model_dir", "export_dir", "verbose", "lr_scale", "l2sp_alpha", "compare_scratch")
+# rerun may change them without starting a different search. Every strength is one of these:
+# the chosen regularizer's is searched, the others are unused.
+_FREE_FIELDS = ("model_dir", "export_dir", "verbose", "lr_scale", "l2sp_alpha", "delta_alpha", "bss_eta",
+                "compare_scratch")
+
+
+def searched_fields(regularizer: str) -> tuple[str, ...]:
+    """The Config fields each trial sets: lr_scale, then the regularizer's strength if it has one."""
+    field = STRENGTH_FIELDS[regularizer]
+    return ("lr_scale", field) if field else ("lr_scale",)
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
-    """Ranges of the two searched knobs (both log-uniform; l2sp off is a candidate too)."""
+    """Ranges of the searched knobs (both log-uniform; the regularizer off is a candidate too).
+
+    The strength range applies to whichever strength `--regularizer` selects (its defaults suit
+    L2-SP's alpha, DELTA's alpha and BSS's eta alike); --regularizer=none does not use it.
+    """
 
     lr_scale_min: float = 0.1
     lr_scale_max: float = 10.0
-    l2sp_alpha_min: float = 1e-4
-    l2sp_alpha_max: float = 1e-1
+    strength_min: float = 1e-4
+    strength_max: float = 1e-1
 
     def validate(self) -> None:
         """Raises ValueError naming the flag of an empty, inverted or non-positive range."""
-        for name in ("lr_scale", "l2sp_alpha"):
+        for name in ("lr_scale", "strength"):
             low, high = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
             if not (low > 0 and math.isfinite(low) and math.isfinite(high)):
                 raise ValueError(f"--{name}_min={low:g} must be > 0 (the range is log-uniform)")
@@ -103,11 +122,14 @@ class SearchSpace:
                     f"{'empty' if low == high else 'inverted'})"
                 )
 
-    def hyperparameters(self) -> kt.HyperParameters:
+    def hyperparameters(self, regularizer: str) -> kt.HyperParameters:
+        """lr_scale, and for a regularizer with a strength its on/off switch and its strength."""
         hp = kt.HyperParameters()
         hp.Float("lr_scale", self.lr_scale_min, self.lr_scale_max, sampling="log")
-        hp.Boolean("l2sp", default=True)
-        hp.Float("l2sp_alpha", self.l2sp_alpha_min, self.l2sp_alpha_max, sampling="log")
+        field = STRENGTH_FIELDS[regularizer]
+        if field:
+            hp.Boolean(regularizer, default=True)
+            hp.Float(field, self.strength_min, self.strength_max, sampling="log")
         return hp
 
 
@@ -123,10 +145,19 @@ class TuneConfig:
     overwrite: bool = False
 
 
-def trial_values(values: dict) -> tuple[float, float]:
-    """(lr_scale, l2sp_alpha) of a trial's hyperparameter values; alpha is 0 when l2sp is off."""
-    alpha = float(values["l2sp_alpha"]) if values.get("l2sp", True) else 0.0
-    return float(values["lr_scale"]), alpha
+def trial_values(values: dict, regularizer: str) -> dict:
+    """The Config values of a trial's hyperparameters, e.g. {"lr_scale": 2.0, "delta_alpha": 0.01};
+    the strength is 0 when the regularizer's switch is off."""
+    out = {"lr_scale": float(values["lr_scale"])}
+    field = STRENGTH_FIELDS[regularizer]
+    if field:
+        out[field] = float(values[field]) if values.get(regularizer, True) else 0.0
+    return out
+
+
+def describe(values: dict) -> str:
+    """"lr_scale=2 delta_alpha=0.01", for the lines printed per trial."""
+    return " ".join(f"{name}={value:.4g}" for name, value in values.items())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,7 +201,7 @@ def make_oracle(tune: TuneConfig, config: Config) -> kt.Oracle:
     """The KerasTuner oracle named by `tune.tuner`, seeded from `config.seed`."""
     common = dict(
         objective=kt.Objective(OBJECTIVE, direction="max"),
-        hyperparameters=tune.space.hyperparameters(),
+        hyperparameters=tune.space.hyperparameters(config.regularizer),
         # KerasTuner takes seed 0 to mean "pick one at random".
         seed=config.seed + 1,
     )
@@ -233,7 +264,8 @@ def _flag_lines(text: str) -> list[str]:
 
 
 def fingerprint(config: Config, tune: TuneConfig) -> dict:
-    """What makes a search this search: the config (minus free fields), the space, the tuner."""
+    """What makes a search this search: the config (minus free fields; its regularizer names the
+    strength searched), the space, the tuner."""
     fields = {}
     for field in dataclasses.fields(config):
         if field.name in _FREE_FIELDS:
@@ -243,6 +275,8 @@ def fingerprint(config: Config, tune: TuneConfig) -> dict:
             value = [v.describe() if isinstance(v, schedule.Stage) else v for v in value]
         fields[field.name] = value
     search = {"tuner": tune.tuner, **dataclasses.asdict(tune.space)}
+    if not STRENGTH_FIELDS[config.regularizer]:  # No strength searched: its range is unused.
+        del search["strength_min"], search["strength_max"]
     if tune.tuner == "hyperband":
         search["hyperband_factor"] = tune.hyperband_factor
     return {"config": fields, "search": search}
@@ -334,8 +368,8 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
 
     Args:
       oracle: from `make_oracle`.
-      config: the base run configuration (every trial changes only lr_scale, l2sp_alpha, the
-        last stage's epochs under Hyperband, and its output settings).
+      config: the base run configuration (every trial changes only lr_scale, the regularizer's
+        strength, the last stage's epochs under Hyperband, and its output settings).
       tune: kft.tune's settings.
       splits: the data, loaded once per process; None on the chief, which runs no trial.
       flagfile_text: the resolved kft.train flags of `config`, the base of each trial's
@@ -363,12 +397,11 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
 
     def trial_config(self, trial_id: str, values: dict) -> tuple[Config, str]:
         """The trial's Config and the flagfile that reproduces it with kft.train."""
-        lr_scale, alpha = trial_values(values)
         stages = self.config.stages
         if "tuner/epochs" in values:
             stages = budget_stages(stages, int(values["tuner/epochs"]))
         model_dir = os.path.abspath(os.path.join(self.tune.tune_dir, "trials", trial_id))
-        overrides = dict(lr_scale=lr_scale, l2sp_alpha=alpha, model_dir=model_dir, stages=stages,
+        overrides = dict(**trial_values(values, self.config.regularizer), model_dir=model_dir, stages=stages,
                          export_dir="none", verbose=0, compare_scratch=False)
         config = dataclasses.replace(self.config, **overrides)
         text = override_flags(self.flagfile_text, overrides)
@@ -377,8 +410,8 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
     def run_trial(self, trial, *args, **kwargs) -> dict:
         config, text = self.trial_config(trial.trial_id, trial.hyperparameters.values)
         _discard_stale_run(config.model_dir, text)
-        print(f"trial {trial.trial_id}: lr_scale={config.lr_scale:.4g} l2sp_alpha={config.l2sp_alpha:.4g} "
-              f"epochs={config.total_epochs}{_on_worker()}", flush=True)
+        values = {name: getattr(config, name) for name in searched_fields(config.regularizer)}
+        print(f"trial {trial.trial_id}: {describe(values)} epochs={config.total_epochs}{_on_worker()}", flush=True)
         started = time.time()
         try:
             metrics = trainer.train(config, splits=self.splits, flagfile_text=text)
@@ -393,7 +426,7 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
         seconds = time.time() - started
         epochs = sum(s["epochs"] for s in metrics["stages"])
         self.ran.append(trial.trial_id)
-        write_trial_hparams(self.tune.tune_dir, trial.trial_id, config, metrics[OBJECTIVE], epochs)
+        write_trial_hparams(self.tune.tune_dir, trial.trial_id, values, metrics[OBJECTIVE], epochs)
         print(f"trial {trial.trial_id}: {OBJECTIVE}={metrics[OBJECTIVE]:.4f} in {seconds:.1f}s", flush=True)
         return {OBJECTIVE: float(metrics[OBJECTIVE]), "epochs": float(epochs), "wall_seconds": round(seconds, 2)}
 
@@ -511,15 +544,16 @@ def run(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Split
 # ----------------------------------------------------------------------------------------------
 # Outputs.
 
-CSV_COLUMNS = ("trial_id", "lr_scale", "l2sp_alpha", "objective", "epochs", "wall_seconds", "status")
+def csv_columns(regularizer: str) -> tuple[str, ...]:
+    """trials.csv's header: the searched fields are named as kft.train's flags."""
+    return ("trial_id", *searched_fields(regularizer), "objective", "epochs", "wall_seconds", "status")
 
 
-def trial_rows(oracle: kt.Oracle) -> list[dict]:
+def trial_rows(oracle: kt.Oracle, regularizer: str) -> list[dict]:
     """One row per trial in the oracle, in trial order."""
     rows = []
     for trial_id in sorted(oracle.trials, key=int):
         trial = oracle.trials[trial_id]
-        lr_scale, alpha = trial_values(trial.hyperparameters.values)
 
         def last(name, trial=trial):
             return trial.metrics.get_last_value(name) if trial.metrics.exists(name) else None
@@ -527,8 +561,7 @@ def trial_rows(oracle: kt.Oracle) -> list[dict]:
         epochs = last("epochs")
         rows.append({
             "trial_id": trial_id,
-            "lr_scale": lr_scale,
-            "l2sp_alpha": alpha,
+            **trial_values(trial.hyperparameters.values, regularizer),
             "objective": trial.score if trial.status == "COMPLETED" else None,
             "epochs": int(epochs) if epochs is not None else None,
             "wall_seconds": last("wall_seconds"),
@@ -539,9 +572,9 @@ def trial_rows(oracle: kt.Oracle) -> list[dict]:
 
 def write_outputs(oracle: kt.Oracle, config: Config, tune: TuneConfig, flagfile_text: str) -> dict:
     """Writes trials.csv and best.cfg, prints the table; returns {"rows", "best"}."""
-    rows = trial_rows(oracle)
+    rows = trial_rows(oracle, config.regularizer)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=csv_columns(config.regularizer), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     checkpoint.write_text(os.path.join(tune.tune_dir, "trials.csv"), buffer.getvalue())
@@ -549,7 +582,7 @@ def write_outputs(oracle: kt.Oracle, config: Config, tune: TuneConfig, flagfile_
     best = best_row(rows)
     if best:
         checkpoint.write_text(os.path.join(tune.tune_dir, "best.cfg"), best_flagfile(best, config, tune, flagfile_text))
-    print(format_table(rows, best))
+    print(format_table(rows, best, searched_fields(config.regularizer)))
     if best:
         print(f"best trial {best['trial_id']}: {OBJECTIVE}={best['objective']:.4f}; train it with:\n"
               f"  python -m kft.train --flagfile={os.path.join(tune.tune_dir, 'best.cfg')}")
@@ -568,7 +601,7 @@ def best_row(rows: list[dict]) -> dict | None:
 
 
 def best_flagfile(best: dict, config: Config, tune: TuneConfig, flagfile_text: str) -> str:
-    """The full resolved kft.train flags with the best trial's lr_scale and l2sp_alpha."""
+    """The full resolved kft.train flags with the best trial's lr_scale and strength."""
     model_dir = os.path.abspath(os.path.join(tune.tune_dir, "best"))
     epochs_note = ""
     if best["epochs"] is not None and best["epochs"] < config.total_epochs:
@@ -580,22 +613,23 @@ def best_flagfile(best: dict, config: Config, tune: TuneConfig, flagfile_text: s
         f"# Purpose: train the tuned recipe. Command: python -m kft.train --flagfile=THIS_FILE\n"
         f"# Expected: validation accuracy near the trial's {best['objective']:.4f}. Hardware: as the search.\n"
     )
-    body = override_flags(flagfile_text, {"lr_scale": best["lr_scale"], "l2sp_alpha": best["l2sp_alpha"],
-                                          "model_dir": model_dir})
+    searched = {name: best[name] for name in searched_fields(config.regularizer)}
+    body = override_flags(flagfile_text, {**searched, "model_dir": model_dir})
     return header + "\n".join(_flag_lines(body)) + "\n"
 
 
-def format_table(rows: list[dict], best: dict | None) -> str:
-    """The trials as a fixed-width text table; the best one is marked with *."""
-    header = f"{'trial':>6} {'lr_scale':>10} {'l2sp_alpha':>11} {'epochs':>6} {OBJECTIVE:>18} {'seconds':>8}  status"
-    lines = [header]
+def format_table(rows: list[dict], best: dict | None, searched: tuple[str, ...]) -> str:
+    """The trials as a fixed-width text table, one column per searched field; the best is marked *."""
+    widths = {name: max(len(name), 9) + 1 for name in searched}
+    names = " ".join(f"{name:>{width}}" for name, width in widths.items())
+    lines = [f"{'trial':>6} {names} {'epochs':>6} {OBJECTIVE:>18} {'seconds':>8}  status"]
     for r in rows:
         mark = "*" if best and r["trial_id"] == best["trial_id"] else " "
+        values = " ".join(f"{r[name]:>{width}.4g}" for name, width in widths.items())
         objective = f"{r['objective']:.4f}" if r["objective"] is not None else "-"
         seconds = f"{r['wall_seconds']:.1f}" if r["wall_seconds"] is not None else "-"
         epochs = str(r["epochs"]) if r["epochs"] is not None else "-"
-        lines.append(f"{mark}{r['trial_id']:>5} {r['lr_scale']:>10.4g} {r['l2sp_alpha']:>11.4g} {epochs:>6} "
-                     f"{objective:>18} {seconds:>8}  {r['status']}")
+        lines.append(f"{mark}{r['trial_id']:>5} {values} {epochs:>6} {objective:>18} {seconds:>8}  {r['status']}")
     return "\n".join(lines)
 
 
@@ -605,23 +639,24 @@ def write_hparams_config(tune: TuneConfig, config: Config) -> None:
     if os.path.isdir(logdir) and any(n.startswith("events.") for n in os.listdir(logdir)):
         return
     space = tune.space
+    hparams = [hparams_api.HParam("lr_scale", hparams_api.RealInterval(space.lr_scale_min, space.lr_scale_max))]
+    field = STRENGTH_FIELDS[config.regularizer]
+    if field:  # From 0: the regularizer switched off.
+        hparams.append(hparams_api.HParam(field, hparams_api.RealInterval(0.0, space.strength_max)))
+    epochs = hparams_api.IntInterval(min_budget(config.stages), config.total_epochs)
+    hparams.append(hparams_api.HParam("epochs", epochs))
     with tf.summary.create_file_writer(logdir).as_default():
         hparams_api.hparams_config(
-            hparams=[
-                hparams_api.HParam("lr_scale", hparams_api.RealInterval(space.lr_scale_min, space.lr_scale_max)),
-                hparams_api.HParam("l2sp_alpha", hparams_api.RealInterval(0.0, space.l2sp_alpha_max)),
-                hparams_api.HParam("epochs", hparams_api.IntInterval(min_budget(config.stages), config.total_epochs)),
-            ],
+            hparams=hparams,
             metrics=[hparams_api.Metric(OBJECTIVE, display_name="best val accuracy")],
         )
 
 
-def write_trial_hparams(tune_dir: str, trial_id: str, config: Config, objective: float, epochs: int) -> None:
-    """One HParams session per finished trial, in TUNE_DIR/tb/<trial id>."""
+def write_trial_hparams(tune_dir: str, trial_id: str, values: dict, objective: float, epochs: int) -> None:
+    """One HParams session per finished trial (its searched `values`), in TUNE_DIR/tb/<trial id>."""
     writer = tf.summary.create_file_writer(os.path.join(tune_dir, "tb", trial_id))
     with writer.as_default():
-        hparams_api.hparams({"lr_scale": config.lr_scale, "l2sp_alpha": config.l2sp_alpha, "epochs": epochs},
-                            trial_id=f"trial {trial_id}")
+        hparams_api.hparams({**values, "epochs": epochs}, trial_id=f"trial {trial_id}")
         tf.summary.scalar(OBJECTIVE, objective, step=epochs)
     writer.close()
 

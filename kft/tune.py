@@ -1,25 +1,28 @@
 """`python -m kft.tune --flagfile=F --tune_dir=D [--tuner=hyperband|bayesian|random] [--max_trials=N]`
 
-Searches `lr_scale` and `l2sp_alpha` with KerasTuner, each trial a `kft.trainer.train` run of
-the flagfile's recipe, then writes D/best.cfg:
+Searches `lr_scale` and the strength of the flagfile's `--regularizer` with KerasTuner, each
+trial a `kft.trainer.train` run of the flagfile's recipe, then writes D/best.cfg:
 
     python -m kft.tune  --flagfile=configs/cifar10_resnet50.cfg --tune_dir=runs/tune
     python -m kft.train --flagfile=runs/tune/best.cfg
 
 kft.tune accepts every kft.train flag (later flags override the flagfile) plus its own:
---tune_dir, --tuner, --max_trials, --lr_scale_min/max, --l2sp_alpha_min/max,
---hyperband_factor. kft.train's --lr_scale and --l2sp_alpha are what it searches;
---model_dir is not used (trials run in D/trials/<id>, best.cfg trains into D/best);
---overwrite deletes D and starts the search over. Trials never export and never train the
---compare_scratch baseline (best.cfg keeps both settings for the final run). With
---pretrain_dataset, the source task is trained once, in D/pretrain, exactly as kft.train would;
-every trial, and best.cfg, starts from its backbone.weights.h5. The search space, the Hyperband
+--tune_dir, --tuner, --max_trials, --lr_scale_min/max, --strength_min/max,
+--hyperband_factor. kft.train's --lr_scale and the strength --regularizer selects are what it
+searches: --l2sp_alpha (l2sp), --delta_alpha (delta) or --bss_eta (bss), each either 0 (the
+regularizer off, plain fine-tuning) or log-uniform in [--strength_min, --strength_max];
+--regularizer=none has no strength, so only --lr_scale is searched. --model_dir is not used
+(trials run in D/trials/<id>, best.cfg trains into D/best); --overwrite deletes D and starts
+the search over. Trials never export and never train the --compare_scratch baseline (best.cfg
+keeps both settings for the final run). With --pretrain_dataset, the source task is trained
+once, in D/pretrain, exactly as kft.train would; every trial, and best.cfg, starts from its
+backbone.weights.h5. The search space, the Hyperband
 budget -> stage mapping and the files in D are described in kft/search.py.
 
 Rerunning the same command resumes: finished trials are kept, an interrupted one continues from
 its last epoch checkpoint. A rerun may raise --max_trials to extend the search; any change that
-alters what a trial computes (another --stages, range, --tuner, ...) is refused with one line
-naming the flag; pass --overwrite to start over or pick another --tune_dir.
+alters what a trial computes (another --stages, --regularizer, range, --tuner, ...) is refused
+with one line naming the flag; pass --overwrite to start over or pick another --tune_dir.
 
 Distributed tuning (KerasTuner's chief/worker mode). Start the same command once as the chief
 and once per worker, with KerasTuner's three environment variables; D must be one directory
@@ -53,8 +56,8 @@ flags.DEFINE_enum("tuner", "hyperband", ["hyperband", "bayesian", "random"], "Ke
 flags.DEFINE_integer("max_trials", 20, "Number of trials (each one kft.train run); also caps Hyperband.", lower_bound=1)
 flags.DEFINE_float("lr_scale_min", 0.1, "Lower end of the log-uniform --lr_scale range searched.")
 flags.DEFINE_float("lr_scale_max", 10.0, "Upper end of the log-uniform --lr_scale range searched.")
-flags.DEFINE_float("l2sp_alpha_min", 1e-4, "Lower end of the log-uniform --l2sp_alpha range searched (alpha = 0, plain fine-tuning, is always a candidate too).")
-flags.DEFINE_float("l2sp_alpha_max", 1e-1, "Upper end of the log-uniform --l2sp_alpha range searched.")
+flags.DEFINE_float("strength_min", 1e-4, "Lower end of the log-uniform range searched for the --regularizer's strength: --l2sp_alpha, --delta_alpha or --bss_eta (0, the regularizer off, is always a candidate too; unused with --regularizer=none).")
+flags.DEFINE_float("strength_max", 1e-1, "Upper end of the log-uniform range searched for the --regularizer's strength.")
 flags.DEFINE_integer("hyperband_factor", 3, "Hyperband's reduction factor: each round keeps 1/factor of the trials and trains them factor times longer.", lower_bound=2)
 
 
@@ -68,8 +71,8 @@ def tune_config_from_flags():
         space=search.SearchSpace(
             lr_scale_min=FLAGS.lr_scale_min,
             lr_scale_max=FLAGS.lr_scale_max,
-            l2sp_alpha_min=FLAGS.l2sp_alpha_min,
-            l2sp_alpha_max=FLAGS.l2sp_alpha_max,
+            strength_min=FLAGS.strength_min,
+            strength_max=FLAGS.strength_max,
         ),
         hyperband_factor=FLAGS.hyperband_factor,
         overwrite=FLAGS.overwrite,
@@ -84,11 +87,6 @@ def main(argv):
     from kft import search  # Heavy imports after the flags are known to be good.
 
     config = kft_flags.config_from_flags()
-    if config.regularizer != "l2sp":
-        raise cli.UsageError(
-            f"--regularizer={config.regularizer}: kft.tune searches the L2-SP alpha; "
-            "searching DELTA's or BSS's strength is not supported yet (use --regularizer=l2sp)"
-        )
     tune = tune_config_from_flags()
     try:
         search.run(config, tune, flagfile_text=kft_flags.resolved_flagfile())

@@ -1,8 +1,9 @@
-"""kft.tune: the smoke search end to end, Hyperband budgets, resume, overwrite, memory per trial,
-distributed chief + workers, and bad input.
+"""kft.tune: the smoke search end to end, Hyperband budgets, the strength each --regularizer
+searches, resume, overwrite, memory per trial, distributed chief + workers, and bad input.
 
 Tests of the search's bookkeeping replace `trainer.train` with an instant fake whose objective
-is a known function of the trial's values; the smoke, memory and distributed tests train for real.
+is a known function of the trial's values; the smoke, BSS, memory and distributed tests train
+for real.
 """
 
 import dataclasses
@@ -160,6 +161,31 @@ def test_override_flags_replaces_in_place_and_appends():
 
 
 # ----------------------------------------------------------------------------------------------
+# --regularizer -> the strength searched.
+
+
+@pytest.mark.parametrize("regularizer, field", [("l2sp", "l2sp_alpha"), ("delta", "delta_alpha"), ("bss", "bss_eta")])
+def test_each_regularizer_searches_its_own_strength(regularizer, field):
+    assert search.STRENGTH_FIELDS[regularizer] == field
+    hp = search.SearchSpace(strength_min=1e-3, strength_max=1e-2).hyperparameters(regularizer)
+    assert [p.name for p in hp.space] == ["lr_scale", regularizer, field]
+    strength = hp.space[2]
+    assert (strength.min_value, strength.max_value, strength.sampling) == (1e-3, 1e-2, "log")
+    on = {"lr_scale": 2.0, regularizer: True, field: 0.005}
+    assert search.trial_values(on, regularizer) == {"lr_scale": 2.0, field: 0.005}
+    # Switched off: strength 0, plain fine-tuning, whatever strength was sampled.
+    assert search.trial_values({**on, regularizer: False}, regularizer) == {"lr_scale": 2.0, field: 0.0}
+    assert search.csv_columns(regularizer)[:3] == ("trial_id", "lr_scale", field)
+
+
+def test_regularizer_none_searches_lr_scale_only():
+    hp = search.SearchSpace().hyperparameters("none")
+    assert [p.name for p in hp.space] == ["lr_scale"]
+    assert search.trial_values({"lr_scale": 2.0}, "none") == {"lr_scale": 2.0}
+    assert search.csv_columns("none")[:3] == ("trial_id", "lr_scale", "objective")
+
+
+# ----------------------------------------------------------------------------------------------
 # The search's bookkeeping (fake trainer).
 
 
@@ -184,6 +210,49 @@ def test_best_cfg_holds_the_best_trial_and_parses_as_kft_train_flags(tmp_path, f
     FLAGS.unparse_flags()
     assert tuned == dataclasses.replace(base, lr_scale=float(best["lr_scale"]), l2sp_alpha=float(best["l2sp_alpha"]),
                                         model_dir=str(tune_dir / "best"))
+
+
+def test_delta_search_sets_delta_alpha_in_trials_csv_table_and_best_cfg(tmp_path, fake_train, capsys):
+    tune_dir = tmp_path / "tune"
+    run_tune([*FAKE, f"--tune_dir={tune_dir}", "--regularizer=delta", "--tuner=random", "--max_trials=4"])
+    rows = read_rows(tune_dir)
+    assert list(rows[0]) == ["trial_id", "lr_scale", "delta_alpha", "objective", "epochs", "wall_seconds", "status"]
+    parse([*FAKE, "--regularizer=delta"])
+    base = kft_flags.config_from_flags()
+    for row, call in zip(rows, sorted(fake_train.calls, key=lambda c: int(os.path.basename(c["config"].model_dir)))):
+        config = call["config"]
+        assert float(row["delta_alpha"]) == config.delta_alpha
+        assert config.delta_alpha == 0 or 1e-4 <= config.delta_alpha <= 1e-1
+        assert (config.regularizer, config.l2sp_alpha, config.bss_eta) == ("delta", base.l2sp_alpha, base.bss_eta)
+    assert any(line.split()[:3] == ["trial", "lr_scale", "delta_alpha"] for line in capsys.readouterr().out.splitlines())
+    best = max(rows, key=lambda r: float(r["objective"]))
+    parse([f"--flagfile={tune_dir / 'best.cfg'}"], prog="kft.train")
+    tuned = kft_flags.config_from_flags()
+    FLAGS.unparse_flags()
+    assert tuned == dataclasses.replace(base, lr_scale=float(best["lr_scale"]), delta_alpha=float(best["delta_alpha"]),
+                                        model_dir=str(tune_dir / "best"))
+
+
+def test_regularizer_none_searches_lr_scale_alone(tmp_path, fake_train):
+    tune_dir = tmp_path / "tune"
+    run_tune([*FAKE, f"--tune_dir={tune_dir}", "--regularizer=none", "--tuner=random", "--max_trials=3"])
+    rows = read_rows(tune_dir)
+    assert list(rows[0]) == ["trial_id", "lr_scale", "objective", "epochs", "wall_seconds", "status"]
+    parse([*FAKE, "--regularizer=none"])
+    base = kft_flags.config_from_flags()
+    for call in fake_train.calls:  # Only lr_scale and the trial's output settings differ from the flags.
+        config = call["config"]
+        assert dataclasses.replace(config, lr_scale=base.lr_scale, model_dir=base.model_dir,
+                                   export_dir=base.export_dir, verbose=base.verbose) == base
+    best = max(rows, key=lambda r: float(r["objective"]))
+    parse([f"--flagfile={tune_dir / 'best.cfg'}"], prog="kft.train")
+    tuned = kft_flags.config_from_flags()
+    FLAGS.unparse_flags()
+    assert tuned == dataclasses.replace(base, lr_scale=float(best["lr_scale"]), model_dir=str(tune_dir / "best"))
+    # The strength range is unused, so changing it is no other search.
+    run_tune([*FAKE, f"--tune_dir={tune_dir}", "--regularizer=none", "--tuner=random", "--max_trials=3",
+              "--strength_max=0.5"])
+    assert len(fake_train.calls) == 3
 
 
 def test_rerun_after_a_stop_keeps_finished_trials_and_resumes_the_interrupted_one(tmp_path, monkeypatch):
@@ -271,7 +340,7 @@ def test_diverged_trials_fail_without_stopping_the_search_until_three_in_a_row(t
     "args, fragment",
     [
         (["--lr_scale_min=2", "--lr_scale_max=1"], "--lr_scale_min=2 must be < --lr_scale_max=1 (the range is inverted)"),
-        (["--l2sp_alpha_min=0.01", "--l2sp_alpha_max=0.01"], "--l2sp_alpha_min=0.01 must be < --l2sp_alpha_max=0.01 (the range is empty)"),
+        (["--strength_min=0.01", "--strength_max=0.01"], "--strength_min=0.01 must be < --strength_max=0.01 (the range is empty)"),
         (["--lr_scale_min=0"], "--lr_scale_min=0 must be > 0"),
         (["--tune_dir="], "--tune_dir is required"),
     ],
@@ -299,7 +368,8 @@ def test_a_directory_of_another_search_or_not_a_search_is_refused_untouched(tmp_
     for args, fragment in [
         (["--tuner=random", "--stages=head:2@1e-3"], "holds a different search (--stages: saved ['head:1@0.001"),
         (["--tuner=bayesian"], "holds a different search (--tuner: saved 'random', now 'bayesian')"),
-        (["--tuner=random", "--l2sp_alpha_max=0.5"], "(--l2sp_alpha_max: saved 0.1, now 0.5)"),
+        (["--tuner=random", "--strength_max=0.5"], "(--strength_max: saved 0.1, now 0.5)"),
+        (["--tuner=random", "--regularizer=delta"], "(--regularizer: saved 'l2sp', now 'delta')"),
     ]:
         with pytest.raises(tune_main.cli.UsageError, match=r"pass --overwrite to start over") as error:
             run_tune([*FAKE, f"--tune_dir={tune_dir}", "--max_trials=3", *args])
@@ -397,6 +467,47 @@ def _hparams_tags(logdir) -> set[str]:
             for event in tf.compat.v1.train.summary_iterator(str(logdir / name)):
                 tags.update(v.tag for v in event.summary.value)
     return tags
+
+
+def _hparams_names(logdir) -> list[str]:
+    """The hparams the HParams experiment at `logdir` declares."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for name in os.listdir(logdir):
+        if name.startswith("events."):
+            for event in tf.compat.v1.train.summary_iterator(str(logdir / name)):
+                for value in event.summary.value:
+                    if value.tag == "_hparams_/experiment":
+                        data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                        return [h.name for h in data.experiment.hparam_infos]
+    return []
+
+
+def test_bss_search_trains_each_trial_with_its_bss_eta(tmp_path, monkeypatch):
+    calls = []
+    real_train = trainer.train
+
+    def counted(config, **kwargs):
+        calls.append(config)
+        return real_train(config, **kwargs)
+
+    monkeypatch.setattr(trainer, "train", counted)
+    tune_dir = tmp_path / "tune"
+    run_tune([*TINY, f"--tune_dir={tune_dir}", "--regularizer=bss", "--tuner=random", "--max_trials=2",
+              "--strength_min=1e-3", "--strength_max=1e-2"])
+    rows = read_rows(tune_dir)
+    assert [r["status"] for r in rows] == ["COMPLETED"] * 2 and len(calls) == 2
+    for row, config in zip(rows, calls):
+        assert config.regularizer == "bss" and float(row["bss_eta"]) == config.bss_eta
+        assert config.bss_eta == 0 or 1e-3 <= config.bss_eta <= 1e-2
+        assert config.l2sp_alpha == 0.01 and config.delta_alpha == 0.01  # kft.train's defaults, unused.
+        # The trial's flags.cfg reproduces it with kft.train.
+        assert f"--bss_eta={config.bss_eta!r}\n" in (tune_dir / "trials" / row["trial_id"] / "flags.cfg").read_text()
+    best = max(rows, key=lambda r: (float(r["objective"]), -int(r["trial_id"])))
+    best_cfg = (tune_dir / "best.cfg").read_text()
+    assert f"--bss_eta={float(best['bss_eta'])!r}\n" in best_cfg and "--regularizer=bss\n" in best_cfg
+    assert _hparams_names(tune_dir / "tb") == ["lr_scale", "bss_eta", "epochs"]
 
 
 def test_memory_stays_bounded_over_six_trials(tmp_path, monkeypatch):
