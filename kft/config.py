@@ -47,7 +47,7 @@ class Config:
     export_dir: str = ""
     export_tflite: str = "off"
     jit_compile: str = "auto"
-    mixed_precision: str = "none"
+    mixed_precision: str = "auto"
     strategy: str = "auto"
     deterministic: bool = False
     verbose: int = 1

@@ -101,16 +101,6 @@ def _remove_interrupted_exports(export_base: str) -> None:
 
 def _validation_batch(config: Config, limit: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """A batch of validation images and labels to check exports against the Keras model."""
-    from kft import data
-
-    splits = data.load(
-        config.dataset,
-        image_size=config.image_size,
-        batch_size=limit,
-        val_fraction=config.val_fraction,
-        seed=config.seed,
-        data_dir=config.data_dir,
-        train_limit_per_class=config.train_limit_per_class or None,
-    )
+    splits = trainer.load_splits(config, batch_size=limit)
     images, labels = next(iter(splits.val))
     return np.asarray(images), np.asarray(labels)

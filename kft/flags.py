@@ -84,7 +84,7 @@ flags.DEFINE_enum("export_tflite", "off", ["off", "float32", "dynamic"], "Also w
 flags.DEFINE_boolean("overwrite", False, "Delete an existing run in --model_dir instead of resuming it.")
 # Runtime.
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation of the train step; auto = on for GPU/TPU, off on CPU (slower there).")
-flags.DEFINE_enum("mixed_precision", "none", ["none", "bfloat16", "float16"], "Mixed precision policy; the head's output layer stays float32.")
+flags.DEFINE_enum("mixed_precision", "auto", ["auto", "none", "bfloat16", "float16"], "Mixed precision policy; the head's output layer stays float32. auto: bfloat16 on TPUs, GPUs of compute capability 8.0+ and AMX CPUs (for backbones without depthwise convolutions, which ran slower in bfloat16 there), float16 on 7.x GPUs, else none.")
 flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy.")
 flags.DEFINE_boolean("deterministic", False, "Force deterministic TF ops (with --seed: identical metrics on CPU).")
 flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")

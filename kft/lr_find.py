@@ -57,14 +57,13 @@ def run_sweep(config, stage_index: int, min_lr: float, max_lr: float, steps: int
     """Runs the range test; returns rates, losses, smoothed losses and the suggestion."""
     import keras
 
-    from kft import augment, backbones, data, l2sp, model, runtime, trainer
+    from kft import augment, backbones, l2sp, model, runtime, trainer
 
     runtime.set_determinism(config.seed, config.deterministic)
-    runtime.set_precision(config.mixed_precision)
+    precision = runtime.resolve_precision(config.mixed_precision, config.backbone)
+    runtime.set_precision(precision)
     stage = config.stages[stage_index]
-    splits = data.load(config.dataset, image_size=config.image_size, batch_size=config.batch_size,
-                       val_fraction=config.val_fraction, seed=config.seed, data_dir=config.data_dir,
-                       train_limit_per_class=config.train_limit_per_class or None)
+    splits = trainer.load_splits(config)
     head = model.HeadConfig(len(splits.class_names), config.dropout, config.hidden_units)
     classifier = model.build_classifier(config.backbone, config.image_size, config.weights, head)
     blocks = backbones.blocks(classifier.spec, classifier.backbone)
@@ -76,7 +75,7 @@ def run_sweep(config, stage_index: int, min_lr: float, max_lr: float, steps: int
     rates = exponential_rates(min_lr, max_lr, steps)
     schedule = keras.optimizers.schedules.ExponentialDecay(min_lr, decay_steps=max(1, steps - 1),
                                                            decay_rate=max_lr / min_lr)
-    tuner.compile(optimizer=trainer.make_optimizer(config.optimizer, schedule, config.mixed_precision),
+    tuner.compile(optimizer=trainer.make_optimizer(config.optimizer, schedule, precision),
                   jit_compile=runtime.resolve_jit_compile(config.jit_compile))
     tuner.update_scales = trainer.layer_lr_scales(blocks, config.layer_lr_decay)
     losses: list[float] = []

@@ -9,6 +9,8 @@ augmentation and the model into few kernels.
 import keras
 import tensorflow as tf
 
+from kft import backbones
+
 
 def has_accelerator() -> bool:
     return bool(tf.config.list_physical_devices("GPU") or tf.config.list_physical_devices("TPU"))
@@ -21,8 +23,37 @@ def resolve_jit_compile(choice: str) -> bool:
     return choice == "true"
 
 
+def cpu_has_amx_bf16() -> bool:
+    """Whether the CPU has AMX bfloat16 tiles (Linux /proc/cpuinfo flag amx_bf16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def resolve_precision(choice: str, backbone_name: str) -> str:
+    """Maps --mixed_precision=auto to none, bfloat16 or float16 for this device and backbone.
+
+    Measured here (BENCHMARKS.md, 2-core AMX CPU): bfloat16 made ResNet50 steps 1.2-1.7x faster
+    and MobileNetV2's 0.5-0.85x as fast, so on CPU auto picks bfloat16 only with AMX and a
+    backbone without depthwise convolutions. On accelerators it follows the vendors' advice
+    (not measured by kft yet): TPU and GPUs of compute capability 8.0+ bfloat16, 7.x float16.
+    """
+    if choice != "auto":
+        return choice
+    if tf.config.list_physical_devices("TPU"):
+        return "bfloat16"
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability", (0, 0))
+        return "bfloat16" if capability >= (8, 0) else "float16" if capability >= (7, 0) else "none"
+    depthwise = backbones.get(backbone_name).family in backbones.DEPTHWISE_FAMILIES
+    return "bfloat16" if cpu_has_amx_bf16() and not depthwise else "none"
+
+
 def set_precision(choice: str) -> None:
-    """Sets Keras's global dtype policy from --mixed_precision (none|bfloat16|float16)."""
+    """Sets Keras's global dtype policy from a resolved --mixed_precision (none|bfloat16|float16)."""
     policy = {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}[choice]
     keras.mixed_precision.set_global_policy(policy)
 

@@ -10,9 +10,9 @@ Stage syntax (one flag holds the whole schedule, stages separated by commas)::
               all          everything
     EPOCHS    whole epochs of this stage (>= 1)
     LR        the stage's peak learning rate, before --lr_scale
-    bn        frozen (default): every BatchNorm keeps its pretrained statistics (the backbone
-              runs in inference mode); train: the unfrozen blocks' BatchNorm layers update their
-              statistics (frozen blocks still keep theirs)
+    bn        frozen (default): every BatchNorm stays as pretrained, statistics and gamma/beta
+              (the backbone runs in inference mode); train: the unfrozen blocks' BatchNorm layers
+              train gamma/beta and update their statistics (frozen blocks still keep theirs)
     warmup    fraction of the stage's steps spent on linear warmup (default 0.1)
 
 Example: ``head:3@1e-3,top2:2@1e-4,all:2@1e-5:bn=frozen``.

@@ -451,20 +451,6 @@ def _discard_stale_run(model_dir: str, flagfile_text: str) -> None:
 # Running a search.
 
 
-def load_splits(config: Config) -> data.Splits:
-    """The data exactly as `trainer.train` would load it for `config`."""
-    runtime.set_determinism(config.seed, config.deterministic)
-    return data.load(
-        config.dataset,
-        image_size=config.image_size,
-        batch_size=config.batch_size,
-        val_fraction=config.val_fraction,
-        seed=config.seed,
-        data_dir=config.data_dir,
-        train_limit_per_class=config.train_limit_per_class or None,
-    )
-
-
 def pretrain(config: Config, tune_dir: str) -> Config:
     """Runs the source-task training once in TUNE_DIR/pretrain; the trials fine-tune from it.
 
@@ -521,7 +507,9 @@ def run(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Split
             config = pretrain(config, tune.tune_dir)
         base_flagfile = override_flags(flagfile_text, {"weights": config.weights, "pretrain_dataset": ""})
     if who != "chief" and splits is None:
-        splits = load_splits(config)
+        # Seeded as trainer.train seeds itself, so the data match a kft.train run's.
+        runtime.set_determinism(config.seed, config.deterministic)
+        splits = trainer.load_splits(config)
     tuner = StageTuner(make_oracle(tune, config), config, tune, splits, base_flagfile)
     # Saved before the first trial, so a rerun after any interruption reloads the oracle.
     tuner.save()

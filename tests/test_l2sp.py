@@ -7,7 +7,9 @@ import tensorflow as tf
 from kft import l2sp, model, schedule, trainer
 
 
-def _tuner(alpha, beta=0.0, stage="all:1@1e-2"):
+# bn=train: a randomly initialized MobileNetV2's activations are ~1e-11 in inference mode, so
+# with BatchNorm frozen its weights would barely move.
+def _tuner(alpha, beta=0.0, stage="all:1@1e-2:bn=train"):
     keras_model = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(3, dropout=0.0))
     anchors = l2sp.anchor_arrays(keras_model.backbone)
     penalty = l2sp.L2SP(keras_model.backbone, [keras_model.classify.kernel], anchors, alpha, beta)

@@ -70,3 +70,25 @@ def test_jit_compile_auto_is_off_without_an_accelerator():
     assert runtime.resolve_jit_compile("auto") is runtime.has_accelerator()
     assert runtime.resolve_jit_compile("true") is True
     assert runtime.resolve_jit_compile("false") is False
+
+
+@pytest.mark.parametrize(
+    "amx,backbone,expected",
+    [(True, "ResNet50", "bfloat16"), (True, "VGG16", "bfloat16"), (True, "MobileNetV2", "none"),
+     (True, "EfficientNetB0", "none"), (False, "ResNet50", "none")],
+)
+def test_auto_precision_on_cpu_follows_amx_and_depthwise(monkeypatch, amx, backbone, expected):
+    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: amx)
+    assert runtime.resolve_precision("auto", backbone) == expected
+
+
+def test_explicit_precision_is_kept(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: True)
+    for choice in ("none", "bfloat16", "float16"):
+        assert runtime.resolve_precision(choice, "MobileNetV2") == choice
+
+
+def test_amx_flag_is_read_from_cpuinfo():
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    assert runtime.cpu_has_amx_bf16() == ("amx_bf16" in flags)
