@@ -4,8 +4,12 @@ Every source ends in the same pipeline, built on the host CPU:
 
     decode (parallel) -> RGB -> resize -> uint8 -> cache -> shuffle -> batch -> prefetch
 
-and yields `(images uint8 [B, S, S, 3], labels int32 [B])`. Augmentation and the backbone's
-preprocessing are NOT done here: they run inside the model, on the device (see DESIGN.md).
+and yields `(images uint8 [B, S, S, 3], labels int32 [B])`, S = the image size. Augmentation
+and the backbone's preprocessing are NOT done here: they run inside the model, on the device
+(see DESIGN.md). One exception to S: a TFDS dataset whose images all share one square size
+smaller than the image size (CIFAR-10's 32 px, MNIST's 28) is kept at that size, and the
+model's own resize upsamples it on the device: the host never upsamples, and CIFAR-10 for a
+224 px backbone stays a 150 MB cache instead of 7.5 GB decoded and upsampled every epoch.
 
 Spec strings (`parse_spec` documents the grammar):
 
@@ -457,6 +461,15 @@ def _count(dataset: tf.data.Dataset) -> int:
     return int(labels_only.reduce(np.int64(0), lambda n, _: n + 1))
 
 
+def _tfds_stored_size(builder, image_size: int) -> int:
+    """The image size the pipeline keeps: a fixed square source smaller than `image_size`
+    stays at its own size (see the module docstring); anything else becomes `image_size`."""
+    height, width = builder.info.features["image"].shape[:2]  # None where sizes vary
+    if height and height == width and height < image_size:
+        return int(height)
+    return image_size
+
+
 def _tfds_decode(builder, image_size: int):
     image_feature = builder.info.features["image"]
 
@@ -483,6 +496,7 @@ def _load_tfds(spec: TfdsSpec, *, data_dir, image_size, batch_size, val_fraction
         raise ValueError(f"tfds:{spec.name}: train split {train_split!r} has {num_train} and "
                          f"validation split {val_split!r} has {num_val} examples; both need "
                          "at least 1 (change val_fraction or the splits)")
+    image_size = _tfds_stored_size(builder, image_size)
     cache = _should_cache(num_train + num_val, image_size)
     # File-order shuffling only when the set is streamed (no cache) and has no per-class
     # limit: the limit must pick the same examples every epoch.
@@ -505,6 +519,7 @@ def _load_tfds_eval(spec: TfdsSpec, image_size: int, batch_size: int, data_dir: 
     split = _tfds_eval_split(spec, set(builder.info.splits))
     dataset = _tfds_dataset(builder, split, shuffle_files=False, seed=0)
     num = _count(dataset)
+    image_size = _tfds_stored_size(builder, image_size)
     dataset = _finish(dataset.map(_tfds_decode(builder, image_size), num_parallel_calls=AUTOTUNE),
                       num_examples=num, batch_size=batch_size, image_size=image_size,
                       training=False, seed=0, cache=False, shuffle=False)

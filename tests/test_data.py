@@ -186,6 +186,24 @@ def test_tfds_grayscale_and_train_limit_with_plain_mock():
     assert sorted(y) == sorted(again)  # The limit keeps the same examples every epoch.
 
 
+def test_tfds_fixed_size_images_stay_at_their_size_for_a_larger_model(monkeypatch):
+    # CIFAR-10 for a 224 px backbone: kept at 32 px (and cached); the model upsamples.
+    # 20 train + 20 val images fit a 200 kB cache at 32 px (123 kB), not at 224 px (6 MB).
+    monkeypatch.setattr(data, "CACHE_LIMIT_BYTES", 200_000)
+    with tfds.testing.mock_data(num_examples=20):
+        splits = data.load("tfds:cifar10", image_size=224, batch_size=8, val_fraction=0.25)
+        test, _, _ = data.load_eval("tfds:cifar10", image_size=224, batch_size=8)
+        for dataset in (splits.train, splits.val, test):
+            assert next(iter(dataset))[0].shape[1:] == (32, 32, 3)
+        assert b"CacheDataset" in splits.train._as_serialized_graph().numpy()
+        images = next(iter(splits.train))[0]
+    from kft import model
+
+    classifier = model.build_classifier("MobileNetV2", 224, None, model.HeadConfig(10))
+    assert classifier(images).shape == (8, 10)
+    assert classifier.feature_map(images).shape[1:3] == (7, 7)  # 224 px features
+
+
 def test_tfds_split_choice():
     spec = data.TfdsSpec("x")
     assert data._tfds_train_val_splits(spec, {"train", "validation", "test"}, 0.1) == (
