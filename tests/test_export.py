@@ -186,3 +186,25 @@ def test_exports_a_kft_classifier(tmp_path):
     served = export.load_serving(str(tmp_path))
     np.testing.assert_allclose(served(images), np.asarray(classifier(images)), atol=1e-4)
     assert served.path == version and served.class_names == CLASS_NAMES
+
+
+def test_a_bfloat16_run_exports_float32(tmp_path, tiny_splits):
+    """Mixed precision trains; the reloaded classifier and its export are float32 and agree to 1e-4."""
+    from kft import schedule, trainer
+    from kft.config import Config
+
+    config = Config(dataset="unused", backbone="VGG16", weights=None, image_size=32, batch_size=8,
+                    stages=schedule.parse_stages("head:1@1e-2,top1:1@1e-3"), model_dir=str(tmp_path / "run"),
+                    mixed_precision="bfloat16", augment=(), verbose=0)
+    try:
+        trainer.train(config, tiny_splits)
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
+        classifier, names, _ = trainer.load_classifier(config.model_dir)
+        assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"  # restored
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert {layer.compute_dtype for layer in classifier.backbone.layers} == {"float32"}
+    images = next(iter(tiny_splits.val))[0].numpy()
+    export.export_saved_model(classifier, names, str(tmp_path / "export"), images)  # checks 1e-4
+    served = export.load_serving(str(tmp_path / "export"))
+    np.testing.assert_allclose(served(images), np.asarray(classifier(images)), atol=1e-4)
