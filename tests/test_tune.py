@@ -400,8 +400,8 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path):
 # Real trials.
 
 
-def test_smoke_config_searches_end_to_end_and_a_rerun_keeps_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(ROOT)
+def _record_train_calls(monkeypatch) -> list:
+    """Lets trainer.train run as usual and returns the list of configs it is called with."""
     calls = []
     real_train = trainer.train
 
@@ -410,6 +410,12 @@ def test_smoke_config_searches_end_to_end_and_a_rerun_keeps_it(tmp_path, monkeyp
         return real_train(config, **kwargs)
 
     monkeypatch.setattr(trainer, "train", counted)
+    return calls
+
+
+def test_smoke_config_searches_end_to_end_and_a_rerun_keeps_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    calls = _record_train_calls(monkeypatch)
     tune_dir = tmp_path / "tune"
     argv = ["--flagfile=configs/smoke/tune.cfg", f"--tune_dir={tune_dir}"]
     started = time.time()
@@ -485,14 +491,7 @@ def _hparams_names(logdir) -> list[str]:
 
 
 def test_bss_search_trains_each_trial_with_its_bss_eta(tmp_path, monkeypatch):
-    calls = []
-    real_train = trainer.train
-
-    def counted(config, **kwargs):
-        calls.append(config)
-        return real_train(config, **kwargs)
-
-    monkeypatch.setattr(trainer, "train", counted)
+    calls = _record_train_calls(monkeypatch)
     tune_dir = tmp_path / "tune"
     run_tune([*TINY, f"--tune_dir={tune_dir}", "--regularizer=bss", "--tuner=random", "--max_trials=2",
               "--strength_min=1e-3", "--strength_max=1e-2"])
