@@ -362,25 +362,9 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
     ckpts = checkpoint.ResumeCheckpoints(config.model_dir)
     saved = ckpts.latest_state()
     state = _RunState(**saved) if saved else _RunState()
-    anchors_path = os.path.join(config.model_dir, "anchors.npz")
-
     with strategy.scope():
-        head = model.HeadConfig(len(splits.class_names), config.dropout, config.hidden_units)
-        classifier = model.build_classifier(config.backbone, config.image_size, config.weights, head)
-        blocks = backbones.blocks(classifier.spec, classifier.backbone)
-        schedule.validate_against_blocks(config.stages, [b.name for b in blocks])
-        if flagfile_text:
-            checkpoint.write_text(os.path.join(config.model_dir, "flags.cfg"), flagfile_text)
-        if os.path.exists(anchors_path):
-            anchors = checkpoint.load_arrays(anchors_path)
-        else:
-            anchors = l2sp.anchor_arrays(classifier.backbone)
-            checkpoint.save_arrays(anchors_path, anchors)
-        penalty, feature_regularizer = make_regularizers(config, classifier, anchors)
-        augmenter = augment_lib.Augmenter(config.augment, seed=config.seed) if config.augment else None
-        tuner = FineTuner(classifier, augmenter, penalty, config.label_smoothing, config.ema_decay,
-                          feature_regularizer, name="finetuner")
-
+        tuner, blocks, anchors = _build_tuner(config, len(splits.class_names), flagfile_text)
+    classifier, feature_regularizer = tuner.classifier, tuner.feature_regularizer
     checkpoint.write_json(
         os.path.join(config.model_dir, "classes.json"),
         {"class_names": list(splits.class_names), "backbone": config.backbone, "image_size": config.image_size},
@@ -388,7 +372,7 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
     summaries = Summaries(os.path.join(config.model_dir, "tb"))
     if not saved:
         summaries.augmented_grid(splits.train, config.augment, config.seed, len(splits.class_names))
-    block_of = _block_of_variable(blocks)
+    recorder = _EpochRecorder(config, tuner, anchors, _block_of_variable(blocks), summaries, state, ckpts)
     steps = steps_per_epoch(splits.train, splits.num_train, config.batch_size)
     first_epoch_of = np.cumsum([0] + [s.epochs for s in config.stages]).tolist()
 
@@ -425,36 +409,15 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         logging.info("stage %d/%d %s: trainable blocks %s, %d steps/epoch",
                      index + 1, len(config.stages), stage.describe(),
                      ", ".join(trainable_blocks) if trainable_blocks else "none (head only)", steps)
-        summaries.stage_start(index, stage, trainable_blocks, first_epoch_of[index])
         first = first_epoch_of[index]
-
-        def on_epoch(epoch, logs, index=index, stage=stage, optimizer=optimizer, lr=lr, first=first):
-            stage_epoch = epoch - first + 1
-            val_acc = float(logs.get("val_accuracy", float("nan")))
-            record = {"stage": index + 1, "epoch": stage_epoch, "global_epoch": epoch + 1,
-                      **{k: float(v) for k, v in logs.items()}}
-            record["learning_rate"] = float(lr(max(0, int(optimizer.iterations.numpy()) - 1)))
-            drift = l2sp.drift(classifier.backbone, anchors, block_of)
-            summaries.epoch(epoch + 1, record, drift)
-            state.history.append(record)
-            if val_acc > state.best_val_accuracy:
-                state.best_val_accuracy = val_acc
-                with _averaged_weights(tuner):
-                    checkpoint.save_model_weights(classifier, os.path.join(config.model_dir, "model.weights.h5"))
-            state.stage, state.epoch = index, stage_epoch
-            state.seconds += time.time() - on_epoch.last
-            on_epoch.last = time.time()
-            if stage_epoch == stage.epochs:
-                state.stage, state.epoch = index + 1, 0
-            ckpts.save(epoch + 1, tuner, optimizer, dataclasses.asdict(state))
-
-        on_epoch.last = time.time()
+        summaries.stage_start(index, stage, trainable_blocks, first)
+        recorder.start_stage(index, stage, first, optimizer, lr)
         tuner.fit(
             train_data,
             validation_data=val_data,
             initial_epoch=first + state.epoch,
             epochs=first + stage.epochs,
-            callbacks=[_EpochEnd(index, stage, first, on_epoch), _ValidateAveraged(tuner)],
+            callbacks=[_EpochEnd(index, stage, first, recorder), _ValidateAveraged(tuner)],
             verbose=config.verbose,
             shuffle=False,  # The tf.data pipeline shuffles (seeded).
         )
@@ -462,6 +425,67 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         logging.info("stage %d done in %.1fs", index + 1, time.time() - stage_started)
 
     return _finish(config, classifier, splits, state, summaries, started)
+
+
+def _build_tuner(config: Config, num_classes: int, flagfile_text: str) -> tuple[FineTuner, list, dict]:
+    """The classifier, its blocks and the FineTuner around it; writes flags.cfg once the stages
+    are known to fit the backbone, and anchors.npz (theta0) unless a resumed run has it.
+
+    Returns:
+      (tuner, blocks, anchors).
+    """
+    head = model.HeadConfig(num_classes, config.dropout, config.hidden_units)
+    classifier = model.build_classifier(config.backbone, config.image_size, config.weights, head)
+    blocks = backbones.blocks(classifier.spec, classifier.backbone)
+    schedule.validate_against_blocks(config.stages, [b.name for b in blocks])
+    if flagfile_text:
+        checkpoint.write_text(os.path.join(config.model_dir, "flags.cfg"), flagfile_text)
+    anchors_path = os.path.join(config.model_dir, "anchors.npz")
+    if os.path.exists(anchors_path):
+        anchors = checkpoint.load_arrays(anchors_path)
+    else:
+        anchors = l2sp.anchor_arrays(classifier.backbone)
+        checkpoint.save_arrays(anchors_path, anchors)
+    penalty, feature_regularizer = make_regularizers(config, classifier, anchors)
+    augmenter = augment_lib.Augmenter(config.augment, seed=config.seed) if config.augment else None
+    tuner = FineTuner(classifier, augmenter, penalty, config.label_smoothing, config.ema_decay,
+                      feature_regularizer, name="finetuner")
+    return tuner, blocks, anchors
+
+
+class _EpochRecorder:
+    """What happens after every epoch: the history and TensorBoard, the best weights, and a
+    resume checkpoint with the run state."""
+
+    def __init__(self, config: Config, tuner: FineTuner, anchors: dict, block_of: dict, summaries,
+                 state: _RunState, ckpts: checkpoint.ResumeCheckpoints):
+        self.config, self.tuner, self.anchors, self.block_of = config, tuner, anchors, block_of
+        self.summaries, self.state, self.ckpts = summaries, state, ckpts
+
+    def start_stage(self, index: int, stage: schedule.Stage, first_epoch: int, optimizer, lr) -> None:
+        self.index, self.stage, self.first_epoch, self.optimizer, self.lr = index, stage, first_epoch, optimizer, lr
+        self.last = time.time()
+
+    def __call__(self, epoch: int, logs: dict) -> None:
+        state, classifier = self.state, self.tuner.classifier
+        stage_epoch = epoch - self.first_epoch + 1
+        record = {"stage": self.index + 1, "epoch": stage_epoch, "global_epoch": epoch + 1,
+                  **{k: float(v) for k, v in logs.items()}}
+        record["learning_rate"] = float(self.lr(max(0, int(self.optimizer.iterations.numpy()) - 1)))
+        self.summaries.epoch(epoch + 1, record, l2sp.drift(classifier.backbone, self.anchors, self.block_of))
+        state.history.append(record)
+        val_acc = float(logs.get("val_accuracy", float("nan")))
+        if val_acc > state.best_val_accuracy:
+            state.best_val_accuracy = val_acc
+            with _averaged_weights(self.tuner):
+                checkpoint.save_model_weights(classifier, os.path.join(self.config.model_dir, "model.weights.h5"))
+        state.seconds += time.time() - self.last
+        self.last = time.time()
+        if stage_epoch == self.stage.epochs:
+            state.stage, state.epoch = self.index + 1, 0
+        else:
+            state.stage, state.epoch = self.index, stage_epoch
+        self.ckpts.save(epoch + 1, self.tuner, self.optimizer, dataclasses.asdict(state))
 
 
 def _needs_attention(feature_regularizer) -> bool:
