@@ -38,9 +38,14 @@ class UsageError(Exception):
     """Bad input found before any work: printed as one line, exit status 2."""
 
 
-def _parse_flags_or_exit(argv: list[str]) -> list[str]:
+def _program(argv: list[str]) -> str:
+    """The entry point's name as the user typed it: kft.train, kft.tune, ..."""
     main_module = getattr(sys.modules.get("__main__"), "__spec__", None)
-    prog = main_module.name if main_module else os.path.basename(argv[0] if argv else "kft")
+    return main_module.name if main_module else os.path.basename(argv[0] if argv else "kft")
+
+
+def _parse_flags_or_exit(argv: list[str]) -> list[str]:
+    prog = _program(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -50,6 +55,12 @@ def _parse_flags_or_exit(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+def fail(message: str, status: int) -> None:
+    """Ends the program with one line, `PROGRAM: error: message`, and exit `status`."""
+    print(f"{_program(sys.argv)}: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
 def run(main) -> None:
     """Runs `main(argv)` under absl with flag errors and UsageError as one line and exit 2."""
 
@@ -57,7 +68,6 @@ def run(main) -> None:
         try:
             return main(argv)
         except UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            fail(str(e), 2)
 
     app.run(guarded, flags_parser=_parse_flags_or_exit)

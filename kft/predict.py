@@ -170,8 +170,7 @@ def main(argv):
         from kft import data
 
         extensions = ", ".join(data.IMAGE_EXTENSIONS)
-        print(f"error: no image files ({extensions}, any case) under {' '.join(paths)}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(f"no image files ({extensions}, any case) under {' '.join(paths)}", 1)
     printer = _Printer(FLAGS.json, files, class_names, top_k)
     predicted = failed = 0
     for chunk, decoded in _batches(files, image_size, FLAGS.batch_size):

@@ -5,7 +5,6 @@ Later flags override the flagfile. Rerunning the same command resumes an interru
 
 import os
 import shutil
-import sys
 
 from absl import flags
 
@@ -49,8 +48,7 @@ def main(argv):
     try:
         experiment.run(config, flagfile_text=flagfile_text)
     except trainer.DivergenceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        cli.fail(str(e), 3)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
 

@@ -42,7 +42,6 @@ trials until the oracle says stop. Start order does not matter; rerunning the ch
 with the same command resumes the search.
 """
 
-import sys
 
 from absl import flags
 
@@ -93,8 +92,7 @@ def main(argv):
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        cli.fail(str(e), 1)
 
 
 def run_main() -> None:

@@ -169,5 +169,5 @@ def test_missing_path_is_one_line_exit_2(setup, tmp_path):
     missing = str(tmp_path / "nope.jpg")
     result = run_predict(f"--export_dir={run / 'export'}", str(images / "red.png"), missing)
     assert result.returncode == 2
-    assert error_lines(result.stderr) == [f"error: {missing} does not exist"]
+    assert error_lines(result.stderr) == [f"kft.predict: error: {missing} does not exist"]
     assert result.stdout == ""

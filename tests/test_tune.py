@@ -392,7 +392,7 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path):
     result = run_module("kft.tune", *FAKE, f"--tune_dir={tmp_path / 't'}", "--lr_scale_min=30")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: --lr_scale_min=30 must be < --lr_scale_max=10 (the range is inverted)"]
+        "kft.tune: error: --lr_scale_min=30 must be < --lr_scale_max=10 (the range is inverted)"]
     assert not (tmp_path / "t").exists()
 
 
