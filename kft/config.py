@@ -38,6 +38,7 @@ class Config:
     layer_lr_decay: float = 1.0
     ema_decay: float = 0.0
     cache_features: bool = False
+    cache_gb: float = 2.0
     dropout: float = 0.2
     hidden_units: int = 0
     augment: tuple[str, ...] = ()

@@ -44,8 +44,9 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
-# Decoded uint8 sets at or below this size are cached in memory; bigger ones are re-decoded
-# every epoch (a 2 GiB cache already holds ~14k images at 224 px or ~700k at 32 px).
+# Default memory for the decoded-image cache: uint8 sets (train + val) at or below it are
+# cached in memory, bigger ones re-decoded every epoch (2 GiB holds ~14k images at 224 px or
+# ~700k at 32 px). kft.train's --cache_gb sets it per run.
 CACHE_LIMIT_BYTES = 2 * 1024**3
 
 # Uncached training sets are shuffled through a buffer of about this many bytes.
@@ -201,6 +202,7 @@ def load(
     seed: int = 0,
     data_dir: str | None = None,
     train_limit_per_class: int | None = None,
+    cache_bytes: int | None = None,
 ) -> Splits:
     """Builds the train and validation pipelines of a data source.
 
@@ -216,6 +218,8 @@ def load(
         target tasks). Folder and digits keep a seeded random subset; TFDS keeps the first
         ones in the dataset's stored order (TFDS shuffles examples when preparing a dataset).
         Validation is never limited.
+      cache_bytes: memory the decoded train + val images may take to be cached (decoded once);
+        None: CACHE_LIMIT_BYTES. Bigger sets are decoded again every epoch.
 
     Returns:
       A `Splits`.
@@ -231,16 +235,18 @@ def load(
     if train_limit_per_class is not None and train_limit_per_class < 1:
         raise ValueError(f"train_limit_per_class={train_limit_per_class!r}: must be >= 1 or None")
     kwargs = dict(image_size=image_size, batch_size=batch_size, val_fraction=val_fraction,
-                  seed=seed, train_limit_per_class=train_limit_per_class)
+                  seed=seed, train_limit_per_class=train_limit_per_class,
+                  cache_bytes=CACHE_LIMIT_BYTES if cache_bytes is None else cache_bytes)
     if isinstance(parsed, TfdsSpec):
         splits = _load_tfds(parsed, data_dir=data_dir, **kwargs)
     elif isinstance(parsed, FolderSpec):
         splits = _load_folder(spec, parsed, **kwargs)
     else:
         splits = _load_digits(parsed, **kwargs)
+    stored = splits.train.element_spec[0].shape[1]  # below image_size for small TFDS images
     logging.info("data %s: %d classes, %d train, %d val, %d skipped, %dx%d px", spec,
                  len(splits.class_names), splits.num_train, splits.num_val, splits.skipped,
-                 image_size, image_size)
+                 stored, stored)
     return splits
 
 
@@ -290,7 +296,8 @@ def load_eval(
                                                     expected)
     else:
         splits = _load_digits(parsed, image_size=image_size, batch_size=batch_size,
-                              val_fraction=val_fraction, seed=seed, train_limit_per_class=None)
+                              val_fraction=val_fraction, seed=seed, train_limit_per_class=None,
+                              cache_bytes=CACHE_LIMIT_BYTES)
         dataset, names, skipped = splits.val, splits.class_names, 0
     if expected is not None and names != expected:
         raise ValueError(f"data spec {spec!r} has classes {list(names)}, but the model was "
@@ -362,8 +369,8 @@ def _finish(
     return dataset.with_options(options)
 
 
-def _should_cache(num_examples: int, image_size: int) -> bool:
-    return num_examples * image_size * image_size * 3 <= CACHE_LIMIT_BYTES
+def _should_cache(num_examples: int, image_size: int, cache_bytes: int) -> bool:
+    return num_examples * image_size * image_size * 3 <= cache_bytes
 
 
 def _round_half_up(x: float) -> int:
@@ -481,7 +488,7 @@ def _tfds_decode(builder, image_size: int):
 
 
 def _load_tfds(spec: TfdsSpec, *, data_dir, image_size, batch_size, val_fraction, seed,
-               train_limit_per_class) -> Splits:
+               train_limit_per_class, cache_bytes) -> Splits:
     builder = _tfds_builder(spec, data_dir)
     class_names = tuple(builder.info.features["label"].names)
     train_split, val_split = _tfds_train_val_splits(spec, set(builder.info.splits),
@@ -497,7 +504,7 @@ def _load_tfds(spec: TfdsSpec, *, data_dir, image_size, batch_size, val_fraction
                          f"validation split {val_split!r} has {num_val} examples; both need "
                          "at least 1 (change val_fraction or the splits)")
     image_size = _tfds_stored_size(builder, image_size)
-    cache = _should_cache(num_train + num_val, image_size)
+    cache = _should_cache(num_train + num_val, image_size, cache_bytes)
     # File-order shuffling only when the set is streamed (no cache) and has no per-class
     # limit: the limit must pick the same examples every epoch.
     train = _tfds_dataset(builder, train_split, seed=seed,
@@ -719,7 +726,7 @@ def _folder_pipeline(files: _Files, *, image_size: int, batch_size: int, trainin
 
 
 def _load_folder(spec: str, parsed: FolderSpec, *, image_size, batch_size, val_fraction, seed,
-                 train_limit_per_class) -> Splits:
+                 train_limit_per_class, cache_bytes) -> Splits:
     root = parsed.path
     split_layout = os.path.isdir(root) and any(
         os.path.isdir(os.path.join(root, d)) for d in _SPLIT_LAYOUT_DIRS)
@@ -752,7 +759,7 @@ def _load_folder(spec: str, parsed: FolderSpec, *, image_size, batch_size, val_f
         val_files = _subset(files, val_index)
     _log_skipped(spec, bad, total)
     num_train, num_val = len(train_files.labels), len(val_files.labels)
-    cache = _should_cache(num_train + num_val, image_size)
+    cache = _should_cache(num_train + num_val, image_size, cache_bytes)
     common = dict(image_size=image_size, batch_size=batch_size, seed=seed, cache=cache)
     return Splits(
         train=_folder_pipeline(train_files, training=True, **common),
@@ -807,23 +814,23 @@ def _digits_arrays(classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _digits_pipeline(images: np.ndarray, labels: np.ndarray, *, image_size: int,
-                     batch_size: int, training: bool, seed: int) -> tf.data.Dataset:
+                     batch_size: int, training: bool, seed: int, cache_bytes: int) -> tf.data.Dataset:
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))
     dataset = dataset.map(lambda image, label: (resize_uint8(to_rgb(image), image_size), label),
                           num_parallel_calls=AUTOTUNE)
     return _finish(dataset, num_examples=len(labels), batch_size=batch_size,
                    image_size=image_size, training=training, seed=seed,
-                   cache=_should_cache(len(labels), image_size), shuffle=True)
+                   cache=_should_cache(len(labels), image_size, cache_bytes), shuffle=True)
 
 
 def _load_digits(parsed: DigitsSpec, *, image_size, batch_size, val_fraction, seed,
-                 train_limit_per_class) -> Splits:
+                 train_limit_per_class, cache_bytes) -> Splits:
     images, labels = _digits_arrays(parsed.classes)
     class_names = tuple(str(c) for c in parsed.classes)
     train_per_class, val_index = _split_per_class(labels, class_names, val_fraction, seed,
                                                   "digits")
     train_index = _limit_train(train_per_class, train_limit_per_class)
-    common = dict(image_size=image_size, batch_size=batch_size, seed=seed)
+    common = dict(image_size=image_size, batch_size=batch_size, seed=seed, cache_bytes=cache_bytes)
     return Splits(
         train=_digits_pipeline(images[train_index], labels[train_index], training=True,
                                **common),

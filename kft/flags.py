@@ -70,6 +70,7 @@ flags.DEFINE_float("bss_eta", 0.001, "BSS strength: the smallest squared singula
 flags.DEFINE_integer("bss_k", 1, "BSS: how many of the smallest singular values are shrunk.")
 flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the training loss.")
 flags.DEFINE_float("layer_lr_decay", 1.0, "Layer-wise learning rates: the top block gets the stage's rate, each block below this factor times the one above (1 = off; timm's layer decay, fastai's slice(lo, hi)).")
+flags.DEFINE_float("cache_gb", 2.0, "Memory (GiB) the decoded training and validation images may take to be cached, so they are decoded once; bigger sets are decoded every epoch. 0 = never cache.")
 flags.DEFINE_boolean("cache_features", False, "Compute the frozen backbone's features once and train head-only stages on them (much faster; those stages then run without augmentation).")
 flags.DEFINE_float("ema_decay", 0.0, "Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0 = off); validation, the best checkpoint and the export use it.")
 flags.DEFINE_string("augment", "crop,flip", "Comma list of on-device augmentations from: crop, flip, translate, colour, mixup, cutmix; none for no augmentation.")
@@ -108,6 +109,7 @@ _range("l2sp_beta", 0.0)
 _range("delta_alpha", 0.0)
 _range("delta_attention_batches", 1)
 _range("bss_eta", 0.0)
+_range("cache_gb", 0.0)
 _range("bss_k", 1)
 _range("label_smoothing", 0.0, 0.5)
 _range("layer_lr_decay", 0.0, 1.0, low_open=True)
@@ -159,6 +161,7 @@ def config_from_flags() -> Config:
         l2sp_alpha=FLAGS.l2sp_alpha,
         l2sp_beta=FLAGS.l2sp_beta,
         regularizer=FLAGS.regularizer,
+        cache_gb=FLAGS.cache_gb,
         delta_alpha=FLAGS.delta_alpha,
         delta_weighting=FLAGS.delta_weighting,
         delta_attention_batches=FLAGS.delta_attention_batches,

@@ -327,6 +327,7 @@ def load_splits(config: Config, batch_size: int | None = None) -> data.Splits:
         seed=config.seed,
         data_dir=config.data_dir,
         train_limit_per_class=config.train_limit_per_class or None,
+        cache_bytes=int(config.cache_gb * 1024**3),
     )
 
 

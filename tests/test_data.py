@@ -186,12 +186,12 @@ def test_tfds_grayscale_and_train_limit_with_plain_mock():
     assert sorted(y) == sorted(again)  # The limit keeps the same examples every epoch.
 
 
-def test_tfds_fixed_size_images_stay_at_their_size_for_a_larger_model(monkeypatch):
+def test_tfds_fixed_size_images_stay_at_their_size_for_a_larger_model():
     # CIFAR-10 for a 224 px backbone: kept at 32 px (and cached); the model upsamples.
     # 20 train + 20 val images fit a 200 kB cache at 32 px (123 kB), not at 224 px (6 MB).
-    monkeypatch.setattr(data, "CACHE_LIMIT_BYTES", 200_000)
     with tfds.testing.mock_data(num_examples=20):
-        splits = data.load("tfds:cifar10", image_size=224, batch_size=8, val_fraction=0.25)
+        splits = data.load("tfds:cifar10", image_size=224, batch_size=8, val_fraction=0.25,
+                           cache_bytes=200_000)
         test, _, _ = data.load_eval("tfds:cifar10", image_size=224, batch_size=8)
         for dataset in (splits.train, splits.val, test):
             assert next(iter(dataset))[0].shape[1:] == (32, 32, 3)
@@ -202,6 +202,14 @@ def test_tfds_fixed_size_images_stay_at_their_size_for_a_larger_model(monkeypatc
     classifier = model.build_classifier("MobileNetV2", 224, None, model.HeadConfig(10))
     assert classifier(images).shape == (8, 10)
     assert classifier.feature_map(images).shape[1:3] == (7, 7)  # 224 px features
+
+
+@pytest.mark.parametrize("cache_bytes,cached", [(0, False), (123 * 1024, True)])
+def test_cache_bytes_decides_the_memory_cache(tmp_path, cache_bytes, cached):
+    # digits:0-1 at 8 px: 360 images x 192 bytes = 69 kB decoded.
+    splits = data.load("digits:0-1", image_size=8, batch_size=8, cache_bytes=cache_bytes)
+    for dataset in (splits.train, splits.val):
+        assert (b"CacheDataset" in dataset._as_serialized_graph().numpy()) == cached
 
 
 def test_tfds_split_choice():
