@@ -87,8 +87,8 @@ STRENGTH_FIELDS = {"l2sp": "l2sp_alpha", "delta": "delta_alpha", "bss": "bss_eta
 # Config fields that do not change what a trial computes, or that each trial sets itself; a
 # rerun may change them without starting a different search. Every strength is one of these:
 # the chosen regularizer's is searched, the others are unused.
-_FREE_FIELDS = ("model_dir", "export_dir", "verbose", "lr_scale", "l2sp_alpha", "delta_alpha", "bss_eta",
-                "compare_scratch")
+_FREE_FIELDS = ("model_dir", "export_dir", "verbose", "lr_scale", "compare_scratch",
+                *(field for field in STRENGTH_FIELDS.values() if field))
 
 
 def searched_fields(regularizer: str) -> tuple[str, ...]:

@@ -247,14 +247,12 @@ def steps_per_epoch(dataset: tf.data.Dataset, num_examples: int, batch_size: int
 
 
 class _EpochEnd(keras.callbacks.Callback):
-    """Checks for divergence each batch; after each epoch hands logs to the run loop."""
+    """Checks for divergence each batch; after each epoch hands the logs to the recorder, which
+    knows the stage in progress."""
 
-    def __init__(self, stage_index: int, stage: schedule.Stage, first_epoch: int, on_epoch):
+    def __init__(self, recorder: "_EpochRecorder"):
         super().__init__()
-        self.stage_index = stage_index
-        self.stage = stage
-        self.first_epoch = first_epoch
-        self.on_epoch = on_epoch
+        self.recorder = recorder
         self.epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -263,15 +261,16 @@ class _EpochEnd(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         loss = float((logs or {}).get("loss", 0.0))
         if not math.isfinite(loss):
+            run = self.recorder
             raise DivergenceError(
-                f"loss became {loss} in stage {self.stage_index + 1} ({self.stage.describe()}), "
-                f"epoch {self.epoch - self.first_epoch + 1}, step {batch + 1}: the learning rate is "
+                f"loss became {loss} in stage {run.index + 1} ({run.stage.describe()}), "
+                f"epoch {self.epoch - run.first_epoch + 1}, step {batch + 1}: the learning rate is "
                 f"likely too high; lower --lr_scale or the stage's learning rate. The last good "
                 f"checkpoint is kept."
             )
 
     def on_epoch_end(self, epoch, logs=None):
-        self.on_epoch(epoch, dict(logs or {}))
+        self.recorder(epoch, dict(logs or {}))
 
 
 class _ValidateAveraged(keras.callbacks.Callback):
@@ -418,7 +417,7 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
             validation_data=val_data,
             initial_epoch=first + state.epoch,
             epochs=first + stage.epochs,
-            callbacks=[_EpochEnd(index, stage, first, recorder), _ValidateAveraged(tuner)],
+            callbacks=[_EpochEnd(recorder), _ValidateAveraged(tuner)],
             verbose=config.verbose,
             shuffle=False,  # The tf.data pipeline shuffles (seeded).
         )

@@ -38,6 +38,22 @@ def make_splits(num_classes=3, per_class=8, size=32, batch_size=8, seed=0):
     )
 
 
+def colour_model(logit_scale: float):
+    """A keras model that predicts an image's dominant channel as classes blue, green, red
+    (the sorted class-folder order): logits = logit_scale * the channel means in 0..1."""
+    import keras
+
+    images = keras.Input((None, None, 3))
+    x = keras.layers.Rescaling(1 / 255.0)(images)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    dense = keras.layers.Dense(3, activation="softmax")
+    probabilities = dense(x)
+    kernel = np.zeros((3, 3), np.float32)
+    kernel[0, 2] = kernel[1, 1] = kernel[2, 0] = logit_scale  # Channel R -> class 2, G -> 1, B -> 0.
+    dense.set_weights([kernel, np.zeros(3, np.float32)])
+    return keras.Model(images, probabilities)
+
+
 @pytest.fixture
 def tiny_splits():
     return make_splits()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import colour_model
 from kft import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,20 +23,6 @@ CLASSES = ["blue", "green", "red"]  # Sorted, as the folder loader orders class 
 SIZE = 16
 # TensorFlow's C++ start-up lines, which TF_CPP_MIN_LOG_LEVEL no longer silences (TF 2.21).
 _TF_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IWE]\d{4} |To enable the following)")
-
-
-def colour_model() -> keras.Model:
-    """Predicts the dominant channel: blue, green, red (class order above)."""
-    images = keras.Input((None, None, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(images)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    dense = keras.layers.Dense(3, activation="softmax")
-    probabilities = dense(x)
-    # Channel c (RGB) -> class index: red 2, green 1, blue 0.
-    kernel = np.zeros((3, 3), np.float32)
-    kernel[0, 2] = kernel[1, 1] = kernel[2, 0] = 10.0
-    dense.set_weights([kernel, np.zeros(3, np.float32)])
-    return keras.Model(images, probabilities)
 
 
 def write_folder(root, contents: dict[str, list[int]]) -> dict[str, list[str]]:
@@ -68,7 +55,7 @@ def error_lines(stderr: str) -> list[str]:
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     base = str(tmp_path_factory.mktemp("export"))
-    model = colour_model()
+    model = colour_model(logit_scale=10.0)
     check = np.random.default_rng(1).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
     version = export.export_saved_model(model, CLASSES, base, check)
     return model, base, version

@@ -10,30 +10,17 @@ import re
 import subprocess
 import sys
 
-import keras
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import colour_model
 from kft import checkpoint, export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["blue", "green", "red"]
 RUN_IMAGE_SIZE = 20  # What the fake training run's classes.json says.
 _TF_NOISE = re.compile(r"^(WARNING: All log messages before absl::InitializeLog|[IWE]\d{4} |To enable the following)")
-
-
-def colour_model() -> keras.Model:
-    """Probabilities of the dominant channel: blue, green, red (class order above)."""
-    images = keras.Input((None, None, 3))
-    x = keras.layers.Rescaling(1 / 255.0)(images)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    dense = keras.layers.Dense(3, activation="softmax")
-    probabilities = dense(x)
-    kernel = np.zeros((3, 3), np.float32)
-    kernel[0, 2] = kernel[1, 1] = kernel[2, 0] = 5.0  # Channel R -> class 2, G -> 1, B -> 0.
-    dense.set_weights([kernel, np.zeros(3, np.float32)])
-    return keras.Model(images, probabilities)
 
 
 def coloured(channel: int, size=(14, 18), seed=0) -> np.ndarray:
@@ -48,7 +35,7 @@ def setup(tmp_path_factory):
     folder of images: nested, mixed formats and modes, one corrupt file, files to ignore."""
     root = tmp_path_factory.mktemp("predict")
     run = root / "run"
-    model = colour_model()
+    model = colour_model(logit_scale=5.0)
     check = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     version = export.export_saved_model(model, CLASSES, str(run / "export"), check)
     checkpoint.write_json(str(run / "classes.json"), {"class_names": CLASSES, "backbone": "MobileNetV2", "image_size": RUN_IMAGE_SIZE})

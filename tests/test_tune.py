@@ -48,6 +48,20 @@ def parse(argv: list[str], prog: str = "kft.tune") -> None:
     FLAGS([prog, "--model_dir=", *argv] if prog == "kft.tune" else [prog, *argv])
 
 
+def config_of(argv: list[str], prog: str = "kft.tune"):
+    """The kft.train Config these flags parse to, as `prog` would parse them; flags reset after."""
+    try:
+        parse(argv, prog)
+        return kft_flags.config_from_flags()
+    finally:
+        FLAGS.unparse_flags()
+
+
+def best_cfg_config(tune_dir):
+    """The Config `python -m kft.train --flagfile=TUNE_DIR/best.cfg` would run."""
+    return config_of([f"--flagfile={tune_dir / 'best.cfg'}"], prog="kft.train")
+
+
 def run_tune(argv: list[str]) -> None:
     """Runs kft.tune's main() in this process, as the command line would."""
     try:
@@ -137,9 +151,7 @@ def test_budget_shortens_only_the_last_stage():
 
 def test_hyperband_budgets_never_cut_into_the_head_stage(tmp_path):
     # head:1 + top1:8: budgets must be >= 2; stock KerasTuner Hyperband would also try 1 epoch.
-    parse([*FAKE, "--stages=head:1@1e-3,top1:8@1e-4", "--seed=3"])
-    config = kft_flags.config_from_flags()
-    FLAGS.unparse_flags()
+    config = config_of([*FAKE, "--stages=head:1@1e-3,top1:8@1e-4", "--seed=3"])
     tune = search.TuneConfig(tune_dir=str(tmp_path), tuner="hyperband", max_trials=12)
     oracle = search.make_oracle(tune, config)
     oracle._set_project_dir(str(tmp_path), "oracle")
@@ -203,11 +215,8 @@ def test_best_cfg_holds_the_best_trial_and_parses_as_kft_train_flags(tmp_path, f
     best = max(rows, key=lambda r: float(r["objective"]))
     assert float(best["objective"]) == pytest.approx(
         1 / (1 + abs(math.log10(float(best["lr_scale"])))) * (1.0 if float(best["l2sp_alpha"]) else 0.9))
-    parse([*FAKE])
-    base = kft_flags.config_from_flags()
-    parse([f"--flagfile={tune_dir / 'best.cfg'}"], prog="kft.train")
-    tuned = kft_flags.config_from_flags()
-    FLAGS.unparse_flags()
+    base = config_of([*FAKE])
+    tuned = best_cfg_config(tune_dir)
     assert tuned == dataclasses.replace(base, lr_scale=float(best["lr_scale"]), l2sp_alpha=float(best["l2sp_alpha"]),
                                         model_dir=str(tune_dir / "best"))
 
@@ -217,8 +226,7 @@ def test_delta_search_sets_delta_alpha_in_trials_csv_table_and_best_cfg(tmp_path
     run_tune([*FAKE, f"--tune_dir={tune_dir}", "--regularizer=delta", "--tuner=random", "--max_trials=4"])
     rows = read_rows(tune_dir)
     assert list(rows[0]) == ["trial_id", "lr_scale", "delta_alpha", "objective", "epochs", "wall_seconds", "status"]
-    parse([*FAKE, "--regularizer=delta"])
-    base = kft_flags.config_from_flags()
+    base = config_of([*FAKE, "--regularizer=delta"])
     for row, call in zip(rows, sorted(fake_train.calls, key=lambda c: int(os.path.basename(c["config"].model_dir)))):
         config = call["config"]
         assert float(row["delta_alpha"]) == config.delta_alpha
@@ -226,9 +234,7 @@ def test_delta_search_sets_delta_alpha_in_trials_csv_table_and_best_cfg(tmp_path
         assert (config.regularizer, config.l2sp_alpha, config.bss_eta) == ("delta", base.l2sp_alpha, base.bss_eta)
     assert any(line.split()[:3] == ["trial", "lr_scale", "delta_alpha"] for line in capsys.readouterr().out.splitlines())
     best = max(rows, key=lambda r: float(r["objective"]))
-    parse([f"--flagfile={tune_dir / 'best.cfg'}"], prog="kft.train")
-    tuned = kft_flags.config_from_flags()
-    FLAGS.unparse_flags()
+    tuned = best_cfg_config(tune_dir)
     assert tuned == dataclasses.replace(base, lr_scale=float(best["lr_scale"]), delta_alpha=float(best["delta_alpha"]),
                                         model_dir=str(tune_dir / "best"))
 
@@ -238,16 +244,13 @@ def test_regularizer_none_searches_lr_scale_alone(tmp_path, fake_train):
     run_tune([*FAKE, f"--tune_dir={tune_dir}", "--regularizer=none", "--tuner=random", "--max_trials=3"])
     rows = read_rows(tune_dir)
     assert list(rows[0]) == ["trial_id", "lr_scale", "objective", "epochs", "wall_seconds", "status"]
-    parse([*FAKE, "--regularizer=none"])
-    base = kft_flags.config_from_flags()
+    base = config_of([*FAKE, "--regularizer=none"])
     for call in fake_train.calls:  # Only lr_scale and the trial's output settings differ from the flags.
         config = call["config"]
         assert dataclasses.replace(config, lr_scale=base.lr_scale, model_dir=base.model_dir,
                                    export_dir=base.export_dir, verbose=base.verbose) == base
     best = max(rows, key=lambda r: float(r["objective"]))
-    parse([f"--flagfile={tune_dir / 'best.cfg'}"], prog="kft.train")
-    tuned = kft_flags.config_from_flags()
-    FLAGS.unparse_flags()
+    tuned = best_cfg_config(tune_dir)
     assert tuned == dataclasses.replace(base, lr_scale=float(best["lr_scale"]), model_dir=str(tune_dir / "best"))
     # The strength range is unused, so changing it is no other search.
     run_tune([*FAKE, f"--tune_dir={tune_dir}", "--regularizer=none", "--tuner=random", "--max_trials=3",
@@ -443,11 +446,8 @@ def test_smoke_config_searches_end_to_end_and_a_rerun_keeps_it(tmp_path, monkeyp
     # best.cfg: kft.train's flags with the best trial's values, a model_dir of its own.
     # Highest objective; on a tie the longest-trained, then the earliest trial.
     best = max(rows, key=lambda r: (float(r["objective"]), int(r["epochs"]), -int(r["trial_id"])))
-    parse(["--flagfile=configs/smoke/tune.cfg"])
-    base = kft_flags.config_from_flags()
-    parse([f"--flagfile={tune_dir / 'best.cfg'}"], prog="kft.train")
-    tuned = kft_flags.config_from_flags()
-    FLAGS.unparse_flags()
+    base = config_of(["--flagfile=configs/smoke/tune.cfg"])
+    tuned = best_cfg_config(tune_dir)
     assert tuned == dataclasses.replace(base, lr_scale=float(best["lr_scale"]), l2sp_alpha=float(best["l2sp_alpha"]),
                                         model_dir=str(tune_dir / "best"))
     assert f"The best trial ({best['trial_id']})" in (tune_dir / "best.cfg").read_text()
