@@ -137,14 +137,16 @@ class ResumeCheckpoints:
         remove_temporaries(model_dir)
         remove_temporaries(self.root)
 
-    def save(self, index: int, model: keras.Model, optimizer: keras.optimizers.Optimizer, state: dict) -> None:
-        """Writes checkpoint `index` (a running epoch count) and points `latest` at it."""
+    def save(self, index: int, model: keras.Model, optimizer: keras.optimizers.Optimizer | None,
+             state: dict) -> None:
+        """Writes checkpoint `index` (a running epoch count) and points `latest` at it; without an
+        optimizer (after the probe stage) its state file is empty."""
         os.makedirs(self.root, exist_ok=True)
         final = os.path.join(self.root, f"epoch-{index}")
         tmp = tempfile.mkdtemp(dir=self.root, prefix=".tmp-")
         try:
             model.save_weights(os.path.join(tmp, "model.weights.h5"))
-            np.savez(os.path.join(tmp, "optimizer.npz"), **{f"v{i:05d}": v.numpy() for i, v in enumerate(optimizer.variables)})
+            np.savez(os.path.join(tmp, "optimizer.npz"), **{f"v{i:05d}": v.numpy() for i, v in enumerate(optimizer.variables if optimizer else [])})
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 json.dump(state, f, indent=2, sort_keys=True)
             if os.path.exists(final):

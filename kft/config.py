@@ -24,6 +24,7 @@ class Config:
     image_size: int = 224
     batch_size: int = 64
     seed: int = 0
+    checkpoint_selection: str = "auto"
     lr_scale: float = 1.0
     optimizer: str = "adam"
     l2sp_alpha: float = 0.01
@@ -44,6 +45,7 @@ class Config:
     augment: tuple[str, ...] = ()
     pretrain_dataset: str = ""
     pretrain_stages: tuple[Stage, ...] = ()
+    pretrain_batch_size: int = 0  # 0 = batch_size
     compare_scratch: bool = False
     export_dir: str = ""
     export_tflite: str = "off"

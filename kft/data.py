@@ -34,7 +34,7 @@ import math
 import os
 import re
 import zlib
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from absl import logging
 import numpy as np
@@ -183,6 +183,11 @@ class Splits:
       num_train: examples in one pass of `train` (before dropping the partial batch).
       num_val: examples in one pass of `val`.
       skipped: files of a folder source that could not be decoded; 0 for other sources.
+      train_in_order: every training example once, in a fixed order, unaugmented, partial
+        last batch kept (the linear probe's feature pass); None where the source lacks it.
+      batch_size: the batch size of the pipelines (0 if unknown).
+      rebuild: `rebuild(batch_size)` -> the same Splits batched differently, without reading
+        the source again (see `with_batch_size`).
     """
 
     train: tf.data.Dataset
@@ -191,6 +196,18 @@ class Splits:
     num_train: int
     num_val: int
     skipped: int
+    train_in_order: tf.data.Dataset | None = None
+    batch_size: int = 0
+    rebuild: Callable[[int], "Splits"] | None = dataclasses.field(default=None, repr=False,
+                                                                   compare=False)
+
+    def with_batch_size(self, batch_size: int) -> "Splits":
+        """These splits in batches of `batch_size` (a folder is not scanned again)."""
+        if batch_size == self.batch_size:
+            return self
+        if self.rebuild is None:
+            raise ValueError("these splits cannot be rebatched (built without a rebuild function)")
+        return self.rebuild(batch_size)
 
 
 def load(
@@ -511,14 +528,24 @@ def _load_tfds(spec: TfdsSpec, *, data_dir, image_size, batch_size, val_fraction
                           shuffle_files=not cache and train_limit_per_class is None)
     train = _tfds_limit(train, train_limit_per_class, len(class_names))
     decode = _tfds_decode(builder, image_size)
-    common = dict(batch_size=batch_size, image_size=image_size, seed=seed, cache=cache,
-                  shuffle=True)
-    return Splits(
-        train=_finish(train.map(decode, num_parallel_calls=AUTOTUNE), num_examples=num_train,
-                      training=True, **common),
-        val=_finish(val.map(decode, num_parallel_calls=AUTOTUNE), num_examples=num_val,
-                    training=False, **common),
-        class_names=class_names, num_train=num_train, num_val=num_val, skipped=0)
+    in_order = _tfds_limit(_tfds_dataset(builder, train_split, shuffle_files=False, seed=seed),
+                           train_limit_per_class, len(class_names))
+
+    def build(batch_size: int) -> Splits:
+        common = dict(batch_size=batch_size, image_size=image_size, seed=seed, cache=cache,
+                      shuffle=True)
+        return Splits(
+            train=_finish(train.map(decode, num_parallel_calls=AUTOTUNE),
+                          num_examples=num_train, training=True, **common),
+            val=_finish(val.map(decode, num_parallel_calls=AUTOTUNE), num_examples=num_val,
+                        training=False, **common),
+            class_names=class_names, num_train=num_train, num_val=num_val, skipped=0,
+            train_in_order=_finish(in_order.map(decode, num_parallel_calls=AUTOTUNE),
+                                   num_examples=num_train, training=False,
+                                   **{**common, "cache": False, "shuffle": False}),
+            batch_size=batch_size, rebuild=build)
+
+    return build(batch_size)
 
 
 def _load_tfds_eval(spec: TfdsSpec, image_size: int, batch_size: int, data_dir: str | None):
@@ -760,12 +787,19 @@ def _load_folder(spec: str, parsed: FolderSpec, *, image_size, batch_size, val_f
     _log_skipped(spec, bad, total)
     num_train, num_val = len(train_files.labels), len(val_files.labels)
     cache = _should_cache(num_train + num_val, image_size, cache_bytes)
-    common = dict(image_size=image_size, batch_size=batch_size, seed=seed, cache=cache)
-    return Splits(
-        train=_folder_pipeline(train_files, training=True, **common),
-        val=_folder_pipeline(val_files, training=False, **common),
-        class_names=tuple(class_names), num_train=num_train, num_val=num_val,
-        skipped=len(bad))
+
+    def build(batch_size: int) -> Splits:
+        common = dict(image_size=image_size, batch_size=batch_size, seed=seed, cache=cache)
+        return Splits(
+            train=_folder_pipeline(train_files, training=True, **common),
+            val=_folder_pipeline(val_files, training=False, **common),
+            class_names=tuple(class_names), num_train=num_train, num_val=num_val,
+            skipped=len(bad),
+            train_in_order=_folder_pipeline(train_files, training=False,
+                                            **{**common, "cache": False}),
+            batch_size=batch_size, rebuild=build)
+
+    return build(batch_size)
 
 
 def _load_folder_eval(spec: str, parsed: FolderSpec, image_size: int, batch_size: int,
@@ -830,10 +864,19 @@ def _load_digits(parsed: DigitsSpec, *, image_size, batch_size, val_fraction, se
     train_per_class, val_index = _split_per_class(labels, class_names, val_fraction, seed,
                                                   "digits")
     train_index = _limit_train(train_per_class, train_limit_per_class)
-    common = dict(image_size=image_size, batch_size=batch_size, seed=seed, cache_bytes=cache_bytes)
-    return Splits(
-        train=_digits_pipeline(images[train_index], labels[train_index], training=True,
-                               **common),
-        val=_digits_pipeline(images[val_index], labels[val_index], training=False, **common),
-        class_names=class_names, num_train=len(train_index), num_val=len(val_index),
-        skipped=0)
+
+    def build(batch_size: int) -> Splits:
+        common = dict(image_size=image_size, batch_size=batch_size, seed=seed,
+                      cache_bytes=cache_bytes)
+        return Splits(
+            train=_digits_pipeline(images[train_index], labels[train_index], training=True,
+                                   **common),
+            val=_digits_pipeline(images[val_index], labels[val_index], training=False,
+                                 **common),
+            class_names=class_names, num_train=len(train_index), num_val=len(val_index),
+            skipped=0,
+            train_in_order=_digits_pipeline(images[train_index], labels[train_index],
+                                            training=False, **{**common, "cache_bytes": 0}),
+            batch_size=batch_size, rebuild=build)
+
+    return build(batch_size)

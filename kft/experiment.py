@@ -26,17 +26,36 @@ def source_config(config: Config, model_dir: str) -> Config:
         config,
         dataset=config.pretrain_dataset,
         stages=config.pretrain_stages,
+        batch_size=config.pretrain_batch_size or config.batch_size,
+        checkpoint_selection="auto",
         train_limit_per_class=0,
         # Nothing pretrained to stay close to yet: the source task trains freely.
         l2sp_alpha=0.0,
+        regularizer="none",
         model_dir=model_dir,
         pretrain_dataset="",
         compare_scratch=False,
     )
 
 
-def run(config: Config, flagfile_text: str = "") -> dict:
-    """Runs everything `config` asks for and returns the fine-tune's metrics."""
+def scratch_stages(stages: tuple[schedule.Stage, ...], lr: float) -> tuple[schedule.Stage, ...]:
+    """The from-scratch baseline's schedule: every block trained (BatchNorm too) at `lr` for as
+    long as the fine-tune's stages train (the probe fits nothing from scratch)."""
+    trained = [stage for stage in stages if stage.what != "probe"]
+    if not any(stage.steps for stage in trained):
+        return (schedule.Stage("all", sum(stage.epochs for stage in trained), lr, bn="train"),)
+    return tuple(dataclasses.replace(stage, what="all", top_blocks=0, from_block="", lr=lr, bn="train")
+                 for stage in trained)
+
+
+def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
+    """Runs everything `config` asks for and returns the fine-tune's metrics.
+
+    Args:
+      config: the run.
+      flagfile_text: written to MODEL_DIR/flags.cfg.
+      splits: the target data (kft.data.Splits) when already loaded, else None.
+    """
     if config.pretrain_dataset:
         source = source_config(config, os.path.join(config.model_dir, "pretrain"))
         logging.info("source task: training %s on %s", config.backbone, source.dataset)
@@ -44,7 +63,7 @@ def run(config: Config, flagfile_text: str = "") -> dict:
         print(f"source task {source.dataset}: best val accuracy {source_metrics['best_val_accuracy']:.4f}")
         config = dataclasses.replace(config, weights=os.path.join(source.model_dir, "backbone.weights.h5"))
 
-    metrics = trainer.train(config, flagfile_text=flagfile_text)
+    metrics = trainer.train(config, splits=splits, flagfile_text=flagfile_text)
     print(f"fine-tuned on {config.dataset}: best val accuracy {metrics['best_val_accuracy']:.4f}")
 
     if config.export_dir != "none" or config.export_tflite != "off":
@@ -73,19 +92,20 @@ def run(config: Config, flagfile_text: str = "") -> dict:
         scratch = dataclasses.replace(
             config,
             weights=None,
-            stages=(schedule.Stage("all", config.total_epochs, lr, bn="train"),),
+            stages=scratch_stages(config.stages, lr),
             l2sp_alpha=0.0,
+            regularizer="none",
             model_dir=os.path.join(config.model_dir, "scratch"),
             pretrain_dataset="",
             compare_scratch=False,
             export_dir="none",
         )
         logging.info("baseline: training %s from scratch on %s", config.backbone, config.dataset)
-        scratch_metrics = trainer.train(scratch)
+        scratch_metrics = trainer.train(scratch, splits=splits)
         metrics["scratch_best_val_accuracy"] = scratch_metrics["best_val_accuracy"]
         print(
             f"transfer check on {config.dataset}: fine-tuned {metrics['best_val_accuracy']:.4f} vs "
-            f"from scratch {scratch_metrics['best_val_accuracy']:.4f} (same backbone, {config.total_epochs} epochs)"
+            f"from scratch {scratch_metrics['best_val_accuracy']:.4f} (same backbone and training length)"
         )
     checkpoint.write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
     return metrics

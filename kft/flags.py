@@ -8,7 +8,7 @@ import os
 
 from absl import flags
 
-from kft import augment, backbones, data, schedule
+from kft import augment, backbones, data, recipe, schedule
 from kft.config import Config
 
 FLAGS = flags.FLAGS
@@ -43,6 +43,7 @@ def _range(name: str, low=None, high=None, low_open=False):
     flags.register_validator(name, check)
 
 
+flags.DEFINE_enum("recipe", "auto", ["auto", "none"], "auto: derive --batch_size, --stages and --augment from the training set's size (a linear probe, then every block for a number of optimizer steps that follows BiT-HyperRule; see kft/recipe.py); a flag you give wins. none: the flags' own defaults. The resolved values are printed and written to MODEL_DIR/flags.cfg.")
 # Data.
 flags.DEFINE_string("dataset", "digits", "Training data: tfds:NAME (e.g. tfds:cifar10), folder:PATH (one subfolder per class; PATH/train and PATH/val used when present), or the built-in offline dataset digits (classes subset: digits:0-4, digits:5-9, digits:1,3,7).")
 flags.DEFINE_string("data_dir", None, "Where TFDS keeps (or finds already downloaded) datasets.")
@@ -73,10 +74,12 @@ flags.DEFINE_float("layer_lr_decay", 1.0, "Layer-wise learning rates: the top bl
 flags.DEFINE_float("cache_gb", 2.0, "Memory (GiB) the decoded training and validation images may take to be cached, so they are decoded once; bigger sets are decoded every epoch. 0 = never cache.")
 flags.DEFINE_boolean("cache_features", False, "Compute the frozen backbone's features once and train head-only stages on them (much faster; those stages then run without augmentation).")
 flags.DEFINE_float("ema_decay", 0.0, "Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0 = off); validation, the best checkpoint and the export use it.")
+flags.DEFINE_enum("checkpoint_selection", "auto", ["auto", "best", "last"], "Which model a run keeps: best (the round with the best validation accuracy, the linear probe included), last (the end of the schedule), or auto: best when the validation split has at least %d images (binomial standard error of its accuracy <= %.2f), else last." % (schedule.MIN_RANKING_VAL, 0.5 / schedule.MIN_RANKING_VAL ** 0.5))
 flags.DEFINE_string("augment", "crop,flip", "Comma list of on-device augmentations from: crop, flip, translate, colour, mixup, cutmix; none for no augmentation.")
 # Transfer check (the quickstart uses these).
 flags.DEFINE_string("pretrain_dataset", "", "If set, first train the backbone on this source dataset (same syntax as --dataset) and fine-tune from the result.")
 flags.DEFINE_string("pretrain_stages", "all:5@1e-3:bn=train", "Stage schedule of the source-task training (--pretrain_dataset); from random init BatchNorm must train (bn=train).")
+flags.DEFINE_integer("pretrain_batch_size", 0, "Batch size of the source-task training (--pretrain_dataset); 0 = --batch_size as given or its default (the recipe sizes --batch_size for the target set, not the source).")
 flags.DEFINE_boolean("compare_scratch", False, "Also train the same backbone from random init on the target with the same epochs, and report both accuracies.")
 # Outputs.
 flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard events, flags.cfg, metrics.json, weights. Rerunning the same command resumes.")
@@ -103,6 +106,7 @@ _range("image_size", 0)
 _range("dropout", 0.0, 0.95)
 _range("hidden_units", 0)
 _range("batch_size", 1)
+_range("pretrain_batch_size", 0)
 _range("lr_scale", 0.0, low_open=True)
 _range("l2sp_alpha", 0.0)
 _range("l2sp_beta", 0.0)
@@ -156,6 +160,7 @@ def config_from_flags() -> Config:
         batch_size=FLAGS.batch_size,
         seed=FLAGS.seed,
         stages=schedule.parse_stages(FLAGS.stages),
+        checkpoint_selection=FLAGS.checkpoint_selection,
         lr_scale=FLAGS.lr_scale,
         optimizer=FLAGS.optimizer,
         l2sp_alpha=FLAGS.l2sp_alpha,
@@ -174,6 +179,7 @@ def config_from_flags() -> Config:
         augment=augment.parse(FLAGS.augment),
         pretrain_dataset=FLAGS.pretrain_dataset,
         pretrain_stages=schedule.parse_stages(FLAGS.pretrain_stages),
+        pretrain_batch_size=FLAGS.pretrain_batch_size or FLAGS.batch_size,
         compare_scratch=FLAGS.compare_scratch,
         model_dir=FLAGS.model_dir,
         export_dir=FLAGS.export_dir,
@@ -184,6 +190,56 @@ def config_from_flags() -> Config:
         deterministic=FLAGS.deterministic,
         verbose=FLAGS.verbose,
     )
+
+
+RECIPE_FLAGS = ("batch_size", "stages", "augment")
+
+
+def apply_recipe(num_train: int, num_classes: int) -> str | None:
+    """With --recipe=auto, sets the recipe's flags the user did not give (kft.recipe) and turns
+    --recipe to none, so the resolved flagfile reproduces the run without deriving it again.
+
+    Returns:
+      The recipe as a printable block, or None with --recipe=none.
+    """
+    if FLAGS.recipe == "none":
+        return None
+    given = {name: FLAGS[name].value for name in RECIPE_FLAGS if FLAGS[name].present}
+    derived = recipe.derive(num_train, num_classes, hidden_units=FLAGS.hidden_units,
+                            batch_size=given.get("batch_size"))
+    if FLAGS.pretrain_dataset and not FLAGS.pretrain_batch_size:
+        FLAGS.pretrain_batch_size = FLAGS.batch_size  # Before the recipe resizes it.
+    for name, value in derived.flags().items():
+        if name not in given:
+            setattr(FLAGS, name, value)
+    FLAGS.recipe = "none"
+    return recipe.describe(derived, given)
+
+
+def config_and_splits(load_splits):
+    """The run's Config and data, with --recipe=auto resolved against the training set.
+
+    Args:
+      load_splits: Config -> kft.data.Splits (kft.trainer.load_splits).
+
+    Returns:
+      (config, splits batched as config says, the recipe block or None).
+    """
+    config = config_from_flags()
+    splits = load_splits(config)
+    block = apply_recipe(splits.num_train, len(splits.class_names))
+    if block is not None:
+        config = config_from_flags()
+        splits = splits.with_batch_size(config.batch_size)
+    return config, splits, block
+
+
+def with_comment(flagfile_text: str, block: str | None) -> str:
+    """The flagfile with `block` (the recipe) as comment lines after its first line."""
+    if not block:
+        return flagfile_text
+    first, _, rest = flagfile_text.partition("\n")
+    return "\n".join([first, *(f"# {line}" for line in block.splitlines()), rest])
 
 
 def resolved_flagfile(names: list[str] | None = None) -> str:

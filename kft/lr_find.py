@@ -21,7 +21,7 @@ from kft import cli
 from kft import flags as kft_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("stage", 1, "Which stage of --stages to sweep (1-based).", lower_bound=1)
+flags.DEFINE_integer("stage", 0, "Which stage of --stages to sweep (1-based); 0 = the first one that trains (the one after a probe).", lower_bound=0)
 flags.DEFINE_float("min_lr", 1e-7, "Learning rate of the first step.", lower_bound=0.0)
 flags.DEFINE_float("max_lr", 1.0, "Learning rate of the last step.", lower_bound=0.0)
 flags.DEFINE_integer("sweep_steps", 200, "Steps of the sweep (fewer if the loss blows up first).", lower_bound=5)
@@ -53,8 +53,11 @@ def suggest(rates: np.ndarray, smoothed: np.ndarray) -> float:
     return float(rates[window][int(np.argmin(slopes[window]))])
 
 
-def run_sweep(config, stage_index: int, min_lr: float, max_lr: float, steps: int) -> dict:
-    """Runs the range test; returns rates, losses, smoothed losses and the suggestion."""
+def run_sweep(config, stage_index: int, min_lr: float, max_lr: float, steps: int, splits=None) -> dict:
+    """Runs the range test; returns rates, losses, smoothed losses and the suggestion.
+
+    `splits` (kft.data.Splits) is the data when already loaded, else it is loaded from config.
+    """
     import keras
 
     from kft import augment, backbones, l2sp, model, runtime, trainer
@@ -63,7 +66,8 @@ def run_sweep(config, stage_index: int, min_lr: float, max_lr: float, steps: int
     precision = runtime.resolve_precision(config.mixed_precision, config.backbone)
     runtime.set_precision(precision)
     stage = config.stages[stage_index]
-    splits = trainer.load_splits(config)
+    if splits is None:
+        splits = trainer.load_splits(config)
     head = model.HeadConfig(len(splits.class_names), config.dropout, config.hidden_units)
     classifier = model.build_classifier(config.backbone, config.image_size, config.weights, head)
     blocks = backbones.blocks(classifier.spec, classifier.backbone)
@@ -142,18 +146,29 @@ def write_outputs(result: dict, output_dir: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}; flags look like --name=value")
-    config = kft_flags.config_from_flags()
-    if FLAGS.stage > len(config.stages):
-        raise cli.UsageError(f"--stage={FLAGS.stage}: --stages has only {len(config.stages)} stages")
+    from kft import trainer
+
+    try:
+        config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    if recipe_block:
+        print(recipe_block, flush=True)
+    stage = FLAGS.stage or next((i + 1 for i, s in enumerate(config.stages) if s.what != "probe"), 1)
+    if stage > len(config.stages):
+        raise cli.UsageError(f"--stage={stage}: --stages has only {len(config.stages)} stages")
+    if config.stages[stage - 1].what == "probe":
+        raise cli.UsageError(f"--stage={stage} is the linear probe, which has no learning rate; "
+                             f"sweep a later stage (--stage={stage + 1})")
     if not FLAGS.min_lr < FLAGS.max_lr or FLAGS.min_lr <= 0:
         raise cli.UsageError(f"--min_lr={FLAGS.min_lr} and --max_lr={FLAGS.max_lr}: need 0 < min_lr < max_lr")
     output_dir = FLAGS.output_dir or os.path.join(config.model_dir, "lr_find")
     try:
-        result = run_sweep(config, FLAGS.stage - 1, FLAGS.min_lr, FLAGS.max_lr, FLAGS.sweep_steps)
+        result = run_sweep(config, stage - 1, FLAGS.min_lr, FLAGS.max_lr, FLAGS.sweep_steps, splits)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     write_outputs(result, output_dir)
-    print(f"stage {FLAGS.stage} ({result['stage']}): {len(result['losses'])} steps, suggested learning rate "
+    print(f"stage {stage} ({result['stage']}): {len(result['losses'])} steps, suggested learning rate "
           f"{result['suggested_lr']:.3g} -> --lr_scale={result['suggested_lr_scale']:.3g}; plot: "
           f"{os.path.join(output_dir, 'loss_vs_lr.png')}")
 

@@ -2,20 +2,26 @@
 
 Stage syntax (one flag holds the whole schedule, stages separated by commas)::
 
-    WHAT:EPOCHS@LR[:bn=frozen|train][:warmup=FRACTION]
+    WHAT:LENGTH@LR[:bn=frozen|train][:warmup=FRACTION][:rounds=R]
+    probe
 
     WHAT      head         the new head only, backbone frozen
               topN         the head and the top N blocks of the backbone (top1, top2, ...)
               from=BLOCK   the head and every block from BLOCK (a block name) to the top
               all          everything
-    EPOCHS    whole epochs of this stage (>= 1)
+    LENGTH    EPOCHS (whole passes over the training set, >= 1) or Nsteps, e.g. 500steps:
+              N optimizer steps whatever the set's size, run as R rounds (default
+              min(10, N)) of N/R steps, each ending with validation and a resume checkpoint
     LR        the stage's peak learning rate, before --lr_scale
     bn        frozen (default): every BatchNorm stays as pretrained, statistics and gamma/beta
               (the backbone runs in inference mode); train: the unfrozen blocks' BatchNorm layers
               train gamma/beta and update their statistics (frozen blocks still keep theirs)
     warmup    fraction of the stage's steps spent on linear warmup (default 0.1)
+    probe     a linear probe (kft.probe): the head fitted in closed form on the frozen
+              backbone's features of every training image; no epochs, no learning rate.
+              Only as the first stage.
 
-Example: ``head:3@1e-3,top2:2@1e-4,all:2@1e-5:bn=frozen``.
+Examples: ``head:3@1e-3,top2:2@1e-4,all:2@1e-5:bn=frozen``, ``probe,all:500steps@1e-4``.
 
 Learning rate inside a stage of T steps with W = round(warmup * T) warmup steps, at step t
 (0-based, counted from the stage start)::
@@ -34,9 +40,17 @@ import keras
 
 _STAGE_RE = re.compile(
     r"^(?P<what>head|all|top(?P<n>\d+)|from=(?P<block>[A-Za-z0-9_]+))"
-    r":(?P<epochs>\d+)@(?P<lr>[0-9.eE+-]+)(?P<opts>(:[a-z]+=[A-Za-z0-9_.]+)*)$"
+    r":(?P<length>\d+)(?P<steps>steps)?@(?P<lr>[0-9.eE+-]+)(?P<opts>(:[a-z]+=[A-Za-z0-9_.]+)*)$"
 )
-STAGE_SYNTAX = "WHAT:EPOCHS@LR[:bn=frozen|train][:warmup=F] with WHAT one of head, topN, from=BLOCK, all"
+STAGE_SYNTAX = ("WHAT:EPOCHS@LR or WHAT:Nsteps@LR, then [:bn=frozen|train][:warmup=F][:rounds=R], "
+                "with WHAT one of head, topN, from=BLOCK, all; or probe (first stage only)")
+# Fewest validation images that can rank checkpoints: the binomial standard error of an accuracy
+# measured on n images is at most 0.5/sqrt(n), 0.05 at 100. Models a few points apart (epochs of
+# one run, the probe and the fine-tune) cannot be told apart on fewer.
+MIN_RANKING_VAL = 100
+# A stage counted in steps is run as at most this many rounds, each ending with validation and a
+# resume checkpoint: often enough to resume and to follow, rare enough to cost little.
+MAX_ROUNDS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,13 +58,15 @@ class Stage:
     """One stage of the unfreeze schedule.
 
     Attributes:
-      what: "head", "top", "from" or "all".
-      epochs: number of epochs.
-      lr: peak learning rate before --lr_scale.
+      what: "probe", "head", "top", "from" or "all".
+      epochs: number of rounds the trainer runs: whole epochs, or for a stage counted in steps
+        the rounds its steps are split into (0 for the probe).
+      lr: peak learning rate before --lr_scale (0 for the probe).
       top_blocks: for what == "top", how many blocks from the top are trainable.
       from_block: for what == "from", the lowest trainable block's name.
       bn: "frozen" or "train".
       warmup: fraction of the stage's steps used for linear warmup.
+      steps: optimizer steps of a stage counted in steps; 0 for one counted in epochs.
     """
 
     what: str
@@ -60,13 +76,29 @@ class Stage:
     from_block: str = ""
     bn: str = "frozen"
     warmup: float = 0.1
+    steps: int = 0
 
     def describe(self) -> str:
         """The stage written back in `--stages` syntax."""
+        if self.what == "probe":
+            return "probe"
         what = {"top": f"top{self.top_blocks}", "from": f"from={self.from_block}"}.get(
             self.what, self.what
         )
-        return f"{what}:{self.epochs}@{self.lr:g}:bn={self.bn}:warmup={self.warmup:g}"
+        length = f"{self.steps}steps" if self.steps else str(self.epochs)
+        rounds = f":rounds={self.epochs}" if self.steps and self.epochs != default_rounds(self.steps) else ""
+        return f"{what}:{length}@{self.lr:g}:bn={self.bn}:warmup={self.warmup:g}{rounds}"
+
+    def steps_per_round(self, steps_per_epoch: int) -> int:
+        """Optimizer steps in one of this stage's rounds (an epoch for stages counted in epochs)."""
+        return math.ceil(self.steps / self.epochs) if self.steps else steps_per_epoch
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        return self.epochs * self.steps_per_round(steps_per_epoch)
+
+
+def default_rounds(steps: int) -> int:
+    return min(MAX_ROUNDS, steps)
 
 
 def parse_stages(spec: str) -> tuple[Stage, ...]:
@@ -84,10 +116,16 @@ def parse_stages(spec: str) -> tuple[Stage, ...]:
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise ValueError(f"--stages={spec!r} is empty; expected {STAGE_SYNTAX}")
-    return tuple(_parse_stage(p) for p in parts)
+    stages = tuple(_parse_stage(p) for p in parts)
+    if any(stage.what == "probe" for stage in stages[1:]):
+        raise ValueError(f"--stages={spec!r}: probe may only be the first stage (it fits the new "
+                         "head on the pretrained backbone's features)")
+    return stages
 
 
 def _parse_stage(text: str) -> Stage:
+    if text == "probe":
+        return Stage(what="probe", epochs=0, lr=0.0)
     match = _STAGE_RE.match(text)
     if not match:
         raise ValueError(f"malformed stage {text!r} in --stages; expected {STAGE_SYNTAX}")
@@ -99,9 +137,15 @@ def _parse_stage(text: str) -> Stage:
             raise ValueError(f"stage {text!r}: topN needs N >= 1")
     elif match["block"] is not None:
         what, fields["from_block"] = "from", match["block"]
-    epochs = int(match["epochs"])
-    if epochs < 1:
-        raise ValueError(f"stage {text!r}: epochs must be >= 1, got {epochs}")
+    length = int(match["length"])
+    if length < 1:
+        raise ValueError(f"stage {text!r}: {'steps' if match['steps'] else 'epochs'} must be >= 1, "
+                         f"got {length}")
+    if match["steps"]:
+        fields["steps"] = length
+        epochs = default_rounds(length)
+    else:
+        epochs = length
     try:
         lr = float(match["lr"])
     except ValueError:
@@ -122,8 +166,14 @@ def _parse_stage(text: str) -> Stage:
             if not 0.0 <= warmup < 1.0:
                 raise ValueError(f"stage {text!r}: warmup={value!r}; allowed: a fraction in [0, 1)")
             fields["warmup"] = warmup
+        elif key == "rounds" and match["steps"]:
+            if not value.isdigit() or not 1 <= int(value) <= length:
+                raise ValueError(f"stage {text!r}: rounds={value!r}; allowed: 1 to the stage's "
+                                 f"{length} steps")
+            epochs = int(value)
         else:
-            raise ValueError(f"stage {text!r}: unknown option {key!r}; allowed: bn, warmup")
+            allowed = "bn, warmup, rounds (stages counted in steps)"
+            raise ValueError(f"stage {text!r}: unknown option {key!r}; allowed: {allowed}")
     return Stage(what=what, epochs=epochs, lr=lr, **fields)
 
 
@@ -140,7 +190,7 @@ def trainable_block_names(stage: Stage, block_names: list[str]) -> list[str]:
     Raises:
       ValueError: the stage names a block, or more blocks, than the backbone has.
     """
-    if stage.what == "head":
+    if stage.what in ("head", "probe"):
         return []
     if stage.what == "all":
         return list(block_names)
@@ -188,5 +238,5 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
 
 def stage_learning_rate(stage: Stage, lr_scale: float, steps_per_epoch: int) -> WarmupCosine:
     """The learning-rate schedule of one stage."""
-    total = stage.epochs * steps_per_epoch
+    total = stage.total_steps(steps_per_epoch)
     return WarmupCosine(stage.lr * lr_scale, total, round(stage.warmup * total))

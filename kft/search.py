@@ -182,7 +182,10 @@ def budget_stages(stages: tuple[schedule.Stage, ...], budget: int) -> tuple[sche
     if not low <= budget <= total:
         raise ValueError(f"epoch budget {budget} outside [{low}, {total}] for this schedule")
     last = stages[-1]
-    return stages[:-1] + (dataclasses.replace(last, epochs=last.epochs - (total - budget)),)
+    epochs = last.epochs - (total - budget)
+    # A stage counted in steps keeps its steps per round: fewer rounds, fewer steps.
+    steps = last.steps_per_round(0) * epochs if last.steps else 0
+    return stages[:-1] + (dataclasses.replace(last, epochs=epochs, steps=steps),)
 
 
 class _StageHyperbandOracle(kt.oracles.HyperbandOracle):

@@ -42,11 +42,16 @@ def main(argv):
         raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}; flags look like --name=value")
     from kft import experiment, trainer  # Heavy imports after the flags are known to be good.
 
-    config = kft_flags.config_from_flags()
-    flagfile_text = kft_flags.resolved_flagfile()
+    try:
+        config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    if recipe_block:
+        print(recipe_block, flush=True)
+    flagfile_text = kft_flags.with_comment(kft_flags.resolved_flagfile(), recipe_block)
     _prepare_model_dir(config.model_dir, flagfile_text, FLAGS.overwrite)
     try:
-        experiment.run(config, flagfile_text=flagfile_text)
+        experiment.run(config, flagfile_text=flagfile_text, splits=splits)
     except trainer.DivergenceError as e:
         cli.fail(str(e), 3)
     except ValueError as e:

@@ -30,6 +30,7 @@ from absl import logging
 
 from kft import augment as augment_lib
 from kft import backbones, checkpoint, data, l2sp, model, regularizers, report, runtime, schedule
+from kft import probe as probe_lib
 from kft.config import Config
 
 
@@ -306,14 +307,23 @@ class _RunState:
     """What a resume checkpoint records besides weights."""
 
     stage: int = 0  # index of the stage in progress
-    epoch: int = 0  # epochs finished in that stage
+    epoch: int = 0  # epochs (rounds) finished in that stage
+    # The kept model's validation accuracy: the best so far, or with checkpoint selection
+    # "last" the newest.
     best_val_accuracy: float = -1.0
+    probe_val_accuracy: float | None = None
     history: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
 
 def _block_of_variable(blocks) -> dict[str, str]:
     return {w.path: block.name for block in blocks for layer in block.layers for w in layer.weights}
+
+
+def load_seeded_splits(config: Config) -> data.Splits:
+    """`load_splits` after seeding TF as `train` seeds it, so the pipelines match a run's."""
+    runtime.set_determinism(config.seed, config.deterministic)
+    return load_splits(config)
 
 
 def load_splits(config: Config, batch_size: int | None = None) -> data.Splits:
@@ -359,6 +369,7 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
     logging.info("data: %d train, %d val images, %d classes, %d unreadable files skipped",
                  splits.num_train, splits.num_val, len(splits.class_names), splits.skipped)
 
+    select_best = selects_best(config.checkpoint_selection, splits.num_val)
     ckpts = checkpoint.ResumeCheckpoints(config.model_dir)
     saved = ckpts.latest_state()
     state = _RunState(**saved) if saved else _RunState()
@@ -372,7 +383,8 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
     summaries = Summaries(os.path.join(config.model_dir, "tb"))
     if not saved:
         summaries.augmented_grid(splits.train, config.augment, config.seed, len(splits.class_names))
-    recorder = _EpochRecorder(config, tuner, anchors, _block_of_variable(blocks), summaries, state, ckpts)
+    recorder = _EpochRecorder(config, tuner, anchors, _block_of_variable(blocks), summaries, state, ckpts,
+                              select_best)
     steps = steps_per_epoch(splits.train, splits.num_train, config.batch_size)
     first_epoch_of = np.cumsum([0] + [s.epochs for s in config.stages]).tolist()
 
@@ -384,6 +396,9 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         if index < state.stage:
             continue
         stage_started = time.time()
+        if stage.what == "probe":
+            _run_probe(classifier, splits, config, recorder, first_epoch_of[index], index)
+            continue
         train_data, val_data = splits.train, splits.val
         tuner.on_features = config.cache_features and stage.what == "head"
         if tuner.on_features:
@@ -406,14 +421,18 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         if trainable_blocks and _needs_attention(feature_regularizer):
             _set_delta_attention(feature_regularizer, classifier, splits.train, config, index, summaries,
                                  first_epoch_of[index])
-        logging.info("stage %d/%d %s: trainable blocks %s, %d steps/epoch",
+        logging.info("stage %d/%d %s: trainable blocks %s, %d steps/%s",
                      index + 1, len(config.stages), stage.describe(),
-                     ", ".join(trainable_blocks) if trainable_blocks else "none (head only)", steps)
+                     ", ".join(trainable_blocks) if trainable_blocks else "none (head only)",
+                     stage.steps_per_round(steps), "round" if stage.steps else "epoch")
         first = first_epoch_of[index]
         summaries.stage_start(index, stage, trainable_blocks, first)
         recorder.start_stage(index, stage, first, optimizer, lr)
+        # A stage counted in steps runs its rounds over the repeated training set: a round may
+        # span several passes (small sets) or part of one (large ones).
         tuner.fit(
-            train_data,
+            train_data.repeat() if stage.steps else train_data,
+            steps_per_epoch=stage.steps_per_round(steps) if stage.steps else None,
             validation_data=val_data,
             initial_epoch=first + state.epoch,
             epochs=first + stage.epochs,
@@ -424,7 +443,43 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         validation_steps[tuner.on_features] = tuner.test_function
         logging.info("stage %d done in %.1fs", index + 1, time.time() - stage_started)
 
-    return _finish(config, classifier, splits, state, summaries, started)
+    return _finish(config, classifier, splits, state, summaries, started, select_best)
+
+
+def selects_best(selection: str, num_val: int) -> bool:
+    """Whether a run keeps its best-validation model (else the end of its schedule)."""
+    if selection != "auto":
+        return selection == "best"
+    if num_val >= schedule.MIN_RANKING_VAL:
+        return True
+    logging.warning(
+        "the validation split has %d images: the standard error of an accuracy measured on it is "
+        "up to 0.5/sqrt(%d) = %.2f, too coarse to rank checkpoints (kft ranks from %d images); "
+        "keeping the end of the schedule (--checkpoint_selection=best overrides)",
+        num_val, max(1, num_val), 0.5 / math.sqrt(max(1, num_val)), schedule.MIN_RANKING_VAL)
+    return False
+
+
+def _run_probe(classifier, splits: data.Splits, config: Config, recorder, global_epoch: int,
+               index: int) -> None:
+    """The probe stage: fits the head on the frozen backbone's features (kft.probe), records
+    its validation accuracy as the run's baseline and checkpoints it like an epoch."""
+    if classifier.hidden is not None:
+        raise ValueError("the probe stage needs --hidden_units=0: it fits the head's only dense "
+                         "layer in closed form")
+    started = time.time()
+    train_x, train_y = probe_lib.features_of(
+        classifier, splits.train if splits.train_in_order is None else splits.train_in_order)
+    val_x, val_y = probe_lib.features_of(classifier, splits.val)
+    rankable = len(val_y) >= schedule.MIN_RANKING_VAL
+    fitted = probe_lib.fit(train_x, train_y, len(splits.class_names),
+                           val_x=val_x if rankable else None, val_y=val_y if rankable else None,
+                           seed=config.seed)
+    classifier.classify.set_weights([fitted.kernel, fitted.bias])
+    val_accuracy = probe_lib.accuracy(fitted, val_x, val_y)
+    probe_lib.log(fitted, len(train_y), val_accuracy)
+    logging.info("probe stage (features included) took %.1fs", time.time() - started)
+    recorder.probe_done(index, global_epoch, val_accuracy, fitted.c)
 
 
 def _build_tuner(config: Config, num_classes: int, flagfile_text: str) -> tuple[FineTuner, list, dict]:
@@ -458,9 +513,32 @@ class _EpochRecorder:
     resume checkpoint with the run state."""
 
     def __init__(self, config: Config, tuner: FineTuner, anchors: dict, block_of: dict, summaries,
-                 state: _RunState, ckpts: checkpoint.ResumeCheckpoints):
+                 state: _RunState, ckpts: checkpoint.ResumeCheckpoints, select_best: bool):
         self.config, self.tuner, self.anchors, self.block_of = config, tuner, anchors, block_of
         self.summaries, self.state, self.ckpts = summaries, state, ckpts
+        self.select_best = select_best
+
+    def _keep(self, val_acc: float) -> None:
+        """Writes model.weights.h5 if this model is the one to keep: the best so far, or with
+        selection "last" every newer one."""
+        if self.select_best and not val_acc > self.state.best_val_accuracy:
+            return
+        self.state.best_val_accuracy = val_acc
+        with _averaged_weights(self.tuner):
+            checkpoint.save_model_weights(self.tuner.classifier,
+                                          os.path.join(self.config.model_dir, "model.weights.h5"))
+
+    def probe_done(self, index: int, global_epoch: int, val_acc: float, c: float) -> None:
+        """Records the probe stage like an epoch: history, TensorBoard, kept model, checkpoint."""
+        state = self.state
+        record = {"stage": index + 1, "epoch": 0, "global_epoch": global_epoch,
+                  "val_accuracy": val_acc, "probe_c": c}
+        self.summaries.epoch(global_epoch, record, {})
+        state.history.append(record)
+        state.probe_val_accuracy = val_acc
+        self._keep(val_acc)
+        state.stage, state.epoch = index + 1, 0
+        self.ckpts.save(global_epoch, self.tuner, None, dataclasses.asdict(state))
 
     def start_stage(self, index: int, stage: schedule.Stage, first_epoch: int, optimizer, lr) -> None:
         self.index, self.stage, self.first_epoch, self.optimizer, self.lr = index, stage, first_epoch, optimizer, lr
@@ -474,11 +552,7 @@ class _EpochRecorder:
         record["learning_rate"] = float(self.lr(max(0, int(self.optimizer.iterations.numpy()) - 1)))
         self.summaries.epoch(epoch + 1, record, l2sp.drift(classifier.backbone, self.anchors, self.block_of))
         state.history.append(record)
-        val_acc = float(logs.get("val_accuracy", float("nan")))
-        if val_acc > state.best_val_accuracy:
-            state.best_val_accuracy = val_acc
-            with _averaged_weights(self.tuner):
-                checkpoint.save_model_weights(classifier, os.path.join(self.config.model_dir, "model.weights.h5"))
+        self._keep(float(logs.get("val_accuracy", float("nan"))))
         state.seconds += time.time() - self.last
         self.last = time.time()
         if stage_epoch == self.stage.epochs:
@@ -550,8 +624,8 @@ def cache_features(
     return train, val
 
 
-def _finish(config, classifier, splits, state, summaries, started) -> dict:
-    """Loads the best weights, writes backbone weights, confusion matrix and metrics.json."""
+def _finish(config, classifier, splits, state, summaries, started, select_best) -> dict:
+    """Loads the kept weights, writes backbone weights, confusion matrix and metrics.json."""
     best_path = os.path.join(config.model_dir, "model.weights.h5")
     classifier.load_weights(best_path)
     checkpoint.save_backbone_weights(
@@ -565,12 +639,20 @@ def _finish(config, classifier, splits, state, summaries, started) -> dict:
         rows = [r for r in state.history if r["stage"] == index + 1]
         per_stage.append({
             "stage": stage.describe(),
-            "epochs": len(rows),
+            "epochs": len([r for r in rows if r["epoch"] > 0]),  # The probe trains no epoch.
             "final_val_accuracy": rows[-1].get("val_accuracy") if rows else None,
             "best_val_accuracy": max((r.get("val_accuracy", -1) for r in rows), default=None),
         })
+    per_stage = [{k: v for k, v in row.items() if v is not None} for row in per_stage]
+    final = state.history[-1].get("val_accuracy") if state.history else None
+    probe_note = _probe_verdict(state.probe_val_accuracy, final, state.best_val_accuracy, select_best,
+                                len(state.history), splits.num_val)
+    if probe_note:
+        print(probe_note, flush=True)
     metrics = {
         "best_val_accuracy": state.best_val_accuracy,
+        "checkpoint_selection": "best" if select_best else "last",
+        "probe_val_accuracy": state.probe_val_accuracy,
         "final_val_accuracy": state.history[-1].get("val_accuracy") if state.history else None,
         "best_model_val_accuracy": val_report["accuracy"],
         "stages": per_stage,
@@ -582,6 +664,19 @@ def _finish(config, classifier, splits, state, summaries, started) -> dict:
     }
     checkpoint.write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
     return metrics
+
+
+def _probe_verdict(probe_acc, final_acc, kept_acc, select_best, records, num_val) -> str | None:
+    """One line when the fine-tune ended below the linear probe on validation, else None."""
+    if probe_acc is None or final_acc is None or records < 2 or not final_acc < probe_acc:
+        return None
+    head = f"the fine-tune ended below the linear probe on validation ({final_acc:.4f} < {probe_acc:.4f})"
+    if not select_best:
+        return (f"{head}, but {num_val} validation images cannot rank them; keeping the fine-tune "
+                "(--checkpoint_selection=best keeps the better on validation)")
+    if kept_acc == probe_acc:
+        return f"{head}: keeping the probe's model"
+    return f"{head}: keeping the fine-tune's best round ({kept_acc:.4f})"
 
 
 def predict_dataset(classifier: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:

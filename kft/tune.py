@@ -83,12 +83,18 @@ def main(argv):
         raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}; flags look like --name=value")
     if not FLAGS.tune_dir:
         raise cli.UsageError("--tune_dir is required: the directory of the search (created, or resumed)")
-    from kft import search  # Heavy imports after the flags are known to be good.
+    from kft import search, trainer  # Heavy imports after the flags are known to be good.
 
-    config = kft_flags.config_from_flags()
+    try:
+        config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    if recipe_block:
+        print(recipe_block, flush=True)
     tune = tune_config_from_flags()
     try:
-        search.run(config, tune, flagfile_text=kft_flags.resolved_flagfile())
+        flagfile_text = kft_flags.with_comment(kft_flags.resolved_flagfile(), recipe_block)
+        search.run(config, tune, flagfile_text=flagfile_text, splits=splits)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     except RuntimeError as e:

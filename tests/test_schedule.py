@@ -82,3 +82,40 @@ def test_warmup_cosine_matches_formula():
 def test_zero_warmup_starts_at_peak():
     lr = schedule.stage_learning_rate(schedule.Stage("head", 1, 1e-3, warmup=0.0), 1.0, 8)
     assert float(lr(0)) == pytest.approx(1e-3)
+
+
+def test_stages_counted_in_steps_and_the_probe():
+    probe, fine = schedule.parse_stages("probe,all:500steps@1e-4")
+    assert probe.what == "probe" and probe.epochs == 0
+    assert fine.steps == 500 and fine.epochs == schedule.MAX_ROUNDS
+    # Rounds of 50 steps whatever the data: 5 steps per pass or 780.
+    assert fine.steps_per_round(5) == fine.steps_per_round(780) == 50
+    assert fine.total_steps(5) == 500
+    lr = schedule.stage_learning_rate(fine, 1.0, steps_per_epoch=5)
+    assert lr.total_steps == 500 and lr.warmup_steps == 50
+    short = schedule.parse_stages("top1:4steps@1e-3")[0]
+    assert short.epochs == 4 and short.steps_per_round(100) == 1
+    assert schedule.parse_stages("head:3@1e-3")[0].steps_per_round(7) == 7
+
+
+def test_steps_and_rounds_round_trip():
+    spec = "probe,head:60steps@0.001:bn=frozen:warmup=0.1,all:200steps@0.0001:bn=frozen:warmup=0.1:rounds=4"
+    stages = schedule.parse_stages(spec)
+    assert stages[2].epochs == 4 and stages[2].steps_per_round(9) == 50
+    assert ",".join(s.describe() for s in stages) == spec
+    assert schedule.parse_stages(",".join(s.describe() for s in stages)) == stages
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("head:2@1e-3,probe", "probe may only be the first stage"),
+        ("all:0steps@1e-4", "steps must be >= 1"),
+        ("all:10steps@1e-4:rounds=11", "rounds='11'"),
+        ("all:10@1e-4:rounds=2", "unknown option 'rounds'"),
+        ("probe:3@1e-3", "malformed stage 'probe:3@1e-3'"),
+    ],
+)
+def test_step_and_probe_errors(spec, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        schedule.parse_stages(spec)

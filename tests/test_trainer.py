@@ -175,3 +175,71 @@ def test_validation_step_is_traced_once_for_all_stages(tmp_path, tiny_splits, mo
     assert all(m["final_val_accuracy"] is not None for m in metrics["stages"])
     # Traced in the head stage only (its kernel and bias train), reused by the later stages.
     assert traced_with and set(traced_with) == {2}, traced_with
+
+
+def test_probe_head_is_the_start_and_the_kept_model_when_nothing_else_trains(tmp_path, tiny_splits):
+    # A random ResNet50's features vary with the input (a random MobileNetV2's are ~1e-12).
+    config = _config(tmp_path, backbone="ResNet50", stages=schedule.parse_stages("probe"),
+                     checkpoint_selection="best")
+    metrics = trainer.train(config, tiny_splits)
+    assert metrics["probe_val_accuracy"] is not None and metrics["stages"][0]["epochs"] == 0
+    # The kept model is the probe: its validation accuracy, recomputed from the saved weights.
+    assert metrics["best_model_val_accuracy"] == pytest.approx(metrics["probe_val_accuracy"])
+    assert metrics["best_val_accuracy"] == pytest.approx(metrics["probe_val_accuracy"])
+    # Coloured squares are linearly separable on any features: the probe fits them.
+    assert metrics["probe_val_accuracy"] == 1.0
+
+
+def test_steps_stage_runs_its_steps_in_rounds_after_the_probe(tmp_path, tiny_splits):
+    # 24 training images at batch 8: 3 steps per pass; 8 steps in 2 rounds of 4 cross passes.
+    config = _config(tmp_path, stages=schedule.parse_stages("probe,top1:8steps@1e-3:rounds=2:warmup=0.25"))
+    metrics = trainer.train(config, tiny_splits)
+    state = json.load(open(tmp_path / "run" / "ckpt" / "epoch-2" / "state.json"))
+    rounds = [h for h in state["history"] if h["stage"] == 2]
+    assert [h["epoch"] for h in rounds] == [1, 2]
+    lr = schedule.WarmupCosine(1e-3, 8, 2)
+    # The rate logged after each round is the one of its last step: steps 4 and 8.
+    assert [h["learning_rate"] for h in rounds] == pytest.approx([float(lr(3)), float(lr(7))])
+    assert [s["epochs"] for s in metrics["stages"]] == [0, 2]
+    # 8 validation images cannot rank checkpoints: the end of the schedule is kept.
+    assert metrics["checkpoint_selection"] == "last"
+    assert metrics["best_val_accuracy"] == pytest.approx(rounds[-1]["val_accuracy"])
+
+
+def test_resume_after_the_probe_does_not_fit_it_again(tmp_path, tiny_splits, monkeypatch):
+    from kft import probe
+
+    fits = []
+    real_fit = probe.fit
+    monkeypatch.setattr(probe, "fit", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    real_save = checkpoint.ResumeCheckpoints.save
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(self, index, *args, **kwargs):
+        real_save(self, index, *args, **kwargs)
+        raise Killed()
+
+    config = _config(tmp_path, stages=schedule.parse_stages("probe,top1:2@1e-3"))
+    monkeypatch.setattr(checkpoint.ResumeCheckpoints, "save", save_then_die)
+    with pytest.raises(Killed):
+        trainer.train(config, tiny_splits)
+    head_after_probe = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(3))
+    # With checkpoint selection "last" the kept model right after the probe is the probe's.
+    head_after_probe.load_weights(str(tmp_path / "run" / "model.weights.h5"))
+    monkeypatch.setattr(checkpoint.ResumeCheckpoints, "save", real_save)
+    restored = []
+    real_restore = checkpoint.ResumeCheckpoints.restore
+
+    def restore_and_record(self, tuner, optimizer):
+        real_restore(self, tuner, optimizer)
+        restored.append(tuner.classifier.classify.get_weights()[0].copy())
+
+    monkeypatch.setattr(checkpoint.ResumeCheckpoints, "restore", restore_and_record)
+    metrics = trainer.train(config, tiny_splits)
+    assert len(fits) == 1 and metrics["probe_val_accuracy"] is not None
+    assert [s["epochs"] for s in metrics["stages"]] == [0, 2]
+    # The second invocation started stage 2 from the probe's head, read back from the checkpoint.
+    assert len(restored) == 1
+    np.testing.assert_array_equal(restored[0], head_after_probe.classify.get_weights()[0])

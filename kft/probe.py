@@ -1,0 +1,159 @@
+"""The linear probe: the new head fitted on the frozen backbone's features (LP-FT's first step).
+
+Kumar et al. (ICLR 2022) fit the head as a linear probe and fine-tune from it: a random head's
+large early gradients distort the pretrained features before the head has learned anything.
+kft fits a multinomial logistic regression (scikit-learn, L-BFGS, full batch) on the pooled
+features of every training image, computed once in inference mode, and writes it into the
+head's last dense layer. Its inverse regularization C is chosen from `C_GRID` on the validation
+split when that split can rank models (`rankable`), else by stratified k-fold cross-validation
+on the training features: a handful of validation images cannot tell one C from another.
+"""
+
+import dataclasses
+import time
+
+import numpy as np
+from absl import logging
+
+# Candidates for logistic regression's C (inverse L2 strength on standardized features).
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+# C is chosen on at most this many training features; the final fit uses all of them.
+SELECTION_SUBSAMPLE = 10_000
+MAX_ITER = 500
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """A fitted probe as the head's dense layer: logits = features @ kernel + bias.
+
+    Attributes:
+      kernel: float32 [D, K].
+      bias: float32 [K].
+      c: the chosen C.
+      chosen_by: "validation", "cross-validation (k folds)" or "default (too few images per class)".
+      seconds: wall time of the fit, selection included.
+    """
+
+    kernel: np.ndarray
+    bias: np.ndarray
+    c: float
+    chosen_by: str
+    seconds: float
+
+
+def features_of(classifier, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled backbone features (float32, inference mode) and labels of a whole dataset."""
+    features, labels = [], []
+    for images, batch_labels in dataset:
+        features.append(np.asarray(classifier.features(images, training=False), np.float32))
+        labels.append(np.asarray(batch_labels))
+    return np.concatenate(features), np.concatenate(labels).astype(np.int64)
+
+
+def fit(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, *,
+        val_x: np.ndarray | None = None, val_y: np.ndarray | None = None,
+        seed: int = 0) -> Probe:
+    """Fits the probe; C is chosen on (val_x, val_y) when given, else by cross-validation.
+
+    Args:
+      train_x, train_y: training features [N, D] and labels in 0..num_classes-1.
+      num_classes: K, the head's width (classes absent from train_y get a large negative bias).
+      val_x, val_y: validation features and labels to choose C on, or None.
+      seed: seeds the cross-validation folds and the subsample.
+
+    Returns:
+      The probe, with standardization folded into its kernel and bias.
+    """
+    started = time.time()
+    mean = train_x.mean(axis=0)
+    scale = train_x.std(axis=0)
+    scale[scale < 1e-6] = 1.0  # Constant features (dead ReLUs) carry nothing; avoid 0/0.
+    standard = (train_x - mean) / scale
+    if val_x is not None:
+        c, chosen_by = _choose_on_validation(standard, train_y, (val_x - mean) / scale, val_y)
+    else:
+        c, chosen_by = _choose_by_cross_validation(standard, train_y, seed)
+    model = _fit_quietly(_logistic(c), standard, train_y)
+    weights, bias = _as_dense(model, num_classes, train_x.shape[1])
+    # logits = ((x - mean) / scale) @ W + b = x @ (W / scale) + (b - (mean / scale) @ W)
+    kernel = weights / scale[:, None]
+    bias = bias - (mean / scale) @ weights
+    return Probe(kernel.astype(np.float32), bias.astype(np.float32), c, chosen_by,
+                 time.time() - started)
+
+
+def accuracy(probe: Probe, x: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(np.argmax(x @ probe.kernel + probe.bias, axis=1) == y))
+
+
+def _logistic(c: float):
+    from sklearn.linear_model import LogisticRegression  # Imported when a probe is fitted.
+
+    return LogisticRegression(C=c, max_iter=MAX_ITER, tol=1e-4)
+
+
+def _fit_quietly(model, x, y):
+    """Fits, ignoring non-convergence warnings: a C that needs more iterations than MAX_ITER is
+    a strongly under-regularized one, and selection judges it by its accuracy anyway."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.fit(x, y)
+
+
+def _choose_on_validation(x, y, val_x, val_y) -> tuple[float, str]:
+    x, y = _subsample(x, y, SELECTION_SUBSAMPLE, seed=0)
+    scores = [float(np.mean(_fit_quietly(_logistic(c), x, y).predict(val_x) == val_y))
+              for c in C_GRID]
+    # Ties go to the strongest regularization: the same validation score with smaller weights.
+    return C_GRID[int(np.argmax(scores))], "validation"
+
+
+def _choose_by_cross_validation(x, y, seed: int) -> tuple[float, str]:
+    from sklearn.model_selection import StratifiedKFold
+
+    x, y = _subsample(x, y, SELECTION_SUBSAMPLE, seed)
+    present = np.bincount(y)
+    smallest_class = int(present[present > 0].min())
+    folds = min(5, smallest_class)
+    if folds < 2:
+        return 1.0, "default (a class has a single training image)"
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    # Ties go to the strongest regularization (np.argmax takes the first, smallest C).
+    scores = np.zeros(len(C_GRID))
+    for train_index, test_index in splitter.split(x, y):
+        for i, c in enumerate(C_GRID):
+            model = _fit_quietly(_logistic(c), x[train_index], y[train_index])
+            scores[i] += np.mean(model.predict(x[test_index]) == y[test_index])
+    return C_GRID[int(np.argmax(scores))], f"{folds}-fold cross-validation on the training images"
+
+
+def _subsample(x, y, limit: int, seed: int):
+    if len(y) <= limit:
+        return x, y
+    keep = np.sort(np.random.default_rng(seed).choice(len(y), limit, replace=False))
+    return x[keep], y[keep]
+
+
+def _as_dense(model, num_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's coefficients as a softmax dense layer's [D, K] kernel and [K] bias."""
+    weights = np.zeros((dim, num_classes))
+    # A class the training data lacks can never be predicted.
+    bias = np.full(num_classes, -30.0)
+    classes = model.classes_
+    if len(classes) == 2:
+        # Binary: one logit z for classes_[1]; softmax over (0, z) is sigmoid(z).
+        weights[:, classes[1]] = model.coef_[0]
+        bias[classes[0]], bias[classes[1]] = 0.0, model.intercept_[0]
+    else:
+        weights[:, classes] = model.coef_.T
+        bias[classes] = model.intercept_
+    return weights, bias
+
+
+def log(probe: Probe, num_train: int, val_accuracy: float) -> None:
+    logging.info("linear probe on %d training images: C=%g (chosen by %s), val accuracy %.4f, "
+                 "%.1fs", num_train, probe.c, probe.chosen_by, val_accuracy, probe.seconds)

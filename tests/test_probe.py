@@ -1,0 +1,103 @@
+"""The linear probe: the fitted head equals scikit-learn's model on raw features, C is chosen
+where it should be, and the binary and missing-class cases map onto a softmax head."""
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from kft import probe
+
+
+def _blobs(n_per_class, num_classes, dim=16, seed=0, spread=1.0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, size=(num_classes, dim))
+    y = np.repeat(np.arange(num_classes), n_per_class)
+    x = centers[y] + rng.normal(0, spread, size=(len(y), dim))
+    # Uneven feature scales and offsets, as pooled ReLU features have; one dead feature.
+    x = x * rng.uniform(0.1, 10, size=dim) + rng.uniform(0, 5, size=dim)
+    x[:, 0] = 0.0
+    return x.astype(np.float32), y
+
+
+def _softmax(logits):
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_head_reproduces_sklearn_on_standardized_features():
+    x, y = _blobs(20, 4)
+    fitted = probe.fit(x, y, 4, val_x=x[::2], val_y=y[::2])
+    assert fitted.chosen_by == "validation" and fitted.c in probe.C_GRID
+    mean, scale = x.mean(0), x.std(0)
+    scale[scale < 1e-6] = 1.0
+    reference = LogisticRegression(C=fitted.c, max_iter=probe.MAX_ITER, tol=1e-4).fit((x - mean) / scale, y)
+    test_x, _ = _blobs(5, 4, seed=1)
+    ours = _softmax(test_x @ fitted.kernel + fitted.bias)
+    np.testing.assert_allclose(ours, reference.predict_proba((test_x - mean) / scale), atol=1e-4)
+    assert fitted.kernel.shape == (16, 4) and fitted.kernel.dtype == np.float32
+
+
+def test_separable_classes_are_learned_with_cross_validation():
+    x, y = _blobs(6, 5, spread=0.3)
+    fitted = probe.fit(x, y, 5)
+    assert fitted.chosen_by.startswith("5-fold cross-validation")
+    assert probe.accuracy(fitted, x, y) == 1.0
+    held_out_x, held_out_y = _blobs(6, 5, spread=0.3, seed=0)
+    assert probe.accuracy(fitted, held_out_x, held_out_y) == 1.0
+
+
+def test_validation_picks_the_c_that_scores_best_there():
+    # Noisy labels in training: strong regularization generalizes, weak memorizes noise.
+    x, y = _blobs(40, 3, spread=4.0, seed=3)
+    rng = np.random.default_rng(0)
+    noisy = y.copy()
+    flip = rng.random(len(y)) < 0.3
+    noisy[flip] = rng.integers(0, 3, flip.sum())
+    val_x, val_y = _blobs(200, 3, spread=4.0, seed=3)
+    fitted = probe.fit(x, noisy, 3, val_x=val_x, val_y=val_y)
+    best = max(probe.C_GRID, key=lambda c: _val_score(x, noisy, val_x, val_y, c))
+    assert fitted.c == best
+
+
+def _val_score(x, y, val_x, val_y, c):
+    mean, scale = x.mean(0), x.std(0)
+    scale[scale < 1e-6] = 1.0
+    model = LogisticRegression(C=c, max_iter=probe.MAX_ITER, tol=1e-4).fit((x - mean) / scale, y)
+    # Ties go to the smaller C, as probe does: subtract a tiny amount per grid position.
+    return np.mean(model.predict((val_x - mean) / scale) == val_y) - 1e-9 * probe.C_GRID.index(c)
+
+
+def test_binary_and_missing_classes_map_onto_a_softmax_head():
+    x, y = _blobs(10, 2)
+    y = np.where(y == 1, 2, 0)  # Classes 0 and 2 of 3; class 1 has no training image.
+    fitted = probe.fit(x, y, 3)
+    probs = _softmax(x @ fitted.kernel + fitted.bias)
+    assert probs[:, 1].max() < 1e-6
+    mean, scale = x.mean(0), x.std(0)
+    scale[scale < 1e-6] = 1.0
+    reference = LogisticRegression(C=fitted.c, max_iter=probe.MAX_ITER, tol=1e-4).fit((x - mean) / scale, y)
+    np.testing.assert_allclose(probs[:, [0, 2]], reference.predict_proba((x - mean) / scale), atol=1e-4)
+
+
+def test_one_image_per_class_falls_back_to_a_fixed_c():
+    x, y = _blobs(1, 4)
+    fitted = probe.fit(x, y, 4)
+    assert fitted.c == 1.0 and fitted.chosen_by.startswith("default")
+    assert probe.accuracy(fitted, x, y) == 1.0
+
+
+@pytest.mark.parametrize("limit", [30])
+def test_selection_subsamples_big_sets(monkeypatch, limit):
+    monkeypatch.setattr(probe, "SELECTION_SUBSAMPLE", limit)
+    seen = []
+    real = probe._fit_quietly
+
+    def record(model, x, y):
+        seen.append(len(y))
+        return real(model, x, y)
+
+    monkeypatch.setattr(probe, "_fit_quietly", record)
+    x, y = _blobs(25, 4)
+    probe.fit(x, y, 4, val_x=x, val_y=y)
+    assert seen[:-1] == [limit] * len(probe.C_GRID)  # Selection on the subsample,
+    assert seen[-1] == len(y)  # the final fit on every image.
