@@ -1,24 +1,22 @@
 """Shared plumbing for the `python -m kft.*` entry points: one-line errors, non-zero exits."""
 
 import os
+import re
 import sys
 import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _import_tensorflow_quietly() -> None:
-    """Imports TF and Keras with stderr held back, replayed only if the import fails.
-
-    TensorFlow's C++ runtime writes a few log lines at import, before TF_CPP_MIN_LOG_LEVEL
-    takes effect; they would bury a one-line error about a bad flag.
-    """
+def _held_stderr(step, keep_line=None) -> None:
+    """Runs `step()` with stderr (fd 2, C++ included) held back; replayed in full if it raises,
+    else only the lines `keep_line` accepts (none without it)."""
+    sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as held:
         os.dup2(held.fileno(), 2)
         try:
-            import keras  # noqa: F401
-            import tensorflow  # noqa: F401
+            step()
         except BaseException:
             os.dup2(saved, 2)
             held.seek(0)
@@ -27,11 +25,48 @@ def _import_tensorflow_quietly() -> None:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+        if keep_line is not None:
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(True) if keep_line(line)]
+            sys.stderr.write("".join(kept))
+
+
+def _not_a_missing_cuda_driver(line: str) -> bool:
+    # The `tensorflow` wheel is built with CUDA; where NVIDIA's driver library is absent (every
+    # CPU-only machine) listing the devices logs `failed call to cuInit: ... UNKNOWN ERROR (303)`
+    # at error level. Any other message about the devices (a GPU machine's) is shown.
+    return not ("failed call to cuInit" in line and "(303)" in line)
+
+
+def _import_tensorflow_quietly() -> None:
+    """Imports TF and Keras with stderr held back, replayed only if the import fails.
+
+    TensorFlow's C++ runtime writes a few log lines at import, before TF_CPP_MIN_LOG_LEVEL
+    takes effect, and one when it first looks for GPUs on a machine without any; they would
+    bury a one-line error about a bad flag.
+    """
+
+    def import_them():
+        import keras  # noqa: F401
+        import tensorflow  # noqa: F401
+
+    def list_devices():
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()  # Cheap, and leaves the runtime unconfigured.
+
+    _held_stderr(import_them)
+    _held_stderr(list_devices, keep_line=_not_a_missing_cuda_driver)
 
 
 _import_tensorflow_quietly()
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+# The most characters of an error line, `kft.PROGRAM: error: ...` included: room for kft's own
+# longest messages (a mistyped --backbone lists all 40 names: ~670 characters), not for dumps.
+ERROR_LINE_LIMIT = 1000
+_CUT = "... [cut; --verbosity=1 logs it all]"
 
 
 class UsageError(Exception):
@@ -44,21 +79,65 @@ def _program(argv: list[str]) -> str:
     return main_module.name if main_module else os.path.basename(argv[0] if argv else "kft")
 
 
+def _message_text(message: object) -> str:
+    """str(message), or what can be said of it when that fails or says nothing."""
+    try:
+        text = str(message)
+    except Exception:  # A broken __str__ must not hide the error being reported.
+        text = ""
+    if not text.strip() and isinstance(message, BaseException):
+        text = type(message).__name__
+    return text
+
+
+def _printable(word: str) -> str:
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in word)
+
+
+def error_line(message: object, program: str | None = None, limit: int = ERROR_LINE_LIMIT) -> str:
+    """`PROGRAM: error: MESSAGE` (`error: MESSAGE` without a program) as one line of at most
+    `limit` characters, whatever MESSAGE holds: each run of whitespace (newlines included)
+    becomes one space, other unprintable characters their escapes, and the end of a longer
+    message is cut off with an ellipsis. Every error line the programs print is made here."""
+    prefix = f"{program}: error: " if program else "error: "
+    text = _message_text(message)
+    budget = max(limit - len(prefix), len(_CUT))
+    words, size, more = [], -1, False
+    for match in re.finditer(r"\S+", text):
+        if size >= budget:  # Already too long: one word more only tells that it goes on.
+            more = True
+            break
+        word = _printable(match.group()[: budget + 1])  # A huge word is cut anyway.
+        words.append(word)
+        size += 1 + len(word)
+    body = " ".join(words)
+    if more or len(body) > budget:
+        body = body[: budget - len(_CUT)].rstrip() + _CUT
+    return prefix + body
+
+
+def _exit_with_error(program: str, message: object, status: int) -> None:
+    """Logs the whole message (and the exception's traceback) at debug level, prints its one
+    error line, and exits with `status`."""
+    text = _message_text(message)
+    exc_info = message if isinstance(message, BaseException) else None
+    logging.debug("%s: error, in full: %s", program, text, exc_info=exc_info)
+    print(error_line(text, program), file=sys.stderr)
+    sys.exit(status)
+
+
 def _parse_flags_or_exit(argv: list[str]) -> list[str]:
-    prog = _program(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        # absl's own message names the flag and the value; keep it to one line.
-        message = " ".join(str(e).split())
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        # absl's own message names the flag and the value.
+        _exit_with_error(_program(argv), e, 2)
 
 
-def fail(message: str, status: int) -> None:
-    """Ends the program with one line, `PROGRAM: error: message`, and exit `status`."""
-    print(f"{_program(sys.argv)}: error: {message}", file=sys.stderr)
-    sys.exit(status)
+def fail(message: object, status: int) -> None:
+    """Ends the program with one line, `PROGRAM: error: message` (see error_line), and exit
+    `status`; the whole message, an exception's traceback included, is logged at debug level."""
+    _exit_with_error(_program(sys.argv), message, status)
 
 
 def run(main) -> None:
@@ -68,6 +147,6 @@ def run(main) -> None:
         try:
             return main(argv)
         except UsageError as e:
-            fail(str(e), 2)
+            fail(e, 2)
 
     app.run(guarded, flags_parser=_parse_flags_or_exit)

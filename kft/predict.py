@@ -137,7 +137,7 @@ class _Printer:
             print(f"{shown:<{self.path_width}}  {rank:>4}  {name:<{self.class_width}}  {probability:>11.4f}")
 
     def error(self, path: str, reason: str) -> None:
-        print(f"error: {path}: {reason}", file=sys.stderr)
+        print(cli.error_line(f"{path}: {reason}"), file=sys.stderr)  # One bounded line.
         if self.as_json:
             print(json.dumps({"path": path, "error": reason}))
 
