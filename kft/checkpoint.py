@@ -13,10 +13,14 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 
 import h5py
 import keras
 import numpy as np
+from absl import logging
+
+from kft import rundir
 
 _BACKBONE_ATTR = "kft_backbone"
 _SIZE_ATTR = "kft_image_size"
@@ -33,6 +37,7 @@ def atomic_path(path: str, suffix: str = ""):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        rundir.default_mode(tmp)  # mkstemp made it 0600; a plain open() follows the umask.
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -68,10 +73,41 @@ def read_json(path: str):
         return json.load(f)
 
 
+def read_json_or_fail(path: str, what: str = "file"):
+    """`read_json`, with a truncated or corrupt file reported as one line naming it.
+
+    Raises:
+      ValueError: the file cannot be read or is not JSON.
+    """
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} {path} is unreadable or corrupt ({_reason(e)}); remove it, or "
+                         "rerun with --overwrite to start over") from None
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
 def save_model_weights(model: keras.Model, path: str) -> None:
     """Saves a model's weights (`.weights.h5`) atomically."""
     with atomic_path(path, suffix=".weights.h5") as tmp:
         model.save_weights(tmp)
+
+
+def load_model_weights(model: keras.Model, path: str) -> None:
+    """Loads a `.weights.h5` file kft wrote into `model`.
+
+    Raises:
+      ValueError: one line naming the file, if it is missing, truncated or corrupt.
+    """
+    try:
+        model.load_weights(path)
+    except Exception as e:  # h5py and Keras raise several types for a damaged file.
+        raise ValueError(f"{path} cannot be loaded ({_reason(e)}); it is truncated or corrupt: "
+                         "rerun with --overwrite to train again") from None
 
 
 def save_backbone_weights(backbone: keras.Model, backbone_name: str, image_size: int, path: str) -> None:
@@ -107,7 +143,15 @@ def load_backbone_weights(backbone: keras.Model, backbone_name: str, image_size:
     if saved_name is not None and str(saved_name) != backbone_name:
         raise ValueError(f"--weights={path} holds {saved_name} weights, but --backbone={backbone_name}")
     try:
-        backbone.load_weights(path)
+        if path.endswith(".weights.h5"):
+            backbone.load_weights(path)
+        else:
+            # Keras picks the reader by the file name: another name would be read as a legacy
+            # .h5 model ("0 saved layers"), so read it under the name Keras expects.
+            with tempfile.TemporaryDirectory() as tmp:
+                alias = os.path.join(tmp, "backbone.weights.h5")
+                os.symlink(os.path.abspath(path), alias)
+                backbone.load_weights(alias)
     except Exception as e:  # Keras raises several types for a structure mismatch.
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         size = f" (saved at image_size {int(saved_size)})" if saved_size is not None else ""
@@ -123,8 +167,17 @@ def save_arrays(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 
 def load_arrays(path: str) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    """The arrays of an `.npz` file kft wrote (never unpickled).
+
+    Raises:
+      ValueError: one line naming the file, if it is truncated or corrupt.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({_reason(e)}); remove it, or rerun "
+                         "with --overwrite to start over") from None
 
 
 class ResumeCheckpoints:
@@ -144,6 +197,7 @@ class ResumeCheckpoints:
         os.makedirs(self.root, exist_ok=True)
         final = os.path.join(self.root, f"epoch-{index}")
         tmp = tempfile.mkdtemp(dir=self.root, prefix=".tmp-")
+        rundir.default_mode(tmp)  # mkdtemp made it 0700; mkdir follows the umask.
         try:
             model.save_weights(os.path.join(tmp, "model.weights.h5"))
             np.savez(os.path.join(tmp, "optimizer.npz"), **{f"v{i:05d}": v.numpy() for i, v in enumerate(optimizer.variables if optimizer else [])})
@@ -166,22 +220,68 @@ class ResumeCheckpoints:
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
     def latest_state(self) -> dict | None:
-        """The trainer state of the newest complete checkpoint, or None."""
+        """The trainer state of the newest complete checkpoint, or None when there is none.
+
+        Raises:
+          ValueError: checkpoints exist but none of them is complete (one line).
+        """
         directory = self._latest_dir()
         return read_json(os.path.join(directory, "state.json")) if directory else None
 
+    def _numbered(self) -> list[tuple[int, str]]:
+        """(N, path) of every `epoch-N` directory, newest first."""
+        if not os.path.isdir(self.root):
+            return []
+        found = []
+        for name in os.listdir(self.root):
+            if name.startswith("epoch-") and name[6:].isdigit():
+                found.append((int(name[6:]), os.path.join(self.root, name)))
+        return sorted(found, reverse=True)
+
+    @staticmethod
+    def _problem(directory: str) -> str | None:
+        """Why a checkpoint directory cannot be resumed from, or None if it is complete."""
+        try:
+            state = read_json(os.path.join(directory, "state.json"))
+            if not isinstance(state, dict):
+                return "state.json holds no state"
+            with h5py.File(os.path.join(directory, "model.weights.h5"), "r"):
+                pass
+            with np.load(os.path.join(directory, "optimizer.npz"), allow_pickle=False) as arrays:
+                arrays.files  # Reads the zip directory at the end: a truncated file fails here.
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            return _reason(e)
+        return None
+
     def _latest_dir(self) -> str | None:
-        pointer = os.path.join(self.root, "latest")
-        if not os.path.exists(pointer):
-            return None
-        with open(pointer) as f:
-            directory = os.path.join(self.root, f.read().strip())
-        return directory if os.path.isdir(directory) else None
+        """The newest complete checkpoint: `ckpt/latest` is only a hint (a run killed between
+        finishing `epoch-N` and updating it, or a lost `latest`, must not lose epoch N), and an
+        incomplete or corrupt checkpoint falls back to the one before it."""
+        numbered = self._numbered()
+        problems = []
+        for _, directory in numbered:
+            problem = self._problem(directory)
+            if problem is None:
+                if problems:
+                    logging.warning("skipping unusable checkpoints (%s); resuming from %s",
+                                    "; ".join(problems), directory)
+                return directory
+            problems.append(f"{directory}: {problem}")
+        if problems:
+            raise ValueError(
+                f"no complete resume checkpoint in {self.root} ({problems[0]}); rerun with "
+                "--overwrite to start the run over")
+        return None
 
     def restore(self, model: keras.Model, optimizer: keras.optimizers.Optimizer | None) -> None:
         """Loads the newest checkpoint's weights and, if given, optimizer state (already built)."""
         directory = self._latest_dir()
-        model.load_weights(os.path.join(directory, "model.weights.h5"))
+        weights = os.path.join(directory, "model.weights.h5")
+        try:
+            model.load_weights(weights)
+        except Exception as e:  # h5py and Keras raise several types for a damaged file.
+            raise ValueError(f"checkpoint {weights} cannot be loaded ({_reason(e)}); rerun with "
+                             "--overwrite to start the run over") from None
         if optimizer is None:
             return
         saved = load_arrays(os.path.join(directory, "optimizer.npz"))

@@ -1,5 +1,7 @@
 """Shared plumbing for the `python -m kft.*` entry points: one-line errors, non-zero exits."""
 
+import errno
+import math
 import os
 import re
 import sys
@@ -126,12 +128,49 @@ def _exit_with_error(program: str, message: object, status: int) -> None:
     sys.exit(status)
 
 
+# The command line as typed, before absl expands --flagfile (None when kft runs in-process).
+_typed_argv: list[str] | None = None
+
+
+def check_typed(name: str) -> None:
+    """Refuses a boolean flag that deletes things (--overwrite) unless it was typed on the
+    command line: a flagfile copied from someone else, or written by a tool, must never
+    delete a run.
+
+    Raises:
+      UsageError: the flag is set, but only by a flagfile.
+    """
+    if _typed_argv is None or not flags.FLAGS[name].value:
+        return
+    if not any(arg in (f"--{name}", f"-{name}") or arg.startswith((f"--{name}=", f"-{name}="))
+               for arg in _typed_argv[1:]):
+        raise UsageError(f"--{name} was read from a flagfile; kft deletes files only when --{name} "
+                         "is typed on the command line")
+
+
+def _non_finite_flag() -> str | None:
+    """`flag --NAME=VALUE: ...` for the first float flag whose value is NaN or infinite."""
+    for name, flag in flags.FLAGS._flags().items():
+        value = flag.value
+        if isinstance(value, float) and not math.isfinite(value) and name == flag.name:
+            return f"flag --{name}={value}: must be a finite number"
+    return None
+
+
 def _parse_flags_or_exit(argv: list[str]) -> list[str]:
+    global _typed_argv
+    _typed_argv = list(argv)
     try:
-        return flags.FLAGS(argv)
+        remaining = flags.FLAGS(argv)
     except flags.Error as e:
         # absl's own message names the flag and the value.
         _exit_with_error(_program(argv), e, 2)
+    # Every entry point's numeric flags: NaN passes every comparison, so no range check
+    # would catch it.
+    problem = _non_finite_flag()
+    if problem:
+        _exit_with_error(_program(argv), problem, 2)
+    return remaining
 
 
 def fail(message: object, status: int) -> None:
@@ -148,5 +187,16 @@ def run(main) -> None:
             return main(argv)
         except UsageError as e:
             fail(e, 2)
+        except KeyboardInterrupt:
+            # Ctrl-C is SIGTERM's twin: the last complete checkpoint is kept.
+            fail("interrupted; files are as the last complete checkpoint left them (rerun the "
+                 "same command to resume)", 130)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES) or any(
+                    reason in str(e) for reason in ("No space left", "File too large", "Disk quota")):
+                where = f" writing {e.filename}" if e.filename else ""
+                fail(f"{e.strerror or e}{where}; files are as the last complete checkpoint left them "
+                     "(free space or fix permissions, then rerun the same command to resume)", 1)
+            raise
 
     app.run(guarded, flags_parser=_parse_flags_or_exit)

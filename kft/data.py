@@ -44,6 +44,26 @@ AUTOTUNE = tf.data.AUTOTUNE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
+# The largest image file kft reads (a 100-megapixel PNG is ~300 MB uncompressed, far less as
+# a file); anything bigger is skipped rather than read into memory.
+MAX_IMAGE_FILE_BYTES = 256 * 1024**2
+
+
+def file_problem(path: str) -> str | None:
+    """Why an image file is not read, or None: only regular files (a FIFO would block the
+    reader forever, a device such as /dev/zero never ends) of at most MAX_IMAGE_FILE_BYTES."""
+    import stat
+
+    try:
+        info = os.stat(path)
+    except OSError as e:
+        return f"cannot read: {e.strerror}"
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    if info.st_size > MAX_IMAGE_FILE_BYTES:
+        return f"larger than {MAX_IMAGE_FILE_BYTES // 1024**2} MiB"
+    return None
+
 # Default memory for the decoded-image cache: uint8 sets (train + val) at or below it are
 # cached in memory, bigger ones re-decoded every epoch (2 GiB holds ~14k images at 224 px or
 # ~700k at 32 px). kft.train's --cache_gb sets it per run.
@@ -434,14 +454,55 @@ def _tfds_eval_split(spec: TfdsSpec, available: Collection[str]) -> str:
 def _tfds_builder(spec: TfdsSpec, data_dir: str | None):
     import tensorflow_datasets as tfds  # Slow import; only TFDS sources need it.
 
-    builder = tfds.builder(spec.name, data_dir=data_dir)
+    try:
+        builder = tfds.builder(spec.name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(f"tfds:{spec.name}: no TFDS dataset of that name (names as in "
+                         "https://www.tensorflow.org/datasets/catalog, e.g. tfds:cifar10)") from None
     features = builder.info.features
     if "image" not in features or "label" not in features or not hasattr(
             features["label"], "names"):
         raise ValueError(f"tfds:{spec.name} needs 'image' and 'label' (ClassLabel) features; "
                          f"it has {sorted(features.keys())}")
-    builder.download_and_prepare()
+    if not builder.is_prepared() and _downloads_for_real():
+        where = data_dir or "~/tensorflow_datasets"
+        offline = _no_network()
+        how = (f"download it where there is network (tfds.builder({spec.name!r}).download_and_prepare()) "
+               f"and pass that data directory as --data_dir")
+        if offline:
+            raise ValueError(f"tfds:{spec.name} is not prepared in {where} and cannot be downloaded "
+                             f"({offline}); {how}")
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # Network, disk and checksum failures, all worded by TFDS.
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"tfds:{spec.name} could not be downloaded into {where} ({reason}); "
+                             f"{how}") from None
     return builder
+
+
+# A host every TFDS download goes through first (its GCS mirror), to find out in seconds
+# whether a download can happen at all.
+_TFDS_HOST = ("storage.googleapis.com", 443)
+
+
+def _no_network(timeout: float = 3.0) -> str | None:
+    """Why TFDS's servers cannot be reached, or None if they can."""
+    import socket
+
+    try:
+        socket.create_connection(_TFDS_HOST, timeout=timeout).close()
+    except OSError as e:
+        return f"no network: {_TFDS_HOST[0]} unreachable, {e.strerror or e}"
+    return None
+
+
+def _downloads_for_real() -> bool:
+    """False under tfds.testing.mock_data, which replaces the download with a no-op."""
+    from tensorflow_datasets.core import dataset_builder
+
+    method = dataset_builder.DatasetBuilder.download_and_prepare
+    return getattr(method, "__module__", "") == dataset_builder.__name__
 
 
 def _tfds_dataset(builder, split: str, *, shuffle_files: bool, seed: int) -> tf.data.Dataset:
@@ -620,7 +681,9 @@ def _route_files(paths: Sequence[str]) -> np.ndarray:
     what guarantees that no file fails mid-epoch and that `skipped` is exact.
     """
     routes = np.zeros(len(paths), np.int8)
-    if not paths:
+    # FIFOs, devices and huge files are never opened: they stay 0 (skipped and counted).
+    eligible = np.asarray([i for i, p in enumerate(paths) if file_problem(p) is None], np.int64)
+    if not len(eligible):
         return routes
 
     def try_tf(index, path):
@@ -630,7 +693,7 @@ def _route_files(paths: Sequence[str]) -> np.ndarray:
             tf.size(tf.io.decode_image(contents, channels=3, expand_animations=False)), 0))
         return index, ok
 
-    probe = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), list(paths)))
+    probe = tf.data.Dataset.from_tensor_slices((eligible, [paths[i] for i in eligible]))
     # Unreadable or undecodable files raise inside map; ignore_errors drops exactly those.
     probe = probe.map(try_tf, num_parallel_calls=AUTOTUNE, deterministic=False).ignore_errors()
     for index, ok in probe.batch(4096).as_numpy_iterator():
@@ -643,7 +706,7 @@ def _route_files(paths: Sequence[str]) -> np.ndarray:
         except Exception:  # Any failure (truncated, not an image, decompression bomb) skips.
             return False
 
-    rest = np.flatnonzero(routes == 0)
+    rest = eligible[routes[eligible] == 0]
     workers = min(16, 4 * (os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         for index, ok in zip(rest, pool.map(try_pil, [paths[i] for i in rest])):

@@ -28,7 +28,7 @@ flags.DEFINE_string("export_dir", None, "A SavedModel written by kft: the export
 flags.DEFINE_string("model_dir", None, "A finished kft.train run directory; its best weights are evaluated. Exactly one of --export_dir and --model_dir.")
 flags.DEFINE_string("dataset", None, "Data to evaluate on, same specs as training: tfds:NAME[,test=SPLIT], folder:PATH (PATH/test or PATH/val if present, else every image under PATH, one subfolder per class), or digits[:CLASSES].")
 flags.DEFINE_string("data_dir", None, "Where TFDS keeps (or finds already downloaded) datasets.")
-flags.DEFINE_integer("image_size", None, "Side of the square images the data loader produces (the model resizes again to its own size); default: the run's size with --model_dir, 224 with --export_dir.", lower_bound=1)
+flags.DEFINE_integer("image_size", None, "Side of the square images the data loader produces (the model resizes again to its own size); default: the run's size with --model_dir, 224 with --export_dir.", lower_bound=1, upper_bound=2048)
 flags.DEFINE_integer("batch_size", 64, "Images per evaluation batch.", lower_bound=1)
 flags.DEFINE_enum("tta", "none", ["none", "flip"], "Test-time augmentation: none, or flip (average the probabilities of each image and its left-right mirror; twice the compute).")
 flags.DEFINE_string("output_dir", None, "Where eval.json and confusion_matrix.png go; default: an eval/ folder beside the model (<version dir>/eval or <model_dir>/eval).")

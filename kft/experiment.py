@@ -10,13 +10,14 @@ each resumes on its own after an interruption.
 """
 
 import dataclasses
+import hashlib
 import os
 import shutil
 
 import numpy as np
 from absl import logging
 
-from kft import checkpoint, export, schedule, trainer
+from kft import checkpoint, export, rundir, schedule, trainer
 from kft.config import Config
 
 
@@ -48,6 +49,51 @@ def scratch_stages(stages: tuple[schedule.Stage, ...], lr: float) -> tuple[sched
                  for stage in trained)
 
 
+# Seconds a run waits for another run's export into the same --export_dir to finish.
+EXPORT_LOCK_WAIT = 1800.0
+
+
+def export_base(config: Config) -> str | None:
+    """Where the SavedModel versions go, or None with --export_dir=none."""
+    if config.export_dir == "none":
+        return None
+    return config.export_dir or os.path.join(config.model_dir, "export")
+
+
+def check_before_work(config: Config, class_names, build_model: bool = False) -> None:
+    """Everything about the outputs that can be known before training, checked without writing.
+
+    Args:
+      config: the run.
+      class_names: the training data's classes.
+      build_model: also build the model (without ImageNet weights) to check the stages against
+        its blocks and a --weights file against the backbone, as trainer.train does first;
+        costs one model build, so kft.train does it when a failure later would cost more (an
+        --overwrite, a source task to train first).
+
+    Raises:
+      ValueError: one line naming the flag.
+    """
+    rundir.check_writable_dir(config.model_dir, f"--model_dir={config.model_dir}")
+    for flag, spec in (("dataset", config.dataset), ("pretrain_dataset", config.pretrain_dataset)):
+        root = spec[len("folder:"):].strip() if spec.startswith("folder:") else None
+        if root and rundir.is_inside(config.model_dir, os.path.expanduser(root)):
+            raise ValueError(f"--model_dir={config.model_dir} is inside --{flag}={spec}: the run's "
+                             "files would be read as data; put the run elsewhere")
+        base = export_base(config)
+        if root and base and config.export_dir and rundir.is_inside(base, os.path.expanduser(root)):
+            raise ValueError(f"--export_dir={config.export_dir} is inside --{flag}={spec}; put the "
+                             "export elsewhere")
+    base = export_base(config)
+    if base:
+        flag = f"--export_dir={config.export_dir}" if config.export_dir else f"--model_dir={config.model_dir} (its export/)"
+        rundir.check_writable_dir(base, flag)
+    if base or config.export_tflite != "off":
+        export.check_class_names(class_names)
+    if build_model:
+        trainer.check_model(config, len(class_names))
+
+
 def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
     """Runs everything `config` asks for and returns the fine-tune's metrics.
 
@@ -63,6 +109,7 @@ def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
         print(f"source task {source.dataset}: best val accuracy {source_metrics['best_val_accuracy']:.4f}")
         config = dataclasses.replace(config, weights=os.path.join(source.model_dir, "backbone.weights.h5"))
 
+    previous = _previous_metrics(config.model_dir)
     metrics = trainer.train(config, splits=splits, flagfile_text=flagfile_text)
     print(f"fine-tuned on {config.dataset}: best val accuracy {metrics['best_val_accuracy']:.4f}")
 
@@ -70,11 +117,20 @@ def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
         classifier, class_names, _ = trainer.load_classifier(config.model_dir)
         images, labels = _validation_batch(config)
     if config.export_dir != "none":
-        export_base = config.export_dir or os.path.join(config.model_dir, "export")
-        _remove_interrupted_exports(export_base)
-        version_dir = export.export_saved_model(classifier, class_names, export_base, images)
+        base = export_base(config)
+        digest = _file_digest(os.path.join(config.model_dir, "model.weights.h5"))
+        version_dir = _unchanged_export(previous, base, digest)
+        if version_dir:
+            print(f"the model is unchanged since its export {version_dir}; not exported again")
+        else:
+            # One export at a time per base: another run's clean-up must not delete an export
+            # in flight. An export takes seconds to minutes; a run waits that long for its turn.
+            with rundir.DirLock(base, f"--export_dir={base}", rundir.EXPORT_LOCK, wait=EXPORT_LOCK_WAIT):
+                _remove_interrupted_exports(base)
+                version_dir = export.export_saved_model(classifier, class_names, base, images)
+            print(f"exported SavedModel to {version_dir}")
         metrics["export"] = version_dir
-        print(f"exported SavedModel to {version_dir}")
+        metrics["export_weights_sha256"] = digest
     if config.export_tflite != "off":
         from kft import tflite  # The TFLite converter is only loaded when asked for.
 
@@ -109,6 +165,34 @@ def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
         )
     checkpoint.write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
     return metrics
+
+
+def _previous_metrics(model_dir: str) -> dict:
+    """The metrics.json of an earlier invocation of this run, or {}."""
+    try:
+        previous = checkpoint.read_json(os.path.join(model_dir, "metrics.json"))
+    except (OSError, ValueError):
+        return {}
+    return previous if isinstance(previous, dict) else {}
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _unchanged_export(previous: dict, base: str, digest: str) -> str | None:
+    """The version an earlier invocation exported from these very weights into `base`, if it is
+    still there: rerunning a finished run's command adds no identical version."""
+    version_dir = previous.get("export")
+    if previous.get("export_weights_sha256") != digest or not isinstance(version_dir, str):
+        return None
+    if os.path.realpath(os.path.dirname(version_dir)) != os.path.realpath(base):
+        return None
+    return version_dir if os.path.isfile(os.path.join(version_dir, "saved_model.pb")) else None
 
 
 def _remove_interrupted_exports(export_base: str) -> None:

@@ -24,6 +24,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from kft import rundir
+
 SIGNATURE_KEY = "serving_default"
 LABELS_FILE = "labels.txt"
 TMP_PREFIX = ".tmp-export-"
@@ -63,7 +65,8 @@ def _versions(export_base: str) -> list[int]:
     """Integer entry names under `export_base` (TF Serving's version directories)."""
     if not os.path.isdir(export_base):
         return []
-    return sorted(int(name) for name in os.listdir(export_base) if name.isdigit())
+    # ASCII digits only: "²" is a digit to str.isdigit but not to int().
+    return sorted(int(name) for name in os.listdir(export_base) if name.isascii() and name.isdigit())
 
 
 def latest_version(export_base: str) -> str:
@@ -130,6 +133,11 @@ class ServingModel:
             raise ValueError(f"{self.path} has no '{SIGNATURE_KEY}' signature")
         self._serve = self._loaded.signatures[SIGNATURE_KEY]
         self.class_names = read_class_names(self.path)
+        width = self._serve.structured_outputs["probabilities"].shape[-1]
+        if width is not None and width != len(self.class_names):
+            raise ValueError(f"{os.path.join(self.path, 'assets', LABELS_FILE)} names "
+                             f"{len(self.class_names)} classes but the model outputs {width}: the "
+                             "export is damaged; export it again")
 
     def outputs(self, images) -> dict[str, np.ndarray]:
         """All signature outputs (probabilities, classes, class_names) as numpy arrays.
@@ -161,13 +169,29 @@ def load_serving(path: str) -> ServingModel:
     return ServingModel(path)
 
 
+def check_class_names(class_names: Sequence[str]) -> None:
+    """Checks the class names can be exported: one per line of `labels.txt`, so each non-empty
+    and printable (no line breaks), and no two alike.
+
+    Raises:
+      ValueError: one line naming the first bad class name.
+    """
+    names = list(class_names)
+    if not names:
+        raise ValueError("no class names to export")
+    for name in names:
+        if not isinstance(name, str) or not name or not name.isprintable():
+            raise ValueError(f"class name {name!r} cannot be exported (labels.txt holds one name per "
+                             "line): rename that class without newlines or other unprintable "
+                             "characters")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class_names has duplicates: {names!r}")
+
+
 def _check_inputs(model: keras.Model, class_names: Sequence[str], check_images: np.ndarray) -> np.ndarray:
     """Validates the arguments of `export_saved_model`; returns the Keras model's outputs."""
     names = list(class_names)
-    if not names or not all(isinstance(n, str) and n and "\n" not in n for n in names):
-        raise ValueError(f"class_names must be non-empty strings without newlines, got {names!r}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"class_names has duplicates: {names!r}")
+    check_class_names(names)
     check_images = np.asarray(check_images)
     if check_images.dtype != np.uint8 or check_images.ndim != 4 or check_images.shape[-1] != 3:
         raise ValueError(
@@ -221,12 +245,14 @@ def export_saved_model(
 
     tmp = tempfile.mkdtemp(dir=export_base, prefix=TMP_PREFIX)
     try:
+        rundir.default_mode(tmp)  # mkdtemp made it 0700: TF Serving may run as another user.
         with tempfile.TemporaryDirectory() as labels_dir:
             labels_path = os.path.join(labels_dir, LABELS_FILE)
             with open(labels_path, "w", encoding="utf-8") as f:
                 f.write("".join(f"{name}\n" for name in class_names))
             module = _ServingModule(model, class_names, labels_path)
             tf.saved_model.save(module, tmp, signatures={SIGNATURE_KEY: module.serve})
+        rundir.default_modes_under(tmp)
         _compare(ServingModel(tmp), check_images, expected, atol)
         return _rename_to_next_version(tmp, export_base)
     finally:

@@ -4,14 +4,21 @@ Validators run while absl parses the command line, so a bad value stops the prog
 line naming the flag, the value and what is allowed, before any model is built or file written.
 """
 
+import math
 import os
 
+import numpy as np
 from absl import flags
 
 from kft import augment, backbones, data, recipe, schedule
 from kft.config import Config
 
 FLAGS = flags.FLAGS
+
+# Sane upper bounds: a bigger --image_size ends in an out-of-memory error, not a model (the
+# largest keras.applications input is 600 px), and --cache_gb cannot exceed this machine's memory.
+MAX_IMAGE_SIZE = 2048
+MAX_CACHE_GB = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
 
 # Flags that do not change what a run computes; a resumed run may change them freely.
 RESUME_FREE_FLAGS = ("export_dir", "export_tflite", "verbose", "overwrite", "flagfile")
@@ -32,6 +39,8 @@ def _checked(name: str, parse, help_allowed: str = ""):
 
 def _range(name: str, low=None, high=None, low_open=False):
     def check(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise flags.ValidationError("must be a finite number")
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and value > high
         if too_low or too_high:
@@ -102,7 +111,7 @@ _checked("pretrain_stages", schedule.parse_stages)
 _checked("augment", augment.parse)
 _range("val_fraction", 0.0, 0.9, low_open=True)
 _range("train_limit_per_class", 0)
-_range("image_size", 0)
+_range("image_size", 0, MAX_IMAGE_SIZE)
 _range("dropout", 0.0, 0.95)
 _range("hidden_units", 0)
 _range("batch_size", 1)
@@ -113,7 +122,7 @@ _range("l2sp_beta", 0.0)
 _range("delta_alpha", 0.0)
 _range("delta_attention_batches", 1)
 _range("bss_eta", 0.0)
-_range("cache_gb", 0.0)
+_range("cache_gb", 0.0, MAX_CACHE_GB)
 _range("bss_k", 1)
 _range("label_smoothing", 0.0, 0.5)
 _range("layer_lr_decay", 0.0, 1.0, low_open=True)
@@ -195,7 +204,7 @@ def config_from_flags() -> Config:
 RECIPE_FLAGS = ("batch_size", "stages", "augment")
 
 
-def apply_recipe(num_train: int, num_classes: int) -> str | None:
+def apply_recipe(num_train: int, num_classes: int, mirror=None) -> str | None:
     """With --recipe=auto, sets the recipe's flags the user did not give (kft.recipe) and turns
     --recipe to none, so the resolved flagfile reproduces the run without deriving it again.
 
@@ -206,7 +215,7 @@ def apply_recipe(num_train: int, num_classes: int) -> str | None:
         return None
     given = {name: FLAGS[name].value for name in RECIPE_FLAGS if FLAGS[name].present}
     derived = recipe.derive(num_train, num_classes, hidden_units=FLAGS.hidden_units,
-                            batch_size=given.get("batch_size"))
+                            batch_size=given.get("batch_size"), mirror=mirror)
     if FLAGS.pretrain_dataset and not FLAGS.pretrain_batch_size:
         FLAGS.pretrain_batch_size = FLAGS.batch_size  # Before the recipe resizes it.
     for name, value in derived.flags().items():
@@ -227,11 +236,27 @@ def config_and_splits(load_splits):
     """
     config = config_from_flags()
     splits = load_splits(config)
-    block = apply_recipe(splits.num_train, len(splits.class_names))
+    mirror = None
+    if FLAGS.recipe == "auto" and not FLAGS["augment"].present:
+        mirror = recipe.mirror_check(*_sample(splits, recipe.MIRROR_SAMPLE))
+    block = apply_recipe(splits.num_train, len(splits.class_names), mirror)
     if block is not None:
         config = config_from_flags()
         splits = splits.with_batch_size(config.batch_size)
     return config, splits, block
+
+
+def _sample(splits, limit: int):
+    """Up to `limit` training images and labels, in the source's fixed order, as numpy."""
+    dataset = splits.train if splits.train_in_order is None else splits.train_in_order
+    images, labels, count = [], [], 0
+    for batch_images, batch_labels in dataset:
+        images.append(batch_images.numpy())
+        labels.append(batch_labels.numpy())
+        count += len(labels[-1])
+        if count >= limit:
+            break
+    return np.concatenate(images)[:limit], np.concatenate(labels)[:limit]
 
 
 def with_comment(flagfile_text: str, block: str | None) -> str:
@@ -253,6 +278,8 @@ def resolved_flagfile(names: list[str] | None = None) -> str:
         value = flag.value
         if value is None:
             continue
+        if isinstance(value, str):
+            value = absolute_path_value(flag.name, value)
         if isinstance(value, bool):
             lines.append(f"--{flag.name}" if value else f"--no{flag.name}")
         else:
@@ -281,8 +308,31 @@ def resume_conflict(saved_flagfile: str, current_flagfile: str) -> str | None:
 
     saved, current = parse(saved_flagfile), parse(current_flagfile)
     for name in sorted(set(saved) | set(current)):
-        if name in RESUME_FREE_FLAGS:
+        # The run is wherever its flags.cfg was found: moved or spelled differently, it is
+        # the same run.
+        if name in RESUME_FREE_FLAGS or name == "model_dir":
+            continue
+        if _same_path_value(name, saved.get(name), current.get(name)):
             continue
         if saved.get(name) != current.get(name):
             return f"--{name}: saved {saved.get(name)!r}, now {current.get(name)!r}"
     return None
+
+
+def absolute_path_value(name: str, value: str, resolve=os.path.abspath) -> str:
+    """A path-valued flag's value with its path made absolute (`resolve`), so a flags.cfg read
+    from another directory names the same data; other values unchanged."""
+    if name in ("dataset", "pretrain_dataset") and value.startswith("folder:"):
+        return "folder:" + resolve(os.path.expanduser(value[len("folder:"):].strip()))
+    if (name == "weights" and value not in ("imagenet", "none")) or (name == "data_dir" and value):
+        return resolve(os.path.expanduser(value))
+    return value
+
+
+def _same_path_value(name: str, saved: str | None, current: str | None) -> bool:
+    """Whether two values of a path-valued flag name the same file or folder (relative or
+    absolute, with or without a trailing slash, through a link)."""
+    if saved is None or current is None:
+        return False
+    return (absolute_path_value(name, saved, os.path.realpath)
+            == absolute_path_value(name, current, os.path.realpath))

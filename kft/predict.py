@@ -32,7 +32,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("export_dir", None, "A SavedModel written by kft: the export base directory (its latest integer version is used) or one version directory.")
 flags.DEFINE_integer("top_k", 5, "How many classes to show per image, most probable first (at most the number of classes).", lower_bound=1)
 flags.DEFINE_bool("json", False, "Print one JSON object per image and line instead of a table.")
-flags.DEFINE_integer("image_size", None, "Side of the square uint8 images fed to the model (which resizes again to its own size); default: the training run's size when the export sits in MODEL_DIR/export, else 224.", lower_bound=8)
+flags.DEFINE_integer("image_size", None, "Side of the square uint8 images fed to the model (which resizes again to its own size); default: the training run's size when the export sits in MODEL_DIR/export, else 224.", lower_bound=8, upper_bound=2048)
 flags.DEFINE_integer("batch_size", 32, "Images per model call.", lower_bound=1)
 flags.mark_flag_as_required("export_dir")
 
@@ -61,6 +61,9 @@ def _decode(path: str, image_size: int):
 
     from kft import data
 
+    problem = data.file_problem(path)
+    if problem:
+        return problem
     try:
         with open(path, "rb") as f:
             contents = f.read()

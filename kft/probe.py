@@ -16,7 +16,9 @@ import numpy as np
 from absl import logging
 
 # Candidates for logistic regression's C (inverse L2 strength on standardized features).
-C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
+C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+# Cross-validation folds at most (fewer where a class has fewer training images).
+MAX_FOLDS = 3
 # C is chosen on at most this many training features; the final fit uses all of them.
 SELECTION_SUBSAMPLE = 10_000
 MAX_ITER = 500
@@ -118,7 +120,7 @@ def _choose_by_cross_validation(x, y, seed: int) -> tuple[float, str]:
     x, y = _subsample(x, y, SELECTION_SUBSAMPLE, seed)
     present = np.bincount(y)
     smallest_class = int(present[present > 0].min())
-    folds = min(5, smallest_class)
+    folds = min(MAX_FOLDS, smallest_class)
     if folds < 2:
         return 1.0, "default (a class has a single training image)"
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)

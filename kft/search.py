@@ -73,7 +73,7 @@ import tensorflow as tf
 from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
-from kft import checkpoint, data, runtime, schedule, trainer
+from kft import checkpoint, data, rundir, runtime, schedule, trainer
 from kft.config import Config
 
 OBJECTIVE = "best_val_accuracy"
@@ -114,8 +114,10 @@ class SearchSpace:
         """Raises ValueError naming the flag of an empty, inverted or non-positive range."""
         for name in ("lr_scale", "strength"):
             low, high = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
-            if not (low > 0 and math.isfinite(low) and math.isfinite(high)):
-                raise ValueError(f"--{name}_min={low:g} must be > 0 (the range is log-uniform)")
+            for end, value in (("min", low), ("max", high)):
+                if not (value > 0 and math.isfinite(value)):
+                    raise ValueError(f"--{name}_{end}={value:g} must be a finite number > 0 (the "
+                                     "range is log-uniform)")
             if low >= high:
                 raise ValueError(
                     f"--{name}_min={low:g} must be < --{name}_max={high:g} (the range is "
@@ -295,34 +297,46 @@ def fingerprint_conflict(saved: dict, current: dict) -> str | None:
     return None
 
 
-def prepare_tune_dir(tune: TuneConfig, current: dict) -> None:
-    """Checks TUNE_DIR holds this search (or nothing), then records the search in it.
+def prepare_tune_dir(tune: TuneConfig, current: dict) -> rundir.DirLock:
+    """Checks TUNE_DIR holds this search (or nothing), locks it, then records the search in it.
 
-    Nothing is deleted unless `tune.overwrite`; a refused directory is left as it was.
+    Nothing is deleted unless `tune.overwrite`, and then only what kft.tune wrote; a refused
+    directory is left as it was.
+
+    Returns:
+      The directory's lock, held while this process searches.
 
     Raises:
-      ValueError: the directory holds another search, or files that are not a kft search.
+      ValueError: the directory holds another search, files that are not a kft search, or is
+        in use by another kft.tune process.
     """
+    flag = f"--tune_dir={tune.tune_dir}"
     path = os.path.join(tune.tune_dir, SEARCH_FILE)
-    if tune.overwrite and os.path.isdir(tune.tune_dir):
-        shutil.rmtree(tune.tune_dir)
-    if os.path.exists(path):
-        conflict = fingerprint_conflict(checkpoint.read_json(path), current)
-        if conflict:
-            raise ValueError(
-                f"--tune_dir={tune.tune_dir} holds a different search ({conflict}); rerun with its "
-                "flags to resume it, pass --overwrite to start over, or use another --tune_dir"
-            )
-    elif os.path.isdir(tune.tune_dir) and os.listdir(tune.tune_dir):
-        raise ValueError(
-            f"--tune_dir={tune.tune_dir} is not empty and holds no kft search ({SEARCH_FILE} "
-            "missing); use a new or empty directory, or pass --overwrite to delete its contents"
-        )
     try:
-        os.makedirs(tune.tune_dir, exist_ok=True)
+        rundir.check_owned(tune.tune_dir, flag, "tune", tune.overwrite)
+        rundir.check_writable_dir(tune.tune_dir, flag)
+        lock = rundir.DirLock(tune.tune_dir, flag)
+    except OSError as e:
+        raise ValueError(f"{flag} is not writable: {e.strerror}") from None
+    try:
+        if tune.overwrite:
+            rundir.remove_owned(tune.tune_dir, "tune")
+        elif os.path.exists(path):
+            conflict = fingerprint_conflict(checkpoint.read_json_or_fail(path, "the search record"), current)
+            if conflict:
+                raise ValueError(
+                    f"{flag} holds a different search ({conflict}); rerun with its "
+                    "flags to resume it, pass --overwrite to start over, or use another --tune_dir"
+                )
+        rundir.mark(tune.tune_dir, "tune")
         checkpoint.write_json(path, current)
     except OSError as e:
-        raise ValueError(f"--tune_dir={tune.tune_dir} is not writable: {e.strerror}") from None
+        lock.release()
+        raise ValueError(f"{flag} is not writable: {e.strerror}") from None
+    except ValueError:
+        lock.release()
+        raise
+    return lock
 
 
 def wait_for_search(tune: TuneConfig, current: dict, timeout: float = 3600.0) -> None:
@@ -497,9 +511,19 @@ def run(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Split
     who = role()
     if who == "worker":
         wait_for_search(tune, current)
-    else:
-        prepare_tune_dir(tune, current)
+        return _search(config, tune, flagfile_text, splits, who)
+    # One chief (or single search) per directory; workers join the chief's.
+    lock = prepare_tune_dir(tune, current)
+    try:
         write_hparams_config(tune, config)
+        return _search(config, tune, flagfile_text, splits, who)
+    finally:
+        lock.release()
+
+
+def _search(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Splits | None,
+            who: str) -> dict | None:
+    """`run` once the tune directory is checked (and locked, unless `who` is a worker)."""
     base_flagfile = flagfile_text
     if config.pretrain_dataset:
         weights = os.path.join(os.path.abspath(tune.tune_dir), "pretrain", "backbone.weights.h5")

@@ -29,7 +29,7 @@ import tensorflow as tf
 from absl import logging
 
 from kft import augment as augment_lib
-from kft import backbones, checkpoint, data, l2sp, model, regularizers, report, runtime, schedule
+from kft import backbones, checkpoint, data, l2sp, model, regularizers, report, rundir, runtime, schedule
 from kft import probe as probe_lib
 from kft.config import Config
 
@@ -312,6 +312,7 @@ class _RunState:
     # "last" the newest.
     best_val_accuracy: float = -1.0
     probe_val_accuracy: float | None = None
+    probe_seconds: float = 0.0  # the probe stage's wall time, feature pass included
     history: list = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
@@ -369,7 +370,9 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
     logging.info("data: %d train, %d val images, %d classes, %d unreadable files skipped",
                  splits.num_train, splits.num_val, len(splits.class_names), splits.skipped)
 
+    _check_same_classes(config.model_dir, splits.class_names)
     select_best = selects_best(config.checkpoint_selection, splits.num_val)
+    rundir.mark(config.model_dir)
     ckpts = checkpoint.ResumeCheckpoints(config.model_dir)
     saved = ckpts.latest_state()
     state = _RunState(**saved) if saved else _RunState()
@@ -446,6 +449,29 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
     return _finish(config, classifier, splits, state, summaries, started, select_best)
 
 
+def _check_same_classes(model_dir: str, class_names) -> None:
+    """Refuses to resume a run whose data now has other classes, before any file is written
+    (the run's classes.json, read by kft.evaluate and the exports, must stay its own).
+
+    Raises:
+      ValueError: one line naming the classes added or gone.
+    """
+    path = os.path.join(model_dir, "classes.json")
+    if not os.path.exists(path):
+        return
+    saved = checkpoint.read_json_or_fail(path, "the run's class list")
+    before = list(saved.get("class_names", [])) if isinstance(saved, dict) else []
+    if before == list(class_names):
+        return
+    added = [n for n in class_names if n not in before]
+    gone = [n for n in before if n not in class_names]
+    change = "; ".join(x for x in (f"new: {', '.join(added)}" if added else "",
+                                   f"gone: {', '.join(gone)}" if gone else "") if x) or "reordered"
+    raise ValueError(
+        f"--model_dir={model_dir} holds a run on {len(before)} classes, the data now has "
+        f"{len(class_names)} ({change}); pass --overwrite to start over, or use another --model_dir")
+
+
 def selects_best(selection: str, num_val: int) -> bool:
     """Whether a run keeps its best-validation model (else the end of its schedule)."""
     if selection != "auto":
@@ -478,8 +504,31 @@ def _run_probe(classifier, splits: data.Splits, config: Config, recorder, global
     classifier.classify.set_weights([fitted.kernel, fitted.bias])
     val_accuracy = probe_lib.accuracy(fitted, val_x, val_y)
     probe_lib.log(fitted, len(train_y), val_accuracy)
-    logging.info("probe stage (features included) took %.1fs", time.time() - started)
-    recorder.probe_done(index, global_epoch, val_accuracy, fitted.c)
+    seconds = time.time() - started
+    logging.info("probe stage (features included) took %.1fs", seconds)
+    recorder.probe_done(index, global_epoch, val_accuracy, fitted.c, seconds)
+
+
+def check_model(config: Config, num_classes: int) -> None:
+    """Builds the model once as `train` will (without downloading ImageNet weights: their shapes
+    are the architecture's) and checks the stages, the source task's included, against its
+    blocks and a --weights file against the backbone; writes nothing.
+
+    Raises:
+      ValueError: one line.
+    """
+    weights = config.weights if config.weights not in (None, "imagenet") else None
+    if config.pretrain_dataset:
+        weights = None  # The source task's weights do not exist yet.
+    head = model.HeadConfig(num_classes, config.dropout, config.hidden_units)
+    try:
+        classifier = model.build_classifier(config.backbone, config.image_size, weights, head)
+        names = [b.name for b in backbones.blocks(classifier.spec, classifier.backbone)]
+        schedule.validate_against_blocks(config.stages, names)
+        if config.pretrain_dataset:
+            schedule.validate_against_blocks(config.pretrain_stages, names)
+    finally:
+        keras.backend.clear_session()
 
 
 def _build_tuner(config: Config, num_classes: int, flagfile_text: str) -> tuple[FineTuner, list, dict]:
@@ -528,7 +577,7 @@ class _EpochRecorder:
             checkpoint.save_model_weights(self.tuner.classifier,
                                           os.path.join(self.config.model_dir, "model.weights.h5"))
 
-    def probe_done(self, index: int, global_epoch: int, val_acc: float, c: float) -> None:
+    def probe_done(self, index: int, global_epoch: int, val_acc: float, c: float, seconds: float) -> None:
         """Records the probe stage like an epoch: history, TensorBoard, kept model, checkpoint."""
         state = self.state
         record = {"stage": index + 1, "epoch": 0, "global_epoch": global_epoch,
@@ -536,6 +585,8 @@ class _EpochRecorder:
         self.summaries.epoch(global_epoch, record, {})
         state.history.append(record)
         state.probe_val_accuracy = val_acc
+        state.probe_seconds = seconds
+        state.seconds += seconds
         self._keep(val_acc)
         state.stage, state.epoch = index + 1, 0
         self.ckpts.save(global_epoch, self.tuner, None, dataclasses.asdict(state))
@@ -627,10 +678,12 @@ def cache_features(
 def _finish(config, classifier, splits, state, summaries, started, select_best) -> dict:
     """Loads the kept weights, writes backbone weights, confusion matrix and metrics.json."""
     best_path = os.path.join(config.model_dir, "model.weights.h5")
-    classifier.load_weights(best_path)
-    checkpoint.save_backbone_weights(
-        classifier.backbone, config.backbone, config.image_size, os.path.join(config.model_dir, "backbone.weights.h5")
-    )
+    checkpoint.load_model_weights(classifier, best_path)
+    backbone_path = os.path.join(config.model_dir, "backbone.weights.h5")
+    # A finished run's rerun leaves its backbone file alone: written after the kept weights,
+    # it already holds them (and nothing is rewritten on a disk that may be full).
+    if not (os.path.exists(backbone_path) and os.path.getmtime(backbone_path) >= os.path.getmtime(best_path)):
+        checkpoint.save_backbone_weights(classifier.backbone, config.backbone, config.image_size, backbone_path)
     labels, probs = predict_dataset(classifier, splits.val)
     val_report = report.classification_report(labels, probs, splits.class_names)
     summaries.confusion(config.total_epochs, report.confusion_png(np.asarray(val_report["confusion_matrix"]), splits.class_names))
@@ -653,6 +706,7 @@ def _finish(config, classifier, splits, state, summaries, started, select_best) 
         "best_val_accuracy": state.best_val_accuracy,
         "checkpoint_selection": "best" if select_best else "last",
         "probe_val_accuracy": state.probe_val_accuracy,
+        "probe_seconds": round(state.probe_seconds, 2),
         "final_val_accuracy": state.history[-1].get("val_accuracy") if state.history else None,
         "best_model_val_accuracy": val_report["accuracy"],
         "stages": per_stage,
@@ -701,7 +755,10 @@ def load_classifier(model_dir: str) -> tuple[model.Classifier, tuple[str, ...], 
     weights_path = os.path.join(model_dir, "model.weights.h5")
     if not (os.path.exists(meta_path) and os.path.exists(weights_path)):
         raise ValueError(f"--model_dir={model_dir} holds no finished kft run (no classes.json / model.weights.h5)")
-    meta = checkpoint.read_json(meta_path)
+    if not os.path.exists(os.path.join(model_dir, "metrics.json")):
+        raise ValueError(f"--model_dir={model_dir} holds an unfinished run (no metrics.json yet); rerun "
+                         "its kft.train command to finish it")
+    meta = checkpoint.read_json_or_fail(meta_path, "the run's class list")
     flags_cfg = _read_head_flags(os.path.join(model_dir, "flags.cfg"))
     head = model.HeadConfig(len(meta["class_names"]), flags_cfg.get("dropout", 0.2), flags_cfg.get("hidden_units", 0))
     previous = keras.mixed_precision.global_policy()
@@ -710,7 +767,7 @@ def load_classifier(model_dir: str) -> tuple[model.Classifier, tuple[str, ...], 
         classifier = model.build_classifier(meta["backbone"], meta["image_size"], None, head)
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    classifier.load_weights(weights_path)
+    checkpoint.load_model_weights(classifier, weights_path)
     return classifier, tuple(meta["class_names"]), meta["image_size"]
 
 

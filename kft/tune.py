@@ -83,6 +83,7 @@ def main(argv):
         raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}; flags look like --name=value")
     if not FLAGS.tune_dir:
         raise cli.UsageError("--tune_dir is required: the directory of the search (created, or resumed)")
+    cli.check_typed("overwrite")
     from kft import search, trainer  # Heavy imports after the flags are known to be good.
 
     try:
@@ -93,6 +94,8 @@ def main(argv):
         print(recipe_block, flush=True)
     tune = tune_config_from_flags()
     try:
+        if tune.overwrite:  # Nothing is removed before every check has passed.
+            trainer.check_model(config, len(splits.class_names))
         flagfile_text = kft_flags.with_comment(kft_flags.resolved_flagfile(), recipe_block)
         search.run(config, tune, flagfile_text=flagfile_text, splits=splits)
     except ValueError as e:

@@ -132,7 +132,8 @@ def test_bad_batch_size(tmp_path):
 
 
 def test_evaluates_a_training_run_dir(tmp_path):
-    """--model_dir: the files kft.train leaves (classes.json, model.weights.h5)."""
+    """--model_dir: the files kft.train leaves (classes.json, model.weights.h5, and metrics.json
+    once it has finished)."""
     from kft import checkpoint
     from kft import model as model_lib
 
@@ -141,6 +142,7 @@ def test_evaluates_a_training_run_dir(tmp_path):
     run = tmp_path / "run"
     checkpoint.save_model_weights(classifier, str(run / "model.weights.h5"))
     checkpoint.write_json(str(run / "classes.json"), {"class_names": CLASSES, "backbone": "MobileNetV3Small", "image_size": 32})
+    checkpoint.write_json(str(run / "metrics.json"), {})
     paths = write_folder(tmp_path / "data", {"blue": [2, 2], "green": [1], "red": [0, 0]})
     out = tmp_path / "out"
     result = run_evaluate(f"--model_dir={run}", f"--dataset=folder:{tmp_path / 'data'}", f"--output_dir={out}")

@@ -33,10 +33,11 @@ def test_batch_and_steps_follow_the_set_size(num_train, batch, steps):
     assert steps * batch >= recipe.MIN_EPOCHS * (num_train // batch) * batch
 
 
-def test_learning_rate_scales_with_the_square_root_of_the_batch():
-    lr = {n: schedule.parse_stages(recipe.derive(n, 5).stages)[1].lr for n in (45, 50_000)}
+def test_small_batches_of_small_sets_get_a_larger_learning_rate():
+    lr = {n: schedule.parse_stages(recipe.derive(n, 5).stages)[1].lr for n in (45, 250, 50_000)}
     np.testing.assert_allclose(lr[50_000], recipe.BASE_LR)
-    np.testing.assert_allclose(lr[45], recipe.BASE_LR * np.sqrt(8 / 64), rtol=0.02)
+    np.testing.assert_allclose(lr[45], recipe.BASE_LR * np.sqrt(64 / 8), rtol=0.02)
+    assert lr[45] > lr[250] > lr[50_000]
 
 
 def test_mixup_only_for_large_sets_and_no_probe_with_a_hidden_layer():
@@ -95,3 +96,58 @@ def test_recipe_none_keeps_the_flag_defaults():
         assert FLAGS.stages == "head:3@1e-3,top2:3@1e-4" and FLAGS.batch_size == 64
     finally:
         FLAGS.unparse_flags()
+
+
+def _bars(num_per_class, seed=0):
+    """Class 0: a bright bar in the left third; class 1: in the right third; noise around."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, size=(2 * num_per_class, 24, 24, 3), dtype=np.uint8)
+    labels = np.repeat([0, 1], num_per_class)
+    for image, label in zip(images, labels):
+        column = rng.integers(1, 7) if label == 0 else rng.integers(17, 23)
+        image[:, column - 1:column + 1] = 250
+    return images, labels
+
+
+def _colour_blobs(num_per_class, seed=0):
+    """Class = the colour of a square at a random place: left and right do not matter."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, size=(3 * num_per_class, 24, 24, 3), dtype=np.uint8)
+    labels = np.repeat([0, 1, 2], num_per_class)
+    for image, label in zip(images, labels):
+        y, x = rng.integers(0, 16, size=2)
+        image[y:y + 8, x:x + 8, label] = 250
+    return images, labels
+
+
+def test_mirror_check_tells_sided_tasks_from_symmetric_ones():
+    sided = recipe.mirror_check(*_bars(15))
+    assert sided.accuracy > 0.9 and sided.mirrored_accuracy < 0.1 and not sided.symmetric
+    assert "no flip" in sided.describe()
+    symmetric = recipe.mirror_check(*_colour_blobs(15))
+    assert symmetric.symmetric and "flip kept" in symmetric.describe()
+    assert recipe.derive(45, 2, mirror=sided).augment == "crop"
+    assert recipe.derive(45, 3, mirror=symmetric).augment == "crop,flip"
+
+
+def test_mirror_check_on_real_images():
+    from sklearn.datasets import load_digits, load_sample_images
+
+    # Digits 5-9 change meaning when mirrored; 0, 1 and 8 hardly do.
+    digits = load_digits()
+    for classes, symmetric in (([5, 6, 7, 8, 9], False), ([0, 1, 8], True)):
+        keep = np.isin(digits.target, classes)
+        images = np.repeat((digits.images[keep] * 255 / 16).astype(np.uint8)[..., None], 3, axis=-1)
+        assert recipe.mirror_check(images, digits.target[keep]).symmetric == symmetric, classes
+    # Crops of the left and right halves of two photographs: overlapping crops match each other
+    # better than their mirror images, yet the task is kept mirror-symmetric.
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for label, (photo, half) in enumerate((p, h) for p in load_sample_images().images for h in (0, 1)):
+        height, width, _ = photo.shape
+        for _ in range(12):
+            y, x = rng.integers(0, height - 64), rng.integers(half * width // 2, (half + 1) * width // 2 - 64)
+            images.append(photo[y:y + 64, x:x + 64])
+            labels.append(label)
+    check = recipe.mirror_check(np.stack(images), np.array(labels))
+    assert check.mirrored_accuracy < check.accuracy and check.symmetric
