@@ -1,0 +1,183 @@
+"""tools/transfer_bench.py: the --quick run end to end, and its bookkeeping on made-up results.
+
+No timing or accuracy assertions: --quick trains each recipe for one step or epoch, and the
+numbers are BENCHMARKS.md's business.
+"""
+
+import glob
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, "tools", "transfer_bench.py")
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("transfer_bench", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # Cheap: TensorFlow is imported only when a recipe runs.
+    return module
+
+
+tb = _load_tool()
+
+
+def _run(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, TOOL, *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+def _hashes(folder: str) -> tuple[set, set]:
+    """sha256 of the files' bytes and of their decoded pixels."""
+    files, pixels = set(), set()
+    for path in glob.glob(os.path.join(folder, "*", "*.png")):
+        with open(path, "rb") as f:
+            files.add(hashlib.sha256(f.read()).hexdigest())
+        pixels.add(hashlib.sha256(np.asarray(Image.open(path).convert("RGB")).tobytes()).hexdigest())
+    return files, pixels
+
+
+def test_quick_run_end_to_end(tmp_path):
+    # One test for the whole run: pytest-xdist (-n 2) would give each worker its own copy of a
+    # module-scoped fixture, running --quick twice.
+    work, out = tmp_path / "work", tmp_path / "result.json"
+    proc = _run("--quick", f"--work_dir={work}", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    _check_every_method_has_an_accuracy_for_every_seed(result, str(work))
+    _check_test_folder_is_held_out(os.path.join(str(work), "data", "digits"))
+    _check_kft_default_trained_on_train_and_was_evaluated_by_kft(result, str(work))
+    _check_table_is_printed(proc.stdout, result)
+    _check_rerun_reuses_the_cache(result, str(work), tmp_path / "again.json")
+
+
+def _check_every_method_has_an_accuracy_for_every_seed(result, work):
+    settings = result["settings"]
+    assert settings["quick"] and settings["tasks"] == ["digits"] and settings["sizes"] == ["5"]
+    assert set(settings["methods"]) == set(tb.METHODS) - {"kft_tune"}
+    (backbone,) = settings["backbones"]
+    num_test = len(glob.glob(os.path.join(work, "data", "digits", "test", "*", "*.png")))
+    assert num_test > 400  # half of digits 5-9
+    for method in settings["methods"]:
+        for seed in range(settings["seeds"]):
+            run = result["runs"][f"digits|5|{backbone}|{method}|{seed}"]
+            assert 0.0 <= run["accuracy"] <= 1.0, (method, seed)
+            assert run["num_test"] == num_test, (method, seed)
+            assert run["wall_s"] > 0 and run["cpu_s"] > 0, (method, seed)
+    (row,) = result["rows"]
+    assert set(row["methods"]) == set(settings["methods"])
+    assert row["best_baseline"] in tb.BASELINES
+    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu_model"]
+    assert len(result["git"]["commit"]) == 40 and isinstance(result["git"]["dirty"], bool)
+    assert result["pretrain"][f"digits/{backbone}"]["weights"].endswith("backbone.weights.h5")
+    assert result["failed"] == []
+
+
+def _check_test_folder_is_held_out(data):
+    test_files, test_pixels = _hashes(os.path.join(data, "test"))
+    assert test_files
+    for size in tb.SIZES:
+        files, pixels = _hashes(os.path.join(data, f"train_{size}"))
+        assert files and not files & test_files, size
+        assert not pixels & test_pixels, size
+    sizes = {s: len(glob.glob(os.path.join(data, f"train_{s}", "*", "*.png"))) for s in tb.SIZES}
+    assert sizes["5"] == 25 and sizes["10"] == 50 and sizes["50"] == 250 and sizes["full"] > 250
+    # Each size holds the smaller ones (the same images, more of them).
+    assert _hashes(os.path.join(data, "train_5"))[0] <= _hashes(os.path.join(data, "train_10"))[0]
+    # The source task is other classes: digits 0-4 vs the target's 5-9.
+    assert sorted(os.listdir(os.path.join(data, "source"))) == ["0", "1", "2", "3", "4"]
+    assert sorted(os.listdir(os.path.join(data, "test"))) == ["5", "6", "7", "8", "9"]
+
+
+def _check_kft_default_trained_on_train_and_was_evaluated_by_kft(result, work):
+    (backbone,) = result["settings"]["backbones"]
+    run_dir = os.path.join(work, "runs", "digits", "5", backbone, "kft_default", "seed0")
+    with open(os.path.join(run_dir, "eval", "eval.json")) as f:
+        evaluation = json.load(f)
+    data = os.path.join(work, "data", "digits")
+    assert evaluation["dataset"] == f"folder:{os.path.join(data, 'test')}"
+    assert evaluation["accuracy"] == result["runs"][f"digits|5|{backbone}|kft_default|0"]["accuracy"]
+    with open(os.path.join(run_dir, "flags.cfg")) as f:
+        flags = f.read()
+    assert f"--dataset=folder:{os.path.join(data, 'train_5')}\n" in flags
+
+
+def _check_table_is_printed(stdout, result):
+    header = next(line for line in stdout.splitlines() if line.startswith("task"))
+    for method in result["settings"]["methods"]:
+        assert method in header
+    assert "kft_default - best baseline" in header
+    (backbone,) = result["settings"]["backbones"]
+    row = next(line for line in stdout.splitlines() if line.startswith("digits"))
+    assert row.split()[:3] == ["digits", "5", backbone] and "±" in row
+
+
+def _check_rerun_reuses_the_cache(result, work, out):
+    proc = _run("--quick", f"--work_dir={work}", f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy " not in proc.stderr and "pretraining" not in proc.stderr
+    assert json.loads(out.read_text())["runs"] == result["runs"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bookkeeping on made-up results (no training).
+
+
+def _entry(accuracy):
+    return {"accuracy": accuracy, "wall_s": 1.0, "cpu_s": 1.0}
+
+
+def test_summarize_reports_mean_std_and_margin_over_the_best_baseline():
+    entries = {}
+    for seed, (kft, probe, guide) in enumerate([(0.8, 0.6, 0.7), (0.9, 0.6, 0.5), (0.7, 0.6, 0.75)]):
+        entries[f"digits|5|B|kft_default|{seed}"] = _entry(kft)
+        entries[f"digits|5|B|linear_probe|{seed}"] = _entry(probe)
+        entries[f"digits|5|B|keras_guide|{seed}"] = _entry(guide)
+    entries["digits|full|B|linear_probe|0"] = _entry(0.95)
+    methods = ["kft_default", "linear_probe", "keras_guide"]
+    rows = tb.summarize(entries, methods)
+    assert [(r["size"]) for r in rows] == ["5", "full"]  # sizes in their natural order
+    five = rows[0]["methods"]
+    assert five["kft_default"]["mean"] == pytest.approx(0.8)
+    assert five["kft_default"]["std"] == pytest.approx(0.1)  # sample std over 3 seeds
+    assert five["linear_probe"]["std"] == pytest.approx(0.0) and five["keras_guide"]["n"] == 3
+    assert rows[0]["best_baseline"] == "keras_guide"  # mean 0.65 vs linear_probe's 0.6
+    assert rows[0]["kft_default_margin"] == pytest.approx(0.15)
+    assert "kft_default_margin" not in rows[1]  # no kft run there
+    table = tb.format_table(rows, methods)
+    assert "0.800 ± 0.100" in table and "+0.150 (keras_guide)" in table
+    assert table.splitlines()[-1].split()[:3] == ["digits", "full", "B"]
+
+
+@pytest.mark.parametrize("method", ["linear_probe", "keras_guide", "kft_default"])
+def test_cache_ignores_results_computed_with_other_settings(tmp_path, method):
+    cache = tb.Cache(str(tmp_path / "results.json"))
+    job = tb.Job("digits", "5", "B", method, 0, str(tmp_path), "w.h5", 5, tb.Settings())
+    expected = tb.fingerprint(job, "ab" * 32, "data")
+    cache.put(job.key, {**_entry(0.5), "fingerprint": expected})
+    reloaded = tb.Cache(str(tmp_path / "results.json"))
+    assert reloaded.get(job.key, tb.fingerprint(job, "ab" * 32, "data"))["accuracy"] == 0.5
+    quick_job = tb.Job("digits", "5", "B", method, 0, str(tmp_path), "w.h5", 5, tb.QUICK)
+    assert reloaded.get(job.key, tb.fingerprint(quick_job, "ab" * 32, "data")) is None
+    assert reloaded.get(job.key, tb.fingerprint(job, "cd" * 32, "data")) is None
+    assert reloaded.get(job.key, tb.fingerprint(job, "ab" * 32, "other data")) is None
+
+
+def test_a_recipe_fingerprint_holds_its_own_settings_only():
+    def settings(method):
+        job = tb.Job("digits", "5", "B", method, 0, "/w", "w.h5", 5, tb.Settings())
+        return tb.fingerprint(job, "ab" * 32, "data")["settings"]
+
+    assert "guide_head_epochs" in settings("keras_guide") and "kft_flags" not in settings("keras_guide")
+    assert "kft_flags" in settings("kft_default") and "probe_cs" not in settings("kft_default")
+    assert "tune_trials" in settings("kft_tune") and "kft_flags" in settings("kft_tune")
+    assert settings("seed_head_only") == settings("seed_all_sgd")
