@@ -86,13 +86,14 @@ def main(argv):
     cli.check_typed("overwrite")
     from kft import search, trainer  # Heavy imports after the flags are known to be good.
 
+    tune = tune_config_from_flags()
     try:
+        tune.space.validate()  # Before the data is read: a bad range needs no data to be found.
         config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     if recipe_block:
         print(recipe_block, flush=True)
-    tune = tune_config_from_flags()
     try:
         if tune.overwrite:  # Nothing is removed before every check has passed.
             trainer.check_model(config, len(splits.class_names))

@@ -172,6 +172,15 @@ def test_cache_ignores_results_computed_with_other_settings(tmp_path, method):
     assert reloaded.get(job.key, tb.fingerprint(job, "ab" * 32, "other data")) is None
 
 
+def test_two_processes_sharing_a_cache_keep_each_others_runs(tmp_path):
+    path = str(tmp_path / "results.json")
+    first, second = tb.Cache(path), tb.Cache(path)  # both loaded before either wrote
+    first.put("a", _entry(0.1))
+    second.put("b", _entry(0.2))
+    first.put("c", _entry(0.3))
+    assert sorted(tb.Cache(path).runs) == ["a", "b", "c"]
+
+
 def test_a_recipe_fingerprint_holds_its_own_settings_only():
     def settings(method):
         job = tb.Job("digits", "5", "B", method, 0, "/w", "w.h5", 5, tb.Settings())

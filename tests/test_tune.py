@@ -344,7 +344,7 @@ def test_diverged_trials_fail_without_stopping_the_search_until_three_in_a_row(t
     [
         (["--lr_scale_min=2", "--lr_scale_max=1"], "--lr_scale_min=2 must be < --lr_scale_max=1 (the range is inverted)"),
         (["--strength_min=0.01", "--strength_max=0.01"], "--strength_min=0.01 must be < --strength_max=0.01 (the range is empty)"),
-        (["--lr_scale_min=0"], "--lr_scale_min=0 must be > 0"),
+        (["--lr_scale_min=0"], "--lr_scale_min=0 must be a finite number > 0"),
         (["--tune_dir="], "--tune_dir is required"),
     ],
 )
