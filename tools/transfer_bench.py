@@ -73,6 +73,7 @@ fingerprint sees: `--rerun=kft_default` recomputes those runs.
 
 import argparse
 import dataclasses
+import fcntl
 import gc
 import hashlib
 import json
@@ -708,25 +709,34 @@ def fingerprint(job: Job, weights_sha: str, data_hash: str) -> dict:
 
 
 class Cache:
-    """results.json in the work dir: {"runs": {key: entry}}, written atomically after each run."""
+    """results.json in the work dir: {"runs": {key: entry}}, written atomically after each run.
+
+    Several processes may share a work dir (e.g. one running the baselines, one kft's rows):
+    each write re-reads the file under a lock and adds its entry, so none loses another's.
+    """
 
     def __init__(self, path: str):
         self.path = path
-        self.runs = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                self.runs = json.load(f).get("runs", {})
+        self.runs = self._read()
+
+    def _read(self) -> dict:
+        if not os.path.isfile(self.path):
+            return {}
+        with open(self.path) as f:
+            return json.load(f).get("runs", {})
 
     def get(self, key: str, expected: dict) -> dict | None:
         entry = self.runs.get(key)
         return entry if entry and entry.get("fingerprint") == expected else None
 
     def put(self, key: str, entry: dict) -> None:
-        self.runs[key] = entry
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".tmp-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"runs": self.runs}, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
+        with open(self.path + ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # Released when the file closes.
+            self.runs = {**self._read(), key: entry}
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".tmp-")
+            with os.fdopen(fd, "w") as f:
+                json.dump({"runs": self.runs}, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.path)
 
 
 def run_job(job: Job, cache: Cache, expected: dict, rerun: set) -> dict | None:
