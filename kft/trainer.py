@@ -494,9 +494,10 @@ def _run_probe(classifier, splits: data.Splits, config: Config, recorder, global
         raise ValueError("the probe stage needs --hidden_units=0: it fits the head's only dense "
                          "layer in closed form")
     started = time.time()
+    batch = probe_lib.feature_batch_size(config.image_size)
     train_x, train_y = probe_lib.features_of(
-        classifier, splits.train if splits.train_in_order is None else splits.train_in_order)
-    val_x, val_y = probe_lib.features_of(classifier, splits.val)
+        classifier, splits.train if splits.train_in_order is None else splits.train_in_order, batch)
+    val_x, val_y = probe_lib.features_of(classifier, splits.val, batch)
     rankable = len(val_y) >= schedule.MIN_RANKING_VAL
     fitted = probe_lib.fit(train_x, train_y, len(splits.class_names),
                            val_x=val_x if rankable else None, val_y=val_y if rankable else None,

@@ -101,3 +101,24 @@ def test_selection_subsamples_big_sets(monkeypatch, limit):
     probe.fit(x, y, 4, val_x=x, val_y=y)
     assert seen[:-1] == [limit] * len(probe.C_GRID)  # Selection on the subsample,
     assert seen[-1] == len(y)  # the final fit on every image.
+
+
+@pytest.mark.parametrize("image_size, expected", [(224, 64), (32, 512), (96, 256), (512, 8), (2048, 8)])
+def test_feature_batch_keeps_the_pixels_of_64_images_at_224(image_size, expected):
+    assert probe.feature_batch_size(image_size) == expected
+
+
+def test_rebatched_feature_pass_gives_the_same_features_in_the_same_order():
+    import tensorflow as tf
+
+    class Pool:  # Stands in for the classifier: features are each image's channel means.
+        def features(self, images, training=False):
+            return tf.reduce_mean(tf.cast(images, tf.float32), axis=[1, 2])
+
+    images = np.random.default_rng(0).integers(0, 255, size=(21, 4, 4, 3)).astype(np.uint8)
+    labels = np.arange(21) % 3
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+    as_batched = probe.features_of(Pool(), dataset)
+    rebatched = probe.features_of(Pool(), dataset, batch_size=16)
+    np.testing.assert_allclose(rebatched[0], as_batched[0], rtol=1e-6)
+    np.testing.assert_array_equal(rebatched[1], labels)
