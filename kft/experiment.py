@@ -39,6 +39,27 @@ def source_config(config: Config, model_dir: str) -> Config:
     )
 
 
+def scratch_config(config: Config) -> Config:
+    """The from-scratch baseline of `--compare_scratch`, in MODEL_DIR/scratch: random init, no
+    regularizer (there is no pretrained start to stay close to), nothing exported.
+
+    From-scratch training needs BatchNorm statistics that adapt; it uses the learning rate of
+    the source-task recipe when there is one (a from-scratch recipe), else 1e-3.
+    """
+    lr = config.pretrain_stages[0].lr if config.pretrain_stages else 1e-3
+    return dataclasses.replace(
+        config,
+        weights=None,
+        stages=scratch_stages(config.stages, lr),
+        l2sp_alpha=0.0,
+        regularizer="none",
+        model_dir=os.path.join(config.model_dir, "scratch"),
+        pretrain_dataset="",
+        compare_scratch=False,
+        export_dir="none",
+    )
+
+
 def scratch_stages(stages: tuple[schedule.Stage, ...], lr: float) -> tuple[schedule.Stage, ...]:
     """The from-scratch baseline's schedule: every block trained (BatchNorm too) at `lr` for as
     long as the fine-tune's stages train (the probe fits nothing from scratch)."""
@@ -142,20 +163,7 @@ def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
         print(f"exported TFLite models to {os.path.join(config.model_dir, 'tflite')}")
 
     if config.compare_scratch:
-        # From-scratch training needs BatchNorm statistics that adapt; it uses the learning
-        # rate of the source-task recipe when there is one (a from-scratch recipe), else 1e-3.
-        lr = config.pretrain_stages[0].lr if config.pretrain_stages else 1e-3
-        scratch = dataclasses.replace(
-            config,
-            weights=None,
-            stages=scratch_stages(config.stages, lr),
-            l2sp_alpha=0.0,
-            regularizer="none",
-            model_dir=os.path.join(config.model_dir, "scratch"),
-            pretrain_dataset="",
-            compare_scratch=False,
-            export_dir="none",
-        )
+        scratch = scratch_config(config)
         logging.info("baseline: training %s from scratch on %s", config.backbone, config.dataset)
         scratch_metrics = trainer.train(scratch, splits=splits)
         metrics["scratch_best_val_accuracy"] = scratch_metrics["best_val_accuracy"]

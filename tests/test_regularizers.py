@@ -153,3 +153,22 @@ def test_resumed_run_reads_delta_attention_back(tmp_path, tiny_splits, monkeypat
     monkeypatch.setattr(regularizers, "loss_increase", fail)
     trainer.train(_delta_config(tmp_path), tiny_splits)
     np.testing.assert_array_equal(np.load(tmp_path / "delta_attention.npz")["channel_weights"], weights)
+
+
+@pytest.mark.parametrize("kind", ["l2sp", "delta", "bss"])
+def test_source_task_and_scratch_baseline_train_unregularized(kind):
+    """Neither has a pretrained start to stay close to: with any --regularizer, neither the
+    L2-SP alpha term nor a feature regularizer pulls them toward their own random init."""
+    from kft import experiment
+
+    config = Config(dataset="folder:/t", backbone="MobileNetV2", stages=schedule.parse_stages("all:1@1e-3"),
+                    model_dir="/run", regularizer=kind, l2sp_alpha=0.5, delta_alpha=0.1, bss_eta=0.1,
+                    l2sp_beta=0.0, pretrain_dataset="folder:/s",
+                    pretrain_stages=schedule.parse_stages("all:2@1e-3:bn=train"), compare_scratch=True)
+    classifier = _classifier()
+    anchors = l2sp.anchor_arrays(classifier.backbone)
+    assert trainer.make_regularizers(config, classifier, anchors) != (None, None)  # the fine-tune is
+    for derived in (experiment.source_config(config, "/run/pretrain"), experiment.scratch_config(config)):
+        assert trainer.make_regularizers(derived, classifier, anchors) == (None, None)
+    assert experiment.scratch_config(config).model_dir == "/run/scratch"
+    assert experiment.scratch_config(config).weights is None
