@@ -263,10 +263,13 @@ class Augmenter(keras.layers.Layer):
         draws = _Draws(_call_seed(self.seed_generator.next()), tf.shape(images)[0])
         ops = set(self.ops)
 
+        # Each op's ops sit under a name scope of the op's name, so a compiled step's HLO
+        # metadata shows which augmentations it holds (tools/bench.py --gpu checks all six).
         if ops & {"crop", "flip", "translate"}:
             images = self._geometry(images, draws, ops)
         if "colour" in ops:
-            images = _colour(images, draws.rows("colour"))
+            with tf.name_scope("colour"):
+                images = _colour(images, draws.rows("colour"))
         if "mixup" in ops or "cutmix" in ops:
             u = draws.rows("pairing")
             partner = _partner(u[0])
@@ -297,23 +300,26 @@ class Augmenter(keras.layers.Layer):
         cols = tf.tile(tf.range(width)[None, :], [batch, 1])  # [B, W]
         inside = None
         if "translate" in ops:
-            # Shift by up to translate_fraction of the size, filling with zeros.
-            u = draws.rows("translate")
-            rows = rows + _shifts(u[0], _pixels(self.translate_fraction, height))[:, None]
-            cols = cols + _shifts(u[1], _pixels(self.translate_fraction, width))[:, None]
-            row_in = tf.logical_and(rows >= 0, rows < height)
-            col_in = tf.logical_and(cols >= 0, cols < width)
-            inside = tf.cast(tf.logical_and(row_in[:, :, None], col_in[:, None, :]), images.dtype)[..., None]
-            rows, cols = tf.clip_by_value(rows, 0, height - 1), tf.clip_by_value(cols, 0, width - 1)
+            with tf.name_scope("translate"):
+                # Shift by up to translate_fraction of the size, filling with zeros.
+                u = draws.rows("translate")
+                rows = rows + _shifts(u[0], _pixels(self.translate_fraction, height))[:, None]
+                cols = cols + _shifts(u[1], _pixels(self.translate_fraction, width))[:, None]
+                row_in = tf.logical_and(rows >= 0, rows < height)
+                col_in = tf.logical_and(cols >= 0, cols < width)
+                inside = tf.cast(tf.logical_and(row_in[:, :, None], col_in[:, None, :]), images.dtype)[..., None]
+                rows, cols = tf.clip_by_value(rows, 0, height - 1), tf.clip_by_value(cols, 0, width - 1)
         if "flip" in ops:
-            flip = draws.rows("flip")[0] < 0.5
-            cols = tf.where(flip[:, None], width - 1 - cols, cols)
+            with tf.name_scope("flip"):
+                flip = draws.rows("flip")[0] < 0.5
+                cols = tf.where(flip[:, None], width - 1 - cols, cols)
         if "crop" in ops:
-            # Reflect-pad by crop_padding of the size, then a random window: a random shift
-            # that reflects at the edges. Reflection cannot reach past the far edge.
-            u = draws.rows("crop")
-            rows = _reflect(rows + _shifts(u[0], min(_pixels(self.crop_padding, height), height - 1))[:, None], height)
-            cols = _reflect(cols + _shifts(u[1], min(_pixels(self.crop_padding, width), width - 1))[:, None], width)
+            with tf.name_scope("crop"):
+                # Reflect-pad by crop_padding of the size, then a random window: a random shift
+                # that reflects at the edges. Reflection cannot reach past the far edge.
+                u = draws.rows("crop")
+                rows = _reflect(rows + _shifts(u[0], min(_pixels(self.crop_padding, height), height - 1))[:, None], height)
+                cols = _reflect(cols + _shifts(u[1], min(_pixels(self.crop_padding, width), width - 1))[:, None], width)
         if "crop" in ops or "translate" in ops:
             images = tf.gather(images, rows, axis=1, batch_dims=1)
         images = tf.gather(images, cols, axis=2, batch_dims=1)
@@ -322,34 +328,36 @@ class Augmenter(keras.layers.Layer):
         return images
 
     def _mixup(self, images, labels, partner, u):
-        lam = _beta(u, self.mixup_alpha)
-        images = lam[:, None, None, None] * images + (1 - lam[:, None, None, None]) * tf.gather(images, partner)
-        labels = lam[:, None] * labels + (1 - lam[:, None]) * tf.gather(labels, partner)
-        # A convex combination can round a hair past 255.
-        return tf.clip_by_value(images, 0.0, 255.0), labels
+        with tf.name_scope("mixup"):
+            lam = _beta(u, self.mixup_alpha)
+            images = lam[:, None, None, None] * images + (1 - lam[:, None, None, None]) * tf.gather(images, partner)
+            labels = lam[:, None] * labels + (1 - lam[:, None]) * tf.gather(labels, partner)
+            # A convex combination can round a hair past 255.
+            return tf.clip_by_value(images, 0.0, 255.0), labels
 
     def _cutmix(self, images, labels, partner, u):
-        height, width = images.shape[1], images.shape[2]
-        keep = _beta(u[: 2 * _GAMMA_ROWS], self.cutmix_alpha)
-        # A box of side ratio sqrt(1 - keep) around a uniform centre, clipped to the image
-        # (Yun et al. 2019); the label weight is the area actually pasted, after clipping.
-        ratio = tf.sqrt(1.0 - keep)
-        cy, cx = u[2 * _GAMMA_ROWS] * height, u[2 * _GAMMA_ROWS + 1] * width
-        half_h, half_w = 0.5 * ratio * height, 0.5 * ratio * width
-        y0 = tf.clip_by_value(tf.round(cy - half_h), 0.0, float(height))
-        y1 = tf.clip_by_value(tf.round(cy + half_h), 0.0, float(height))
-        x0 = tf.clip_by_value(tf.round(cx - half_w), 0.0, float(width))
-        x1 = tf.clip_by_value(tf.round(cx + half_w), 0.0, float(width))
-        # The box as a mask from iota comparisons: XLA-friendly, no dynamic slicing.
-        iy = tf.range(height, dtype=tf.float32)[None, :]
-        ix = tf.range(width, dtype=tf.float32)[None, :]
-        in_rows = tf.logical_and(iy >= y0[:, None], iy < y1[:, None])  # [B, H]
-        in_cols = tf.logical_and(ix >= x0[:, None], ix < x1[:, None])  # [B, W]
-        box = tf.logical_and(in_rows[:, :, None], in_cols[:, None, :])  # [B, H, W]
-        images = tf.where(box[..., None], tf.gather(images, partner), images)
-        pasted = tf.reduce_mean(tf.cast(box, tf.float32), axis=[1, 2])
-        labels = (1 - pasted[:, None]) * labels + pasted[:, None] * tf.gather(labels, partner)
-        return images, labels
+        with tf.name_scope("cutmix"):
+            height, width = images.shape[1], images.shape[2]
+            keep = _beta(u[: 2 * _GAMMA_ROWS], self.cutmix_alpha)
+            # A box of side ratio sqrt(1 - keep) around a uniform centre, clipped to the image
+            # (Yun et al. 2019); the label weight is the area actually pasted, after clipping.
+            ratio = tf.sqrt(1.0 - keep)
+            cy, cx = u[2 * _GAMMA_ROWS] * height, u[2 * _GAMMA_ROWS + 1] * width
+            half_h, half_w = 0.5 * ratio * height, 0.5 * ratio * width
+            y0 = tf.clip_by_value(tf.round(cy - half_h), 0.0, float(height))
+            y1 = tf.clip_by_value(tf.round(cy + half_h), 0.0, float(height))
+            x0 = tf.clip_by_value(tf.round(cx - half_w), 0.0, float(width))
+            x1 = tf.clip_by_value(tf.round(cx + half_w), 0.0, float(width))
+            # The box as a mask from iota comparisons: XLA-friendly, no dynamic slicing.
+            iy = tf.range(height, dtype=tf.float32)[None, :]
+            ix = tf.range(width, dtype=tf.float32)[None, :]
+            in_rows = tf.logical_and(iy >= y0[:, None], iy < y1[:, None])  # [B, H]
+            in_cols = tf.logical_and(ix >= x0[:, None], ix < x1[:, None])  # [B, W]
+            box = tf.logical_and(in_rows[:, :, None], in_cols[:, None, :])  # [B, H, W]
+            images = tf.where(box[..., None], tf.gather(images, partner), images)
+            pasted = tf.reduce_mean(tf.cast(box, tf.float32), axis=[1, 2])
+            labels = (1 - pasted[:, None]) * labels + pasted[:, None] * tf.gather(labels, partner)
+            return images, labels
 
     # Keras's save_weights skips SeedGenerator state (it is in `variables`, not `weights`).
     # Saving it here makes a resumed run continue the augmentation sequence instead of

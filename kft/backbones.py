@@ -322,13 +322,6 @@ _FAMILIES = (
     ),
 )
 
-# Families built from depthwise (or separable) convolutions: memory-bound layers that ran
-# slower in bfloat16 than in float32 on an AMX CPU (MobileNetV2 0.52-0.85x; BENCHMARKS.md), which
-# is what --mixed_precision=auto reads.
-DEPTHWISE_FAMILIES = frozenset(
-    {"xception", "nasnet", "mobilenet", "mobilenet_v2", "mobilenet_v3", "efficientnet", "efficientnet_v2", "convnext"}
-)
-
 for _family in _FAMILIES:
     for _name, _size in _family.members.items():
         register(

@@ -9,6 +9,7 @@ allow_pickle=False, state is JSON.
 """
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -28,7 +29,12 @@ _SIZE_ATTR = "kft_image_size"
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
-    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds."""
+    """Yields a temporary path beside `path`; renames it onto `path` if the block succeeds.
+
+    The file at `path` is never written in place: a failure (a full disk in the middle of an
+    HDF5 write, say) leaves the old file as it was, removes the temporary one and raises an
+    OSError naming `path` (not the temporary name).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
@@ -39,9 +45,26 @@ def atomic_path(path: str, suffix: str = ""):
             os.fsync(f.fileno())
         rundir.default_mode(tmp)  # mkstemp made it 0600; a plain open() follows the umask.
         os.replace(tmp, path)
+    except OSError as e:
+        named = _write_error(e, path)
+        if named is None:
+            raise
+        raise named from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+# HDF5 reports a failed write as an OSError without errno, its C errno inside a paragraph.
+_ERRNO_WORDS = ((errno.ENOSPC, "No space left"), (errno.EDQUOT, "Disk quota"), (errno.EFBIG, "File too large"))
+
+
+def _write_error(error: OSError, path: str) -> OSError | None:
+    """`error` as an OSError with its errno, short reason and `path`; None if it has no errno."""
+    code = error.errno
+    if code is None:
+        code = next((number for number, words in _ERRNO_WORDS if words in str(error)), None)
+    return OSError(code, os.strerror(code), path) if code else None
 
 
 def remove_temporaries(directory: str) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -367,10 +368,53 @@ def to_rgb(image: tf.Tensor) -> tf.Tensor:
     return image
 
 
+def resize_images(images: tf.Tensor, image_size: int) -> tf.Tensor:
+    """kft's one resize: [..., H, W, C] pixels 0..255 (any dtype) -> float32 [..., S, S, C].
+
+    The data pipelines (training, validation, kft.evaluate), kft.predict and the model itself
+    (so the exported SavedModel, for images of any size) all resize with this function, so a
+    photo served at full resolution gets the probabilities kft.evaluate reports for the same
+    file. Bilinear with antialiasing (a shrunk image averages each output pixel's footprint
+    instead of sampling 4 input pixels, which aliases fine detail), rounded to whole values as
+    the uint8 pipelines store them. Eagerly, inside tf.data and inside a model.
+
+    An input whose static shape is already S x S is returned unchanged (cast to float32): the
+    model then adds nothing to what the pipeline did, and augmented (non-integer) training
+    images are not rounded.
+
+    Args:
+      images: [H, W, C] or [B, H, W, C].
+      image_size: S.
+
+    Returns:
+      float32 [..., S, S, C] holding whole numbers in 0..255 (unless returned unchanged).
+    """
+    images = tf.cast(images, tf.float32)
+    height, width = images.shape[-3], images.shape[-2]
+    if height == image_size and width == image_size:
+        return images
+
+    def bilinear(antialias: bool) -> tf.Tensor:
+        return tf.image.resize(images, [image_size, image_size], method="bilinear", antialias=antialias)
+
+    # Antialiasing only changes shrinking. Where no side shrinks the plain bilinear kernel is
+    # used: it computes the same numbers (bar float rounding), and unlike the antialiased one
+    # (ScaleAndTranslate) it compiles with XLA and converts to TFLite, which the train step of
+    # a small TFDS set upsampled on the device and TFLite models need. The choice is made the
+    # same way whether the shape is known when tracing (in Python) or only when running (tf.cond),
+    # so the pipelines and the served graph pick the same kernel for the same image.
+    if height is not None and width is not None:
+        resized = bilinear(antialias=not (height <= image_size and width <= image_size))
+    else:
+        shape = tf.shape(images)
+        grows = tf.logical_and(shape[-3] <= image_size, shape[-2] <= image_size)
+        resized = tf.cond(grows, lambda: bilinear(False), lambda: bilinear(True))
+    return tf.clip_by_value(tf.round(resized), 0.0, 255.0)
+
+
 def resize_uint8(image: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Resizes [H, W, 3] to [S, S, 3] uint8 (bilinear, antialiased when shrinking)."""
-    image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    """`resize_images` as uint8: [H, W, C] (or batched) -> [S, S, C] uint8."""
+    return tf.cast(resize_images(image, image_size), tf.uint8)
 
 
 def _finish(
@@ -632,6 +676,34 @@ class _Files:
     paths: np.ndarray  # str
     labels: np.ndarray  # int32
     use_pil: np.ndarray  # bool: decoded with PIL rather than TF (see `_route_files`)
+
+
+def folder_identity(spec: str) -> str | None:
+    """What a `folder:` dataset holds, wherever it lies: a digest of every image file's path
+    relative to the folder (class folders and train/val/test included) and size, and the count.
+
+    A resume compares it when the folder's path changed (the folder was moved or copied), so
+    that the same files are the same data. Files are listed, not read: cheap next to decoding.
+
+    Returns:
+      `sha256:<16 hex digits>/<N>files`, or None for other specs and a folder that is not there.
+    """
+    parsed = parse_spec(spec)
+    if not isinstance(parsed, FolderSpec) or not os.path.isdir(parsed.path):
+        return None
+    digest, count = hashlib.sha256(), 0
+    for dirpath, dirnames, filenames in os.walk(parsed.path):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # As the loader walks.
+        for name in sorted(filenames):
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                path = os.path.join(dirpath, name)
+                try:
+                    size = os.stat(path).st_size
+                except OSError:
+                    size = -1
+                digest.update(f"{os.path.relpath(path, parsed.path)}\0{size}\n".encode())
+                count += 1
+    return f"sha256:{digest.hexdigest()[:16]}/{count}files"
 
 
 def _class_dirs(spec: str, root: str) -> list[str]:

@@ -4,7 +4,8 @@ Evaluates an exported SavedModel (a TF Serving base directory, whose latest vers
 one version directory) or a finished kft training run on a data source and writes, by default
 beside the model (`<version dir>/eval/` or `<model_dir>/eval/`):
 
-    eval.json             accuracy, per-class precision/recall/support, confusion matrix,
+    eval.json             accuracy, log loss (mean -ln of the true class's probability),
+                          per-class precision/recall/support, confusion matrix,
                           dataset, model path, image size, test-time augmentation (--tta)
                           and the number of undecodable files
     confusion_matrix.png  the confusion matrix, coloured by fraction of the true class
@@ -28,7 +29,7 @@ flags.DEFINE_string("export_dir", None, "A SavedModel written by kft: the export
 flags.DEFINE_string("model_dir", None, "A finished kft.train run directory; its best weights are evaluated. Exactly one of --export_dir and --model_dir.")
 flags.DEFINE_string("dataset", None, "Data to evaluate on, same specs as training: tfds:NAME[,test=SPLIT], folder:PATH (PATH/test or PATH/val if present, else every image under PATH, one subfolder per class), or digits[:CLASSES].")
 flags.DEFINE_string("data_dir", None, "Where TFDS keeps (or finds already downloaded) datasets.")
-flags.DEFINE_integer("image_size", None, "Side of the square images the data loader produces (the model resizes again to its own size); default: the run's size with --model_dir, 224 with --export_dir.", lower_bound=1, upper_bound=2048)
+flags.DEFINE_integer("image_size", None, "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Files are resized to the model's own size, with the resize inside the model, so the probabilities are those a server fed the whole file returns; another size is refused.", lower_bound=1, upper_bound=2048)
 flags.DEFINE_integer("batch_size", 64, "Images per evaluation batch.", lower_bound=1)
 flags.DEFINE_enum("tta", "none", ["none", "flip"], "Test-time augmentation: none, or flip (average the probabilities of each image and its left-right mirror; twice the compute).")
 flags.DEFINE_string("output_dir", None, "Where eval.json and confusion_matrix.png go; default: an eval/ folder beside the model (<version dir>/eval or <model_dir>/eval).")
@@ -43,7 +44,6 @@ flags.register_multi_flags_validator(
 
 # Log a progress line every this many batches.
 _PROGRESS_EVERY = 20
-_DEFAULT_EXPORT_IMAGE_SIZE = 224
 
 
 def _training_flag(run_dir: str | None, name: str, parse, default):
@@ -69,7 +69,7 @@ def _load_model(export_dir: str | None, model_dir: str | None):
         # The default export of a run is MODEL_DIR/export/<version>; its flags.cfg, if there,
         # holds the digits split settings.
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(served.path)))
-        return served, tuple(served.class_names), None, served.path, run_dir
+        return served, tuple(served.class_names), served.image_size, served.path, run_dir
 
     import tensorflow as tf
 
@@ -96,6 +96,14 @@ def _with_tta(predict, tta: str):
         return (np.asarray(predict(images), np.float32) + np.asarray(predict(mirrored), np.float32)) / 2
 
     return flip_averaged
+
+
+def _log_loss(labels, probabilities) -> float:
+    """Mean -ln(probability of the true class), each probability floored at 1e-12 (finite JSON)."""
+    import numpy as np
+
+    true = probabilities[np.arange(len(labels)), labels.astype(np.int64)]
+    return float(np.mean(-np.log(np.clip(true.astype(np.float64), 1e-12, 1.0))))
 
 
 def _predict_all(predict, dataset):
@@ -126,10 +134,14 @@ def main(argv):
         if value is not None and not os.path.isdir(value):
             raise cli.UsageError(f"--{name}={value} does not exist or is not a directory")
 
-    from kft import checkpoint, data, report  # Heavy imports after the flags are known to be good.
+    from kft import checkpoint, data, export, report  # Heavy imports after the flags are known to be good.
 
     predict, model_classes, model_image_size, model_path, run_dir = _load_model(FLAGS.export_dir, FLAGS.model_dir)
-    image_size = FLAGS.image_size or model_image_size or _DEFAULT_EXPORT_IMAGE_SIZE
+    try:
+        # The model's own size: the loader then resizes exactly as the model does for a whole image.
+        image_size = export.choose_image_size(FLAGS.image_size, model_image_size, model_path)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
     val_fraction = FLAGS.val_fraction
     if val_fraction is None:
         val_fraction = _training_flag(run_dir, "val_fraction", float, 0.1)
@@ -157,7 +169,8 @@ def main(argv):
     logging.info("evaluating %s on %s at %d px, tta=%s", model_path, FLAGS.dataset, image_size, FLAGS.tta)
     labels, probabilities = _predict_all(_with_tta(predict, FLAGS.tta), dataset)
     result = report.classification_report(labels, probabilities, model_classes)
-    result.update(dataset=FLAGS.dataset, model=os.path.abspath(model_path), image_size=image_size, skipped=skipped, tta=FLAGS.tta)
+    result.update(dataset=FLAGS.dataset, model=os.path.abspath(model_path), image_size=image_size, skipped=skipped, tta=FLAGS.tta,
+                  log_loss=_log_loss(labels, probabilities))
 
     output_dir = FLAGS.output_dir or os.path.join(model_path, "eval")
     json_path = os.path.join(output_dir, "eval.json")

@@ -135,7 +135,7 @@ def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
     print(f"fine-tuned on {config.dataset}: best val accuracy {metrics['best_val_accuracy']:.4f}")
 
     if config.export_dir != "none" or config.export_tflite != "off":
-        classifier, class_names, _ = trainer.load_classifier(config.model_dir)
+        classifier, class_names, image_size = trainer.load_classifier(config.model_dir)
         images, labels = _validation_batch(config)
     if config.export_dir != "none":
         base = export_base(config)
@@ -148,7 +148,8 @@ def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
             # in flight. An export takes seconds to minutes; a run waits that long for its turn.
             with rundir.DirLock(base, f"--export_dir={base}", rundir.EXPORT_LOCK, wait=EXPORT_LOCK_WAIT):
                 _remove_interrupted_exports(base)
-                version_dir = export.export_saved_model(classifier, class_names, base, images)
+                version_dir = export.export_saved_model(classifier, class_names, base, images,
+                                                        image_size=image_size)
             print(f"exported SavedModel to {version_dir}")
         metrics["export"] = version_dir
         metrics["export_weights_sha256"] = digest

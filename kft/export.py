@@ -12,8 +12,13 @@ Serving signature `serving_default`:
            classes        int64   [batch]   argmax of probabilities
            class_names    string  [batch]   name of the predicted class
 The class names are also the asset `assets/labels.txt`, one per line, in class-index order.
+An export of a kft model also records, in the asset `assets/kft.json`, the image size it was
+trained at (`{"image_size": S}`): kft.evaluate and kft.predict resize files to S with
+`kft.data.resize_images`, the resize inside the graph, so that they and a server fed the full
+image compute the same numbers.
 """
 
+import json
 import os
 import shutil
 import tempfile
@@ -28,6 +33,7 @@ from kft import rundir
 
 SIGNATURE_KEY = "serving_default"
 LABELS_FILE = "labels.txt"
+INFO_FILE = "kft.json"
 TMP_PREFIX = ".tmp-export-"
 
 
@@ -38,12 +44,15 @@ class ExportMismatchError(ValueError):
 class _ServingModule(tf.Module):
     """What gets saved: the Keras model (its variables), the labels asset and the signature."""
 
-    def __init__(self, model: keras.Model, class_names: Sequence[str], labels_path: str):
+    def __init__(self, model: keras.Model, class_names: Sequence[str], labels_path: str,
+                 info_path: str | None = None):
         super().__init__(name="kft_serving")
         self.model = model
         # A tracked Asset is copied into the SavedModel's assets/ and its path is rewritten to
         # the copy on load, so serving users find the label file beside the graph.
         self.labels_asset = tf.saved_model.Asset(labels_path)
+        if info_path is not None:
+            self.info_asset = tf.saved_model.Asset(info_path)
         self._class_names = list(class_names)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
@@ -117,12 +126,66 @@ def read_class_names(path: str) -> list[str]:
         return [line.rstrip("\n") for line in f if line.rstrip("\n")]
 
 
+def recorded_image_size(path: str, class_names: Sequence[str]) -> int | None:
+    """The image size an export's model was trained at, or None when nothing records it.
+
+    Read from the export's `assets/kft.json`; for exports written before kft recorded it there,
+    from the training run's `classes.json` when the export is `MODEL_DIR/export/<version>` of
+    a run with the same classes.
+    """
+    version_dir = resolve_version_dir(path)
+    try:
+        with open(os.path.join(version_dir, "assets", INFO_FILE)) as f:
+            return int(json.load(f)["image_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(version_dir)))
+    try:
+        with open(os.path.join(run_dir, "classes.json")) as f:
+            meta = json.load(f)
+        # Only if the run is the one that was exported, not a neighbour's leftover.
+        if list(meta["class_names"]) == list(class_names):
+            return int(meta["image_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def choose_image_size(given: int | None, recorded: int | None, model_path: str) -> int:
+    """The size kft.evaluate and kft.predict resize files to: the model's own.
+
+    The model resizes whatever it gets to the size it was trained at; files resized to another
+    size first would be resized twice and get other probabilities than a server fed the file.
+
+    Args:
+      given: the user's --image_size, or None.
+      recorded: the model's training image size (`recorded_image_size`), or None if unknown.
+      model_path: the export or run directory, for messages.
+
+    Raises:
+      ValueError: one line, if `given` differs from `recorded` or neither is known.
+    """
+    if recorded is None:
+        if given is None:
+            raise ValueError(f"{model_path} does not record the image size its model was trained at "
+                             "(an export from an older kft, away from its run directory); pass "
+                             "--image_size=the run's --image_size")
+        return given
+    if given is not None and given != recorded:
+        raise ValueError(f"--image_size={given}: the model at {model_path} was trained at {recorded} px "
+                         f"and resizes every image to {recorded}; files resized to {given} first would "
+                         "be resized twice and get other probabilities than served ones (leave "
+                         "--image_size out)")
+    return recorded
+
+
 class ServingModel:
     """A reloaded export, called like the Keras model: uint8 images -> probabilities.
 
     Attributes:
       path: the version directory loaded.
       class_names: names from the export's labels asset, in class-index order.
+      image_size: the size its model was trained at (`recorded_image_size`), or None.
     """
 
     def __init__(self, path: str):
@@ -133,6 +196,7 @@ class ServingModel:
             raise ValueError(f"{self.path} has no '{SIGNATURE_KEY}' signature")
         self._serve = self._loaded.signatures[SIGNATURE_KEY]
         self.class_names = read_class_names(self.path)
+        self.image_size = recorded_image_size(self.path, self.class_names)
         width = self._serve.structured_outputs["probabilities"].shape[-1]
         if width is not None and width != len(self.class_names):
             raise ValueError(f"{os.path.join(self.path, 'assets', LABELS_FILE)} names "
@@ -214,6 +278,7 @@ def export_saved_model(
     export_base: str,
     check_images: np.ndarray,
     *,
+    image_size: int | None = None,
     atol: float = 1e-4,
 ) -> str:
     """Writes the next SavedModel version under `export_base`, checked against the Keras model.
@@ -225,6 +290,10 @@ def export_saved_model(
       export_base: the TF Serving base directory; created if missing.
       check_images: uint8 [N, H, W, 3] images run through both the reloaded SavedModel and
         `model`; a handful is enough.
+      image_size: the size `model` resizes images to with `kft.data.resize_images` (a kft
+        Classifier's `image_size`): recorded in `assets/kft.json`, and the export is also
+        checked on two images larger than that, served whole, against `model` on the same
+        images resized as kft.evaluate resizes files. None for other models.
       atol: the largest allowed absolute difference between the two sets of probabilities.
 
     Returns:
@@ -238,6 +307,8 @@ def export_saved_model(
     if not atol >= 0:
         raise ValueError(f"atol must be >= 0, got {atol}")
     expected = _check_inputs(model, class_names, check_images)
+    if image_size is not None:
+        large, large_expected = _large_check_images(model, image_size)
     os.makedirs(export_base, exist_ok=True)
     stale = [n for n in os.listdir(export_base) if n.startswith(TMP_PREFIX)]
     if stale:
@@ -250,25 +321,50 @@ def export_saved_model(
             labels_path = os.path.join(labels_dir, LABELS_FILE)
             with open(labels_path, "w", encoding="utf-8") as f:
                 f.write("".join(f"{name}\n" for name in class_names))
-            module = _ServingModule(model, class_names, labels_path)
+            info_path = None
+            if image_size is not None:
+                info_path = os.path.join(labels_dir, INFO_FILE)
+                with open(info_path, "w", encoding="utf-8") as f:
+                    json.dump({"image_size": int(image_size)}, f)
+            module = _ServingModule(model, class_names, labels_path, info_path)
             tf.saved_model.save(module, tmp, signatures={SIGNATURE_KEY: module.serve})
         rundir.default_modes_under(tmp)
-        _compare(ServingModel(tmp), check_images, expected, atol)
+        served = ServingModel(tmp)
+        _compare(served, check_images, expected, atol)
+        if image_size is not None:
+            _compare(served, large, large_expected, atol, "large images served whole (vs resized as kft.evaluate does)")
         return _rename_to_next_version(tmp, export_base)
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _compare(served: ServingModel, check_images: np.ndarray, expected: np.ndarray, atol: float) -> None:
+def _large_check_images(model: keras.Model, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two seeded images larger than `image_size` (as photos are) and `model`'s probabilities
+    for them resized to `image_size` first, as kft.evaluate and kft.predict feed files."""
+    from kft import data
+
+    height, width = 2 * image_size + 7, image_size + image_size // 2 + 5
+    # Smooth shapes plus fine noise: shrinking without antialiasing would show in the answers.
+    rows, cols = np.mgrid[0:height, 0:width]
+    base = 127 + 100 * np.sin(rows[..., None] / (3 + np.arange(3)) + cols[..., None] / 7)
+    noise = np.random.default_rng(0).integers(-27, 28, (2, height, width, 3))
+    large = np.clip(base[None] + noise, 0, 255).astype(np.uint8)
+    resized = np.asarray(data.resize_uint8(tf.constant(large), image_size))
+    expected = np.asarray(keras.ops.convert_to_numpy(model(resized, training=False)), np.float32)
+    return large, expected
+
+
+def _compare(served: ServingModel, check_images: np.ndarray, expected: np.ndarray, atol: float,
+             what: str = "check images") -> None:
     got = served(np.asarray(check_images))
     difference = float(np.max(np.abs(got - expected)))
     if not difference <= atol:  # Also catches NaN.
         raise ExportMismatchError(
-            f"reloaded SavedModel differs from the Keras model on {len(check_images)} check images: "
+            f"reloaded SavedModel differs from the Keras model on {len(check_images)} {what}: "
             f"max abs difference {difference:.3g} > atol {atol:g}; nothing was exported"
         )
-    logging.info("export check: max abs difference %.3g on %d images", difference, len(check_images))
+    logging.info("export check: max abs difference %.3g on %d %s", difference, len(check_images), what)
 
 
 def _rename_to_next_version(tmp: str, export_base: str) -> str:

@@ -6,6 +6,7 @@ line naming the flag, the value and what is allowed, before any model is built o
 
 import math
 import os
+import re
 
 import numpy as np
 from absl import flags
@@ -97,8 +98,11 @@ flags.DEFINE_enum("export_tflite", "off", ["off", "float32", "dynamic"], "Also w
 flags.DEFINE_boolean("overwrite", False, "Delete an existing run in --model_dir instead of resuming it.")
 # Runtime.
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation of the train step; auto = on for GPU/TPU, off on CPU (slower there).")
-flags.DEFINE_enum("mixed_precision", "auto", ["auto", "none", "bfloat16", "float16"], "Mixed precision policy; the head's output layer stays float32. auto: bfloat16 on TPUs, GPUs of compute capability 8.0+ and AMX CPUs (for backbones without depthwise convolutions, which ran slower in bfloat16 there), float16 on 7.x GPUs, else none.")
-flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "tpu"], "tf.distribute strategy.")
+flags.DEFINE_enum("mixed_precision", "auto", ["auto", "none", "bfloat16", "float16"], "Mixed precision policy; the head's output layer stays float32. auto: bfloat16 on TPUs and GPUs of compute capability 8.0+, float16 on 7.x GPUs; on a CPU bfloat16 when a short measurement of this backbone (cached per machine in ~/.cache/kft) finds it >= 1.15x faster than float32, else none.")
+flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "tpu"],
+                  "tf.distribute strategy. auto: multi_worker when TF_CONFIG names several tasks, else a "
+                  "TPU if attached, all GPUs when there are several, else one device. multi_worker: "
+                  "kft.train on several machines (TF_CONFIG; README: Train on several machines).")
 flags.DEFINE_boolean("deterministic", False, "Force deterministic TF ops (with --seed: identical metrics on CPU).")
 flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
 
@@ -284,7 +288,27 @@ def resolved_flagfile(names: list[str] | None = None) -> str:
             lines.append(f"--{flag.name}" if value else f"--no{flag.name}")
         else:
             lines.append(f"--{flag.name}={value}")
+    lines.extend(_identity_lines(names))
     return "\n".join(lines) + "\n"
+
+
+# `# identity --dataset=sha256:...`: what a folder dataset holds, wherever it lies.
+_IDENTITY = re.compile(r"^# identity --(\w+)=(\S+)", re.MULTILINE)
+
+
+def _identity_lines(names: list[str] | None) -> list[str]:
+    """Comment lines naming the contents of the folder datasets (kft.data.folder_identity), so a
+    resume finds a moved dataset folder to be the same data."""
+    lines = []
+    for name in ("dataset", "pretrain_dataset"):
+        value = FLAGS[name].value
+        if (names is not None and name not in names) or not value:
+            continue
+        identity = data.folder_identity(value)
+        if identity:
+            lines.append(f"# identity --{name}={identity}   (the folder's image files: "
+                         "a moved folder with the same files is the same data)")
+    return lines
 
 
 def resume_conflict(saved_flagfile: str, current_flagfile: str) -> str | None:
@@ -307,12 +331,16 @@ def resume_conflict(saved_flagfile: str, current_flagfile: str) -> str | None:
         return values
 
     saved, current = parse(saved_flagfile), parse(current_flagfile)
+    saved_ids, current_ids = dict(_IDENTITY.findall(saved_flagfile)), dict(_IDENTITY.findall(current_flagfile))
     for name in sorted(set(saved) | set(current)):
         # The run is wherever its flags.cfg was found: moved or spelled differently, it is
         # the same run.
         if name in RESUME_FREE_FLAGS or name == "model_dir":
             continue
         if _same_path_value(name, saved.get(name), current.get(name)):
+            continue
+        # A dataset folder moved or copied elsewhere: the same data if it holds the same files.
+        if name in saved_ids and saved_ids[name] == current_ids.get(name):
             continue
         if saved.get(name) != current.get(name):
             return f"--{name}: saved {saved.get(name)!r}, now {current.get(name)!r}"

@@ -7,8 +7,10 @@ its minimum (fastai's rule). It suggests the learning rate where the smoothed lo
 fastest and prints the matching `--lr_scale` (suggested rate / the stage's rate).
 
 Outputs go to `--output_dir` (default MODEL_DIR/lr_find/): loss_vs_lr.png, lr_find.json and
-TensorBoard events. Nothing else is written: no checkpoint, anchors or flags.cfg, so a later
-`kft.train` with the same --model_dir starts exactly as it would have.
+TensorBoard events. Nothing else is written (no checkpoint, anchors or flags.cfg), so a later
+`kft.train` with the same --model_dir starts exactly as it would have; while it runs it holds
+the run directory's lock `MODEL_DIR/.kft-lock`, as kft.train does, so a sweep and a run never
+work in one directory at once.
 """
 
 import math
@@ -17,7 +19,7 @@ import os
 import numpy as np
 from absl import flags, logging
 
-from kft import cli
+from kft import cli, rundir
 from kft import flags as kft_flags
 
 FLAGS = flags.FLAGS
@@ -63,7 +65,7 @@ def run_sweep(config, stage_index: int, min_lr: float, max_lr: float, steps: int
     from kft import augment, backbones, l2sp, model, runtime, trainer
 
     runtime.set_determinism(config.seed, config.deterministic)
-    precision = runtime.resolve_precision(config.mixed_precision, config.backbone)
+    precision = runtime.resolve_precision(config.mixed_precision, config.backbone, config.image_size)
     runtime.set_precision(precision)
     stage = config.stages[stage_index]
     if splits is None:
@@ -163,11 +165,23 @@ def main(argv):
     if not FLAGS.min_lr < FLAGS.max_lr or FLAGS.min_lr <= 0:
         raise cli.UsageError(f"--min_lr={FLAGS.min_lr} and --max_lr={FLAGS.max_lr}: need 0 < min_lr < max_lr")
     output_dir = FLAGS.output_dir or os.path.join(config.model_dir, "lr_find")
+    # kft.train's lock: a sweep and a run (or two sweeps) never share a run directory.
+    flag = f"--model_dir={config.model_dir}"
     try:
-        result = run_sweep(config, stage - 1, FLAGS.min_lr, FLAGS.max_lr, FLAGS.sweep_steps, splits)
+        rundir.check_owned(config.model_dir, flag, "run")
+        lock = rundir.DirLock(config.model_dir, flag)
+    except OSError as e:
+        raise cli.UsageError(f"{flag} is not writable: {e.strerror}") from None
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    write_outputs(result, output_dir)
+    try:
+        try:
+            result = run_sweep(config, stage - 1, FLAGS.min_lr, FLAGS.max_lr, FLAGS.sweep_steps, splits)
+        except ValueError as e:
+            raise cli.UsageError(str(e)) from None
+        write_outputs(result, output_dir)
+    finally:
+        lock.release()
     print(f"stage {stage} ({result['stage']}): {len(result['losses'])} steps, suggested learning rate "
           f"{result['suggested_lr']:.3g} -> --lr_scale={result['suggested_lr_scale']:.3g}; plot: "
           f"{os.path.join(output_dir, 'loss_vs_lr.png')}")

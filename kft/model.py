@@ -14,7 +14,7 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from kft import backbones
+from kft import backbones, data
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,9 @@ class HeadConfig:
 
 @keras.saving.register_keras_serializable("kft")
 class Preprocess(keras.layers.Layer):
-    """Casts to float32, resizes to the backbone's input size and applies its preprocessing."""
+    """Casts to float32, resizes to the backbone's input size with `kft.data.resize_images` (the
+    resize of the data pipelines, so served full-size photos get the numbers kft.evaluate
+    reports) and applies the backbone's preprocessing."""
 
     def __init__(self, backbone_name: str, image_size: int, **kwargs):
         super().__init__(**kwargs)
@@ -45,9 +47,7 @@ class Preprocess(keras.layers.Layer):
     def call(self, images):
         # Preprocessing runs in float32 whatever the mixed-precision policy: pixel means and
         # scales lose precision in bfloat16.
-        x = tf.cast(images, tf.float32)
-        x = tf.image.resize(x, (self.image_size, self.image_size))
-        return self._preprocess(x)
+        return self._preprocess(data.resize_images(images, self.image_size))
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.image_size, self.image_size, 3)

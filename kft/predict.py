@@ -15,7 +15,8 @@ fatal. Exit status: 0 if at least one image was predicted, 1 if none was, 2 for 
 
 Images are decoded as `kft.data` decodes them (TF, or PIL for BMPs and files TF rejects;
 grayscale, RGBA and palette images become RGB, the first frame of a GIF is used) and resized
-to --image_size squares as `kft.evaluate` feeds them, so both report the same probabilities.
+to the size the model was trained at with `kft.data.resize_images`, the resize inside the
+model: kft.predict, kft.evaluate and a server fed the whole image report the same probabilities.
 """
 
 import concurrent.futures
@@ -32,11 +33,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("export_dir", None, "A SavedModel written by kft: the export base directory (its latest integer version is used) or one version directory.")
 flags.DEFINE_integer("top_k", 5, "How many classes to show per image, most probable first (at most the number of classes).", lower_bound=1)
 flags.DEFINE_bool("json", False, "Print one JSON object per image and line instead of a table.")
-flags.DEFINE_integer("image_size", None, "Side of the square uint8 images fed to the model (which resizes again to its own size); default: the training run's size when the export sits in MODEL_DIR/export, else 224.", lower_bound=8, upper_bound=2048)
+flags.DEFINE_integer("image_size", None, "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Images are resized to the model's own size with the resize inside the model, so the probabilities are those a server fed the whole image returns; another size is refused.", lower_bound=8, upper_bound=2048)
 flags.DEFINE_integer("batch_size", 32, "Images per model call.", lower_bound=1)
 flags.mark_flag_as_required("export_dir")
-
-_DEFAULT_IMAGE_SIZE = 224
 
 
 def _image_files(paths: list[str]) -> list[str]:
@@ -85,20 +84,6 @@ def _decode(path: str, image_size: int):
     if image.shape[0] == 0 or image.shape[1] == 0:
         return "cannot decode: empty image"
     return np.asarray(data.resize_uint8(tf.convert_to_tensor(image), image_size))
-
-
-def _default_image_size(version_dir: str, class_names: list[str]) -> int:
-    """The training run's image size when the export is MODEL_DIR/export/<version>, else 224."""
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(version_dir)))
-    try:
-        with open(os.path.join(run_dir, "classes.json")) as f:
-            meta = json.load(f)
-        # Only if the run is the one that was exported, not a neighbour's leftover.
-        if list(meta["class_names"]) == list(class_names):
-            return int(meta["image_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return _DEFAULT_IMAGE_SIZE
 
 
 def _batches(files: list[str], image_size: int, batch_size: int):
@@ -165,7 +150,10 @@ def main(argv):
     except ValueError as e:
         raise cli.UsageError(f"--export_dir={FLAGS.export_dir}: {e}") from None
     class_names = list(served.class_names)
-    image_size = FLAGS.image_size or _default_image_size(served.path, class_names)
+    try:
+        image_size = export.choose_image_size(FLAGS.image_size, served.image_size, served.path)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
     top_k = min(FLAGS.top_k, len(class_names))
 
     files = _image_files(paths)

@@ -125,6 +125,28 @@ def check_owned(path: str, flag: str, kind: str = "run", overwrite: bool = False
                 f"({shown}); move them out or use another directory")
 
 
+# What a run has produced; a run that holds any of them resumes from a checkpoint or not at all.
+RESULT_NAMES = ("model.weights.h5", "backbone.weights.h5", "metrics.json")
+
+
+def check_resumable(path: str, flag: str) -> None:
+    """Refuses a run directory holding results but no resume checkpoint (`ckpt/` deleted or
+    lost): training it again from the start would silently replace them.
+
+    Raises:
+      ValueError: one line naming the results and the missing checkpoint directory.
+    """
+    results = [name for name in RESULT_NAMES if os.path.exists(os.path.join(path, name))]
+    if not results:
+        return
+    ckpt = os.path.join(path, "ckpt")
+    if any(name.startswith("epoch-") and name[6:].isdigit() for name in _entries(ckpt)):
+        return  # kft.checkpoint resumes from the newest complete one, or refuses.
+    raise ValueError(f"{flag} holds {', '.join(results)} but no resume checkpoint ({ckpt} is missing "
+                     "or empty); kft will not train over those results from the start: pass "
+                     "--overwrite to train again, or use another --model_dir")
+
+
 def remove_owned(path: str, kind: str = "run") -> list[str]:
     """Removes what kft wrote in `path` (a directory `check_owned` accepted), except its lock.
 

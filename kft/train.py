@@ -3,7 +3,10 @@
 Later flags override the flagfile. Rerunning the same command resumes an interrupted run.
 """
 
+import contextlib
+import dataclasses
 import os
+import sys
 
 from absl import flags, logging
 
@@ -39,6 +42,12 @@ def _prepare_model_dir(model_dir: str, flagfile_text: str, overwrite: bool) -> r
                 f"{flag} holds a run with other flags ({conflict}); "
                 "rerun with its flags to resume, pass --overwrite to start over, or use another --model_dir"
             )
+    if not overwrite:
+        try:
+            rundir.check_resumable(model_dir, flag)
+        except ValueError as e:
+            lock.release()
+            raise cli.UsageError(str(e)) from None
     if overwrite:
         removed = rundir.remove_owned(model_dir, "run")
         if removed:
@@ -51,15 +60,79 @@ def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}; flags look like --name=value")
     cli.check_typed("overwrite")
-    from kft import experiment, trainer  # Heavy imports after the flags are known to be good.
+    from kft import experiment, multiworker, trainer  # Heavy imports after the flags are known to be good.
 
+    try:
+        # Before any TF op: MultiWorkerMirroredStrategy can only be created at program start.
+        worker = multiworker.worker_of(multiworker.start(FLAGS.strategy))
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    try:
+        config, flagfile_text, splits, lock = _checked_start(experiment, trainer, worker)
+    except Exception:
+        if worker:
+            worker.all_ok(False)  # The other workers would otherwise wait for this one.
+        raise
+    if worker and not worker.all_ok(True):
+        if lock:
+            lock.release()
+        raise cli.UsageError(f"another worker of the {worker.count} in TF_CONFIG refused to start "
+                             "(its log says why); nothing was trained")
+    lost = None
+    with contextlib.ExitStack() as stack:
+        if lock:
+            stack.callback(lock.release)
+        if worker and not worker.is_chief:
+            # MODEL_DIR is the chief's alone: this worker trains in a directory of its own and
+            # exports nothing (kft.multiworker).
+            config = dataclasses.replace(config, model_dir=stack.enter_context(multiworker.scratch_dir(worker)),
+                                         export_dir="none", export_tflite="off")
+        try:
+            experiment.run(config, flagfile_text=flagfile_text, splits=splits)
+            if worker:
+                # The workers end together, after the chief's export: a worker that exits while
+                # another still runs is held at exit by TF's multi-worker runtime for a minute.
+                worker.all_ok(True)
+        except trainer.DivergenceError as e:
+            cli.fail(str(e), 3)
+        except ValueError as e:
+            raise cli.UsageError(str(e)) from None
+        except multiworker.LOST_PEER_ERRORS as e:
+            if not worker:
+                raise
+            logging.debug("lost a worker", exc_info=True)
+            lost = e
+    if lost is not None:
+        print(cli.error_line(
+            f"lost contact with another worker ({type(lost).__name__}); files are as the chief's last "
+            "complete checkpoint left them: restart every worker with the same command to resume",
+            "kft.train"), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # Not sys.exit: TF would wait at exit for the worker that is gone (up to a minute).
+        os._exit(1)
+
+
+def _checked_start(experiment, trainer, worker):
+    """The run's config and data after every check; on a single machine or the chief, also
+    MODEL_DIR prepared and locked (another worker takes neither MODEL_DIR's lock nor its marker).
+
+    Returns:
+      (config, flagfile text, splits, the lock or None).
+
+    Raises:
+      cli.UsageError: one line.
+    """
     try:
         config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    if recipe_block:
+    if recipe_block and (worker is None or worker.is_chief):
         print(recipe_block, flush=True)
     flagfile_text = kft_flags.with_comment(kft_flags.resolved_flagfile(), recipe_block)
+    if worker and not worker.is_chief:
+        # The checks of MODEL_DIR and the export are the chief's (the others write neither, and
+        # need not see MODEL_DIR); its refusal reaches every worker through all_ok.
+        return config, flagfile_text, splits, None
     try:
         # With --overwrite nothing is removed before every check has passed; a source task to
         # train first must not find a bad fine-tune schedule only after it.
@@ -67,15 +140,7 @@ def main(argv):
                                      build_model=FLAGS.overwrite or bool(config.pretrain_dataset))
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    lock = _prepare_model_dir(config.model_dir, flagfile_text, FLAGS.overwrite)
-    try:
-        experiment.run(config, flagfile_text=flagfile_text, splits=splits)
-    except trainer.DivergenceError as e:
-        cli.fail(str(e), 3)
-    except ValueError as e:
-        raise cli.UsageError(str(e)) from None
-    finally:
-        lock.release()
+    return config, flagfile_text, splits, _prepare_model_dir(config.model_dir, flagfile_text, FLAGS.overwrite)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import tensorflow as tf
 from absl import logging
 
 from kft import augment as augment_lib
-from kft import backbones, checkpoint, data, l2sp, model, regularizers, report, rundir, runtime, schedule
+from kft import backbones, checkpoint, data, l2sp, model, multiworker, regularizers, report, rundir, runtime, schedule
 from kft import probe as probe_lib
 from kft.config import Config
 
@@ -78,8 +78,10 @@ class FineTuner(keras.Model):
         self.ema_decay = float(ema_decay)
         # The averaged weights live beside the model's and are saved with it, so a resumed run
         # continues the same average. BatchNorm statistics are averaged too (as timm does).
+        # Every replica computes the same average from the same weights, so each updates its
+        # own copy (aggregation "none"): "mean" would all-reduce every variable every step.
         self.ema_weights = [
-            keras.Variable(w.numpy(), trainable=False, name="ema", aggregation="mean")
+            keras.Variable(w.numpy(), trainable=False, name="ema", aggregation="none")
             for w in (classifier.weights if ema_decay else [])
         ]
         # No variables of its own besides those; the classifier arrives built.
@@ -358,9 +360,12 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
     """
     started = time.time()
     runtime.set_determinism(config.seed, config.deterministic)
-    precision = runtime.resolve_precision(config.mixed_precision, config.backbone)
+    precision = runtime.resolve_precision(config.mixed_precision, config.backbone, config.image_size)
     runtime.set_precision(precision)
     strategy = runtime.make_strategy(config.strategy)
+    # With several workers (kft.multiworker) this one's config.model_dir is the chief's
+    # MODEL_DIR on the chief and a temporary directory of its own on every other worker.
+    worker = multiworker.worker_of(strategy)
     jit = runtime.resolve_jit_compile(config.jit_compile)
     os.makedirs(config.model_dir, exist_ok=True)
 
@@ -371,13 +376,18 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
                  splits.num_train, splits.num_val, len(splits.class_names), splits.skipped)
 
     _check_same_classes(config.model_dir, splits.class_names)
+    if worker:
+        multiworker.check_batch(worker, config.batch_size, splits.num_train)
     select_best = selects_best(config.checkpoint_selection, splits.num_val)
     rundir.mark(config.model_dir)
     ckpts = checkpoint.ResumeCheckpoints(config.model_dir)
     saved = ckpts.latest_state()
+    if worker:  # Only the chief has checkpoints; every worker resumes where it left off.
+        saved = worker.broadcast_json(saved)
     state = _RunState(**saved) if saved else _RunState()
     with strategy.scope():
-        tuner, blocks, anchors = _build_tuner(config, len(splits.class_names), flagfile_text)
+        tuner, blocks, anchors = _build_tuner(config, len(splits.class_names), flagfile_text,
+                                              worker.broadcast_arrays if worker else None)
     classifier, feature_regularizer = tuner.classifier, tuner.feature_regularizer
     checkpoint.write_json(
         os.path.join(config.model_dir, "classes.json"),
@@ -418,12 +428,17 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
             tuner.update_scales = layer_lr_scales(blocks, config.layer_lr_decay)
         resumed_mid_stage = saved is not None and state.epoch > 0
         if saved is not None:
-            ckpts.restore(tuner, optimizer if resumed_mid_stage else None)
+            if worker is None or worker.is_chief:
+                ckpts.restore(tuner, optimizer if resumed_mid_stage else None)
             logging.info("resumed at stage %d epoch %d from %s", index + 1, state.epoch, ckpts.root)
             saved = None
+        if worker:
+            # The chief's weights, optimizer state and augmentation seed on every worker: what
+            # it restored, or what the probe fitted outside the collective step.
+            worker.sync_variables(tuner.variables + optimizer.variables)
         if trainable_blocks and _needs_attention(feature_regularizer):
             _set_delta_attention(feature_regularizer, classifier, splits.train, config, index, summaries,
-                                 first_epoch_of[index])
+                                 first_epoch_of[index], worker)
         logging.info("stage %d/%d %s: trainable blocks %s, %d steps/%s",
                      index + 1, len(config.stages), stage.describe(),
                      ", ".join(trainable_blocks) if trainable_blocks else "none (head only)",
@@ -433,20 +448,23 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         recorder.start_stage(index, stage, first, optimizer, lr)
         # A stage counted in steps runs its rounds over the repeated training set: a round may
         # span several passes (small sets) or part of one (large ones).
-        tuner.fit(
-            train_data.repeat() if stage.steps else train_data,
+        fit_args = dict(
             steps_per_epoch=stage.steps_per_round(steps) if stage.steps else None,
             validation_data=val_data,
             initial_epoch=first + state.epoch,
             epochs=first + stage.epochs,
             callbacks=[_EpochEnd(recorder), _ValidateAveraged(tuner)],
-            verbose=config.verbose,
-            shuffle=False,  # The tf.data pipeline shuffles (seeded).
         )
+        train_input = train_data.repeat() if stage.steps else train_data
+        if worker:  # Keras's fit fails on MultiWorkerMirroredStrategy (keras-team/keras#20585).
+            multiworker.fit(tuner, worker, train_input, global_batch=config.batch_size, **fit_args)
+        else:
+            # The tf.data pipeline shuffles (seeded).
+            tuner.fit(train_input, verbose=config.verbose, shuffle=False, **fit_args)
         validation_steps[tuner.on_features] = tuner.test_function
         logging.info("stage %d done in %.1fs", index + 1, time.time() - stage_started)
 
-    return _finish(config, classifier, splits, state, summaries, started, select_best)
+    return _finish(config, classifier, splits, state, summaries, started, select_best, worker)
 
 
 def _check_same_classes(model_dir: str, class_names) -> None:
@@ -532,9 +550,13 @@ def check_model(config: Config, num_classes: int) -> None:
         keras.backend.clear_session()
 
 
-def _build_tuner(config: Config, num_classes: int, flagfile_text: str) -> tuple[FineTuner, list, dict]:
+def _build_tuner(config: Config, num_classes: int, flagfile_text: str,
+                 share_anchors=None) -> tuple[FineTuner, list, dict]:
     """The classifier, its blocks and the FineTuner around it; writes flags.cfg once the stages
     are known to fit the backbone, and anchors.npz (theta0) unless a resumed run has it.
+
+    Args:
+      share_anchors: with several workers, maps this worker's anchors to the chief's.
 
     Returns:
       (tuner, blocks, anchors).
@@ -550,7 +572,12 @@ def _build_tuner(config: Config, num_classes: int, flagfile_text: str) -> tuple[
         anchors = checkpoint.load_arrays(anchors_path)
     else:
         anchors = l2sp.anchor_arrays(classifier.backbone)
-        checkpoint.save_arrays(anchors_path, anchors)
+        if share_anchors is None:
+            checkpoint.save_arrays(anchors_path, anchors)
+    if share_anchors is not None:  # The chief's theta0, kept in its MODEL_DIR.
+        anchors = share_anchors(anchors)
+        if not os.path.exists(anchors_path):
+            checkpoint.save_arrays(anchors_path, anchors)
     penalty, feature_regularizer = make_regularizers(config, classifier, anchors)
     augmenter = augment_lib.Augmenter(config.augment, seed=config.seed) if config.augment else None
     tuner = FineTuner(classifier, augmenter, penalty, config.label_smoothing, config.ema_decay,
@@ -619,9 +646,11 @@ def _needs_attention(feature_regularizer) -> bool:
             and not feature_regularizer.attention_set)
 
 
-def _set_delta_attention(delta, classifier, train_data, config, stage_index, summaries, step) -> None:
+def _set_delta_attention(delta, classifier, train_data, config, stage_index, summaries, step,
+                         worker=None) -> None:
     """DELTA's channel attention, computed when the backbone first unfreezes (the head has
-    trained by then and the backbone is still the pretrained one), or read back on resume."""
+    trained by then and the backbone is still the pretrained one), or read back on resume;
+    with several workers, the chief's."""
     path = os.path.join(config.model_dir, "delta_attention.npz")
     if os.path.exists(path):
         weights = checkpoint.load_arrays(path)["channel_weights"]
@@ -635,6 +664,8 @@ def _set_delta_attention(delta, classifier, train_data, config, stage_index, sum
         checkpoint.save_arrays(path, {"channel_weights": weights})
         logging.info("DELTA channel attention from %d batches in %.1fs: weights %.3g..%.3g (mean 1)",
                      config.delta_attention_batches, time.time() - started, weights.min(), weights.max())
+    if worker:
+        (weights,) = worker.broadcast([weights])
     delta.set_channel_weights(weights)
     summaries.delta_attention(step, weights)
 
@@ -676,10 +707,17 @@ def cache_features(
     return train, val
 
 
-def _finish(config, classifier, splits, state, summaries, started, select_best) -> dict:
-    """Loads the kept weights, writes backbone weights, confusion matrix and metrics.json."""
+def _finish(config, classifier, splits, state, summaries, started, select_best, worker=None) -> dict:
+    """Loads the kept weights, writes backbone weights, confusion matrix and metrics.json; with
+    several workers every worker gets the chief's kept weights (a source task's backbone is the
+    next run's --weights on each of them)."""
     best_path = os.path.join(config.model_dir, "model.weights.h5")
-    checkpoint.load_model_weights(classifier, best_path)
+    if worker is None or worker.is_chief:
+        checkpoint.load_model_weights(classifier, best_path)
+    if worker:
+        worker.sync_variables(classifier.weights)
+        if not worker.is_chief:
+            checkpoint.save_model_weights(classifier, best_path)
     backbone_path = os.path.join(config.model_dir, "backbone.weights.h5")
     # A finished run's rerun leaves its backbone file alone: written after the kept weights,
     # it already holds them (and nothing is rewritten on a disk that may be full).

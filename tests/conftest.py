@@ -4,6 +4,10 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# --mixed_precision=auto on a CPU times the backbone (kft.calibration, ~10-60 s per backbone)
+# and picks by the timings: tests run float32 instead, the same on every machine, in every
+# subprocess they start. tests/test_calibration.py turns it back on where it tests it.
+os.environ.setdefault("KFT_CALIBRATE_PRECISION", "0")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

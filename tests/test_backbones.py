@@ -207,15 +207,6 @@ _FAMILY_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(_FAMILY_CASES))
-def test_depthwise_families_are_the_ones_with_depthwise_convolutions(name):
-    spec, backbone = _built(name, _FAMILY_CASES[name][0])
-    kinds = (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)
-    # ConvNeXt writes its depthwise convolutions as grouped Conv2D layers.
-    has_depthwise = any(isinstance(layer, kinds) or getattr(layer, "groups", 1) > 1 for layer in backbone.layers)
-    assert (spec.family in backbones.DEPTHWISE_FAMILIES) == has_depthwise
-
-
 def _block_index_of_every_operation(backbone, blocks):
     """Block index per operation; non-layer ops (x + y) take their latest input's."""
     index = {id(layer): i for i, block in enumerate(blocks) for layer in block.layers}

@@ -123,7 +123,7 @@ def test_export_dir_without_versions(tmp_path):
 def test_class_name_mismatch(exported, tmp_path):
     _, base, _ = exported
     write_folder(tmp_path / "data", {"blue": [2], "green": [1], "zebra": [0]})
-    result = run_evaluate(f"--export_dir={base}", f"--dataset=folder:{tmp_path / 'data'}")
+    result = run_evaluate(f"--export_dir={base}", f"--dataset=folder:{tmp_path / 'data'}", f"--image_size={SIZE}")
     assert_usage_error(result, "zebra", "'blue', 'green', 'red'")
 
 

@@ -1,5 +1,6 @@
 """SavedModel export: versioning, the uint8 serving signature, class names, the reload check."""
 
+import json
 import os
 
 import keras
@@ -208,3 +209,57 @@ def test_a_bfloat16_run_exports_float32(tmp_path, tiny_splits):
     export.export_saved_model(classifier, names, str(tmp_path / "export"), images)  # checks 1e-4
     served = export.load_serving(str(tmp_path / "export"))
     np.testing.assert_allclose(served(images), np.asarray(classifier(images)), atol=1e-4)
+
+
+class Resize(keras.layers.Layer):
+    """Resizes to 16 px as kft does (`kft.data.resize_images`) or as kft's graph once did
+    (bilinear without antialiasing)."""
+
+    def __init__(self, kft_resize: bool, **kwargs):
+        super().__init__(**kwargs)
+        self.kft_resize = kft_resize
+
+    def call(self, images):
+        from kft import data
+
+        if self.kft_resize:
+            return data.resize_images(images, 16)
+        return tf.image.resize(tf.cast(images, tf.float32), [16, 16])
+
+
+def test_export_records_the_image_size_and_checks_whole_large_images(tmp_path):
+    """With image_size the export also serves two large images whole and compares them with the
+    Keras model on the same images resized as kft.evaluate resizes files: a graph that resizes
+    otherwise (the old aliasing resize) is refused, nothing exported."""
+    keras.utils.set_random_seed(0)
+    for kft_resize in (False, True):
+        images = keras.Input((None, None, 3))
+        x = Resize(kft_resize)(images)
+        x = keras.layers.Rescaling(1 / 255.0)(x)
+        x = keras.layers.Conv2D(4, 3, activation="relu")(x)
+        x = keras.layers.Flatten()(x)  # Every pixel counts: the resize shows.
+        model = keras.Model(images, keras.layers.Dense(len(CLASS_NAMES), activation="softmax")(x))
+        base = tmp_path / str(kft_resize)
+        if not kft_resize:
+            with pytest.raises(export.ExportMismatchError, match="large images served whole"):
+                export.export_saved_model(model, CLASS_NAMES, str(base), check_images(size=16), image_size=16)
+            assert export._versions(str(base)) == []
+            continue
+        version = export.export_saved_model(model, CLASS_NAMES, str(base), check_images(size=16), image_size=16)
+        with open(os.path.join(version, "assets", export.INFO_FILE)) as f:
+            assert json.load(f) == {"image_size": 16}
+        assert export.load_serving(str(base)).image_size == 16
+
+
+def test_image_size_is_recorded_or_unknown(exported):
+    """An export without image_size, away from a run directory, records none: kft.evaluate and
+    kft.predict then ask for --image_size rather than guess."""
+    _, base, first, _ = exported
+    assert not os.path.exists(os.path.join(first, "assets", export.INFO_FILE))
+    assert export.load_serving(base).image_size is None
+    with pytest.raises(ValueError, match="does not record the image size"):
+        export.choose_image_size(None, None, base)
+    assert export.choose_image_size(20, None, base) == 20
+    assert export.choose_image_size(None, 32, base) == 32
+    with pytest.raises(ValueError, match=r"--image_size=224: the model at .* was trained at 32 px"):
+        export.choose_image_size(224, 32, base)

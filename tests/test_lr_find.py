@@ -49,7 +49,7 @@ def test_lr_find_end_to_end_leaves_no_training_state(tmp_path):
     assert report["suggested_lr_scale"] == pytest.approx(report["suggested_lr"] / 1e-4)
     assert 5 <= len(report["losses"]) <= 30
     assert (out / "loss_vs_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(os.listdir(model_dir)) == ["lr_find"]
+    assert sorted(os.listdir(model_dir)) == [".kft-lock", "lr_find"]  # The run directory's lock, released.
     bad = subprocess.run([sys.executable, "-m", "kft.lr_find", f"--model_dir={model_dir}", "--stage=5"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--stage=5: --stages has only 2 stages" in bad.stderr

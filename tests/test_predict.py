@@ -93,7 +93,7 @@ def decoded_resized(path: str, size: int) -> np.ndarray:
 
 def test_json_lines(setup):
     model, run, version, images, expected = setup
-    result = run_predict(f"--export_dir={run / 'export'}", str(images), "--json", "--top_k=2", "--image_size=16", "--batch_size=4")
+    result = run_predict(f"--export_dir={run / 'export'}", str(images), "--json", "--top_k=2", "--batch_size=4")
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in result.stdout.splitlines()]  # Every stdout line is JSON.
     broken = str(images / "nested" / "broken.png")
@@ -111,13 +111,13 @@ def test_json_lines(setup):
         if expected[record["path"]] is not None:
             assert top[0]["class"] == expected[record["path"]]
         # The same numbers as the Keras model on the same pixels.
-        want = np.asarray(model(decoded_resized(record["path"], 16)[None]))[0]
+        want = np.asarray(model(decoded_resized(record["path"], RUN_IMAGE_SIZE)[None]))[0]
         got = dict(zip((e["class"] for e in top), probabilities))
         for name, probability in got.items():
             assert probability == pytest.approx(float(want[CLASSES.index(name)]), abs=1e-4)
     lines = error_lines(result.stderr)
     assert [line for line in lines if "broken.png" in line] == [f"error: {broken}: " + error["error"]]
-    assert lines[-1] == f"predicted 6 images with {version} at 16 px; 1 file could not be decoded"
+    assert lines[-1] == f"predicted 6 images with {version} at {RUN_IMAGE_SIZE} px; 1 file could not be decoded"
 
 
 def test_table_with_defaults(setup):
@@ -158,3 +158,23 @@ def test_missing_path_is_one_line_exit_2(setup, tmp_path):
     assert result.returncode == 2
     assert error_lines(result.stderr) == [f"kft.predict: error: {missing} does not exist"]
     assert result.stdout == ""
+
+
+def test_image_size_is_the_models_own(setup, tmp_path):
+    """Files are resized to the size the model was trained at, never to another: a second
+    resize would give other probabilities than a server fed the whole image."""
+    model, run, version, images, _ = setup
+    red = str(images / "red.png")
+    result = run_predict(f"--export_dir={version}", red, "--image_size=16")
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == [
+        f"kft.predict: error: --image_size=16: the model at {version} was trained at {RUN_IMAGE_SIZE} px and "
+        f"resizes every image to {RUN_IMAGE_SIZE}; files resized to 16 first would be resized twice and get "
+        "other probabilities than served ones (leave --image_size out)"]
+    # An export that records no size, away from its run: refused without --image_size.
+    check = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    lone = export.export_saved_model(model, CLASSES, str(tmp_path / "export"), check)
+    result = run_predict(f"--export_dir={lone}", red)
+    assert result.returncode == 2
+    (line,) = error_lines(result.stderr)
+    assert line.startswith(f"kft.predict: error: {lone} does not record the image size") and "--image_size" in line

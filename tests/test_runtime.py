@@ -72,23 +72,30 @@ def test_jit_compile_auto_is_off_without_an_accelerator():
     assert runtime.resolve_jit_compile("false") is False
 
 
-@pytest.mark.parametrize(
-    "amx,backbone,expected",
-    [(True, "ResNet50", "bfloat16"), (True, "VGG16", "bfloat16"), (True, "MobileNetV2", "none"),
-     (True, "EfficientNetB0", "none"), (False, "ResNet50", "none")],
-)
-def test_auto_precision_on_cpu_follows_amx_and_depthwise(monkeypatch, amx, backbone, expected):
-    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: amx)
-    assert runtime.resolve_precision("auto", backbone) == expected
+@pytest.mark.parametrize("capability,expected", [((9, 0), "bfloat16"), ((8, 0), "bfloat16"),
+                                                 ((7, 5), "float16"), ((7, 0), "float16"), ((6, 1), "none")])
+def test_auto_precision_on_a_gpu_follows_compute_capability(monkeypatch, capability, expected):
+    gpu = object()
+    monkeypatch.setattr(runtime.tf.config, "list_physical_devices", lambda kind=None: [gpu] if kind == "GPU" else [])
+    monkeypatch.setattr(runtime.tf.config.experimental, "get_device_details",
+                        lambda device: {"compute_capability": capability})
+    decision = runtime.precision_decision("auto", "MobileNetV2", 224)
+    assert decision.precision == expected
+    assert f"{capability[0]}.{capability[1]}" in decision.reason
+    assert runtime.resolve_precision("auto", "ResNet50") == expected
+
+
+def test_auto_precision_on_cpu_without_calibration_is_float32(monkeypatch):
+    # conftest sets KFT_CALIBRATE_PRECISION=0; tests/test_calibration.py tests the measurement.
+    monkeypatch.setattr(runtime.tf.config, "list_physical_devices", lambda kind=None: [])
+    decision = runtime.precision_decision("auto", "ResNet50", 96)
+    assert decision.precision == "none" and "KFT_CALIBRATE_PRECISION" in decision.reason
 
 
 def test_explicit_precision_is_kept(monkeypatch):
-    monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda: True)
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("an explicit --mixed_precision must not be measured")
+
+    monkeypatch.setattr(runtime.calibration, "decide", no_measuring)
     for choice in ("none", "bfloat16", "float16"):
         assert runtime.resolve_precision(choice, "MobileNetV2") == choice
-
-
-def test_amx_flag_is_read_from_cpuinfo():
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split() for line in f if line.startswith("flags")), [])
-    assert runtime.cpu_has_amx_bf16() == ("amx_bf16" in flags)

@@ -3,6 +3,7 @@ work, no hangs, one line for every failure (issue 11)."""
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -114,7 +115,8 @@ def test_overwrite_removes_only_kft_runs_and_only_after_every_check(tmp_path):
 
 def test_refused_rerun_changes_nothing_and_paths_compare_resolved(tmp_path):
     """A class added to the data is refused with every file of the run unchanged; the same
-    run named by another spelling of its paths resumes."""
+    run named by another spelling of its paths, or its data moved, resumes; a run whose
+    checkpoints are gone is refused, not trained again over its results."""
     data_dir = tmp_path / "data"
     write_png_folder(data_dir, ["a", "b"])
     run = tmp_path / "run"
@@ -132,6 +134,44 @@ def test_refused_rerun_changes_nothing_and_paths_compare_resolved(tmp_path):
     assert snapshot(run) == before
     classes = json.loads((run / "classes.json").read_text())["class_names"]
     assert classes == ["a", "b"]
+    shutil.rmtree(data_dir / "c")
+    # The data folder moved, the run reached through a symlink: the same files, the same run.
+    moved = tmp_path / "moved"
+    os.rename(data_dir, moved)
+    (tmp_path / "link").symlink_to(run)
+    result = run_module("kft.train", f"--model_dir={tmp_path / 'link'}", f"--dataset=folder:{moved}", *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"--dataset=folder:{moved}" in (run / "flags.cfg").read_text()
+    os.rename(moved, data_dir)
+    # Results without a resume checkpoint: refused, not trained again over them from the start.
+    shutil.rmtree(run / "ckpt")
+    before = snapshot(run)
+    line = one_error_line(run_module("kft.train", "--model_dir=run", "--dataset=folder:data", *common, cwd=tmp_path))
+    assert "holds model.weights.h5, backbone.weights.h5, metrics.json but no resume checkpoint" in line
+    assert "--overwrite" in line and snapshot(run) == before
+
+
+def test_a_moved_dataset_is_the_same_data_only_with_the_same_files(tmp_path):
+    from kft import data
+    from kft import flags as kft_flags
+
+    write_png_folder(tmp_path / "data", ["a", "b"], per_class=3)
+    identity = data.folder_identity(f"folder:{tmp_path / 'data'}")
+    assert identity.endswith("/6files")
+    os.rename(tmp_path / "data", tmp_path / "elsewhere")
+    assert data.folder_identity(f"folder:{tmp_path / 'elsewhere'}/") == identity
+    assert data.folder_identity("digits") is None
+
+    def flagfile(path, ident):
+        return f"# Resolved kft.train flags\n--dataset=folder:{path}\n--seed=0\n# identity --dataset={ident}   (...)\n"
+
+    saved = flagfile(tmp_path / "data", identity)
+    assert kft_flags.resume_conflict(saved, flagfile(tmp_path / "elsewhere", identity)) is None
+    (tmp_path / "elsewhere" / "a" / "0.png").unlink()  # Another file set: other data.
+    other = data.folder_identity(f"folder:{tmp_path / 'elsewhere'}")
+    assert other != identity and other.endswith("/5files")
+    conflict = kft_flags.resume_conflict(saved, flagfile(tmp_path / "elsewhere", other))
+    assert conflict.startswith("--dataset: saved") and "elsewhere" in conflict
 
 
 def test_one_process_per_directory_and_kill_9_leaves_no_stuck_lock(tmp_path):
@@ -147,6 +187,10 @@ def test_one_process_per_directory_and_kill_9_leaves_no_stuck_lock(tmp_path):
         line = one_error_line(run_module("kft.train", f"--model_dir={run}", *TINY, "--dataset=digits:0-1",
                                          "--export_dir=none"))
         assert f"--model_dir={run} is in use by another kft process" in line
+        # kft.lr_find takes the same lock: a sweep never shares a run directory with a run.
+        line = one_error_line(run_module("kft.lr_find", f"--model_dir={run}", *TINY, "--dataset=digits:0-1"))
+        assert f"--model_dir={run} is in use by another kft process (pid {holder.pid})" in line
+        assert not (run / "lr_find").exists()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -195,6 +239,8 @@ def test_files_and_exports_follow_the_umask(tmp_path):
                 assert stat.S_IMODE(os.stat(os.path.join(root, name)).st_mode) == 0o644, os.path.join(root, name)
                 checked += 1
     assert (run / "export" / "1" / "saved_model.pb").exists() and checked > 10
+    # kft.train's export records the run's image size for kft.evaluate and kft.predict.
+    assert json.loads((run / "export" / "1" / "assets" / "kft.json").read_text()) == {"image_size": 32}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,3 +377,30 @@ def test_a_full_disk_is_one_line(tmp_path):
                             text=True, timeout=300, preexec_fn=limit)
     line = one_error_line(result, status=1)
     assert "File too large" in line and "rerun the same command to resume" in line
+
+
+def test_a_full_disk_while_rewriting_h5_keeps_the_old_file(tmp_path):
+    """HDF5 reports ENOSPC as an OSError without errno inside a paragraph; the rewrite goes to a
+    temporary file beside the old one, so the old file stays whole and the error is one line
+    naming it."""
+    path = tmp_path / "backbone.weights.h5"
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    checkpoint.save_backbone_weights(model, "Dense", 2, str(path))
+    old = path.read_bytes()
+    script = (
+        "import sys, h5py, keras\n"
+        "from kft import checkpoint, cli\n"
+        "def full(*args, **kwargs):\n"
+        "    raise OSError(\"Unable to synchronously create dataset (file write failed: time = Mon, filename = "
+        "'x', file descriptor = 5, errno = 28, error message = 'No space left on device', buf = 0x1)\")\n"
+        "def main(argv):\n"
+        "    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])\n"
+        "    h5py.Group.create_dataset = full\n"
+        "    checkpoint.save_backbone_weights(model, 'Dense', 2, sys.argv[1])\n"
+        "cli.run(main)\n")
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    line = one_error_line(result, status=1)
+    assert f"No space left on device writing {path};" in line
+    assert path.read_bytes() == old and sorted(os.listdir(tmp_path)) == ["backbone.weights.h5"]

@@ -6,6 +6,7 @@ Commands (BENCHMARKS.md holds the results and what they mean):
     python tools/bench.py                    # ResNet50, MobileNetV2 at 32, 96 px, batch 64 (~4 min)
     python tools/bench.py --extended         # every variant in every group (~20 min)
     python tools/bench.py --quick --out=/tmp/b.json  # smoke run of this tool (tests/test_bench.py)
+    python tools/bench.py --gpu              # the GPU check (tools/gpu_check.sh; see gpu_check)
 
 Everything runs in one process on the same synthetic uint8 batches, backbone, image size, batch
 size and dtype (weights=None: same FLOPs as ImageNet weights, nothing to download):
@@ -88,6 +89,8 @@ TARGET_PIPELINE_VS_STEP = 10.0
 TARGET_STAGE_CHANGE_FRACTION = 0.05
 # Two timings this close are a tie on this shared machine.
 NOISE = 0.03
+# --mixed_precision value -> the Keras dtype policy it sets (kft.runtime.set_precision).
+POLICY = {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,13 +312,14 @@ def baseline_runner(backbone: str, image_size: int, batch_size: int, stage: str,
     x = keras.layers.Dropout(DROPOUT)(x)
     outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax")(x)
     keras_model = keras.Model(inputs, outputs)
+    # compile's default jit_compile="auto": Keras turns XLA on where a GPU is, off on CPU.
     keras_model.compile(optimizer=keras.optimizers.Adam(1e-4),
                         loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     name = {"head": "baseline head", "all": "baseline all (BN frozen)",
             "all-guide": "baseline all (as guide)"}[stage]
     runner = Runner(name, {"impl": "baseline" if stage != "all-guide" else "baseline_guide",
                            "stage": "head" if stage == "head" else "all", "precision": "float32",
-                           "jit_compile": False, "augment": "", "l2sp": False})
+                           "jit_compile": bool(keras_model.jit_compile), "augment": "", "l2sp": False})
     return _start(runner, keras_model, _train_dataset(batch_size, image_size), warmup_steps)
 
 
@@ -389,7 +393,7 @@ def kft_stage_runners(backbone: str, image_size: int, batch_size: int, stages: l
         l2sp_on = bool(alpha) and what != "head"
         name = f"kft {what}" + (" L2-SP" if l2sp_on else " alpha=0" if what != "head" else "")
         runner = Runner(name, {"impl": "kft", "stage": what,
-                               "precision": "mixed_bfloat16" if precision == "bfloat16" else "float32",
+                               "precision": POLICY[precision],
                                "jit_compile": jit_compile, "augment": ",".join(augment_ops),
                                "l2sp": l2sp_on})
         runner.setup_s = setup_s
@@ -475,9 +479,9 @@ def group_plans(args) -> list[tuple[str, int, Plan]]:
     smallest, largest = min(args.image_sizes), max(args.image_sizes)
     for b, backbone in enumerate(args.backbones):
         first, last = b == 0, b == len(args.backbones) - 1
-        # Target 4 needs the variant --mixed_precision=auto picks in every group.
-        auto_bf16 = runtime.resolve_precision("auto", backbone) == "bfloat16"
         for size in args.image_sizes:
+            # Target 4 needs the variant --mixed_precision=auto picks in every group.
+            auto_bf16 = runtime.resolve_precision("auto", backbone, size) == "bfloat16"
             if args.extended:
                 plan = Plan(True, ("head", "all"), ("head", "all"), True, True, True)
             else:
@@ -574,8 +578,10 @@ def _row(rows, **match) -> dict | None:
 
 
 def _main_row(rows, impl, stage) -> dict | None:
-    return _row(rows, impl=impl, stage=stage, precision="float32", jit_compile=False, augment="",
-                l2sp=(impl == "kft" and stage != "head"))
+    """The float32 row of `impl` and `stage`: XLA off for kft; the baseline as Keras compiles it."""
+    xla = {"jit_compile": False} if impl == "kft" else {}
+    return _row(rows, impl=impl, stage=stage, precision="float32", augment="",
+                l2sp=(impl == "kft" and stage != "head"), **xla)
 
 
 def paired_speedup(row: dict, reference: dict) -> float:
@@ -636,7 +642,7 @@ def precision_xla_rows(rows: list[dict]) -> list[dict]:
     and what kft's defaults (--jit_compile=auto, --mixed_precision=auto) pick here."""
     out = []
     auto_jit = runtime.resolve_jit_compile("auto")
-    auto_bf16 = runtime.resolve_precision("auto", rows[0]["backbone"]) == "bfloat16"
+    auto_bf16 = runtime.resolve_precision("auto", rows[0]["backbone"], rows[0]["image_size"]) == "bfloat16"
     for stage in ("head", "all"):
         variants = {}
         for row in rows:
@@ -880,6 +886,208 @@ def print_report(result: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# GPU check (--gpu; tools/gpu_check.sh): kft's defaults on one GPU, as ratios, in one run.
+
+# Host-transfer instructions in HLO: any of these in the train step means a round trip.
+HOST_TRANSFER = {"send": r"\bsend\(", "recv": r"\brecv\(", "infeed": r"\binfeed\(", "outfeed": r"\boutfeed\(",
+                 "host_transfer_flag": r"is_host_transfer=true", "host_custom_call": r'custom_call_target="[^"]*[Hh]ost'}
+
+
+def device_info() -> dict:
+    """The GPUs TF sees (name, compute capability) and the CUDA/cuDNN it was built with."""
+    gpus = []
+    for device in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(device)
+        capability = details.get("compute_capability")
+        gpus.append({"device": device.name, "name": details.get("device_name", "unknown"),
+                     "compute_capability": ".".join(map(str, capability)) if capability else None})
+    build = dict(tf.sysconfig.get_build_info())
+    return {"gpus": gpus, "built_with_cuda": tf.test.is_built_with_cuda(),
+            "cuda_version": build.get("cuda_version"), "cudnn_version": build.get("cudnn_version")}
+
+
+def augment_hlo_check(tuner: trainer.FineTuner, image_size: int, batch_size: int, device: str) -> dict:
+    """Lowers `tuner`'s train step, as Model.compile(jit_compile=True) wraps it, to HLO for
+    `device` and checks that every augmentation op is in it and that nothing goes to the host.
+
+    Each op of kft.augment runs under a name scope of its name, which TF keeps in the HLO's
+    op_name metadata; the step had to lower to XLA as a whole (jit_compile=True never falls
+    back to TF kernels), so what is in the HLO runs on the device.
+    """
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8))
+    labels = tf.constant(rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32))
+    step = tf.function(tuner.train_step, jit_compile=True)
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        # TF suggests platform_name instead; device_name lowers for the actual device.
+        warnings.filterwarnings("ignore", message="device_name is being deprecated")
+        hlo = step.experimental_get_compiler_ir((images, labels))(stage="hlo", device_name=device)
+    lower_s = time.perf_counter() - started
+    return {"device": device, "stage": "hlo", "lower_s": lower_s, "hlo_chars": len(hlo), **analyse_hlo(hlo)}
+
+
+def analyse_hlo(hlo: str) -> dict:
+    """Per augmentation op, the HLO instructions whose op_name metadata lies in its name scope
+    inside the Augmenter layer; and the host transfers in the module."""
+    names = re.findall(r'op_name="([^"]*)"', hlo)
+    in_augmenter = [n for n in names if re.search(r"(^|/)augmenter[^/]*/", n)]
+    ops = {op: sum(1 for n in in_augmenter if re.search(rf"/{op}(_\d+)?/", n)) for op in augment.OPS}
+    host = {name: len(re.findall(pattern, hlo)) for name, pattern in HOST_TRANSFER.items()}
+    return {"instructions_with_op_name": len(names), "augmenter_instructions": len(in_augmenter),
+            "instructions_per_op": ops, "all_ops_in_hlo": all(ops.values()),
+            "host_transfers": host, "no_host_round_trip": not any(host.values())}
+
+
+def gpu_check_rows(backbone: str, size: int, bs: int, warm: int, steps: int, auto_precision: str,
+                   auto_jit: bool, device: str, log: Callable[[str], None]) -> tuple[dict, dict]:
+    """Builds and times every row of the GPU check (all-blocks stage, L2-SP on, as kft's defaults).
+
+    Returns the runners by name and the augmentation HLO check.
+    """
+    spec = "all:1@1e-5"
+    runners: dict[str, Runner] = {}
+    log("[gpu check] plain Keras baseline (compile's default jit_compile)")
+    runners["baseline"] = baseline_runner(backbone, size, bs, "all", warm)
+    builds = {}
+    for precision in ("none", "bfloat16", "float16"):
+        # The auto precision in both XLA settings; float32 in both (for the like-for-like
+        # baseline comparison); the third precision at auto's XLA setting only.
+        jits = [auto_jit, not auto_jit] if precision in (auto_precision, "none") else [auto_jit]
+        log(f"[gpu check] kft {POLICY[precision]}, XLA {jits}")
+        made, builds[precision] = kft_stage_runners(backbone, size, bs, [(spec, j) for j in jits],
+                                                    precision=precision, warmup_steps=warm)
+        for jit, runner in zip(jits, made):
+            runners[f"{POLICY[precision]}{' + XLA' if jit else ''}"] = runner
+    log(f"[gpu check] kft {POLICY[auto_precision]} + every augmentation op ({','.join(augment.OPS)})")
+    (aug,), aug_build = kft_stage_runners(backbone, size, bs, [(spec, auto_jit)], precision=auto_precision,
+                                          augment_ops=augment.OPS, warmup_steps=warm,
+                                          share=builds[auto_precision])
+    runners["augment"] = aug
+    log("[gpu check] lowering the XLA train step with every augmentation op to HLO")
+    hlo = augment_hlo_check(aug_build.tuner, size, bs, device)
+    log(f"[gpu check] timing {len(runners)} rows x {steps} interleaved steps")
+    measure(list(runners.values()), steps)
+    return runners, hlo
+
+
+def gpu_check(args, log: Callable[[str], None]) -> tuple[dict, int]:
+    """kft's defaults on one GPU (or, with --smoke, tiny sizes on whatever device there is).
+
+    Returns the result and the exit status: 2 without a GPU (unless --smoke), 1 when the
+    augmentation is not all in the compiled step or it moves data to the host, else 0.
+    """
+    info = device_info()
+    if not info["gpus"] and not args.smoke:
+        print("gpu_check: error: no GPU found: tf.config.list_physical_devices('GPU') is empty "
+              f"(TensorFlow {tf.__version__}, built with CUDA: {info['built_with_cuda']}); "
+              "run it on a GPU machine, or pass --smoke for the tiny CPU run", file=sys.stderr)
+        return {"device": info, "error": "no GPU found"}, 2
+    backbone, size, bs = args.backbones[0], args.image_sizes[0], args.batch_size
+    device = "/device:GPU:0" if info["gpus"] else "/device:CPU:0"
+    decision = runtime.precision_decision("auto", backbone, size)
+    auto_precision, auto_jit = decision.precision, runtime.resolve_jit_compile("auto")
+    log(f"[gpu check] {backbone} {size}px batch {bs} on {device}: --mixed_precision=auto -> "
+        f"{auto_precision} ({decision.reason}); --jit_compile=auto -> {auto_jit}")
+    runners, hlo = gpu_check_rows(backbone, size, bs, args.warmup_steps, args.steps, auto_precision,
+                                  auto_jit, device, log)
+    auto_name = f"{POLICY[auto_precision]}{' + XLA' if auto_jit else ''}"
+    xla = " + XLA" if auto_jit else ""
+    auto, fp32 = runners[auto_name], runners[f"float32{xla}"]
+    other_jit = runners[f"{POLICY[auto_precision]}{'' if auto_jit else ' + XLA'}"]
+    base = runners["baseline"]
+    base_jit = base.meta["jit_compile"]
+    fp32_like_base = runners[f"float32{' + XLA' if base_jit else ''}"]
+    precisions = {POLICY[p]: paired_speedup(_as_row(runners[f"{POLICY[p]}{xla}"]), _as_row(fp32))
+                  for p in ("none", "bfloat16", "float16")}
+    fastest = max(precisions, key=precisions.get)
+    ratios = {
+        "mixed_precision_auto": {
+            "choice": auto_precision, "policy": POLICY[auto_precision], "reason": decision.reason,
+            "auto_vs_float32": precisions[POLICY[auto_precision]],
+            "each_vs_float32": precisions, "fastest": fastest,
+            "auto_is_fastest": precisions[fastest] <= precisions[POLICY[auto_precision]] * (1 + NOISE),
+            "xla": auto_jit,
+        },
+        "jit_compile_auto": {
+            "choice": auto_jit, "reason": runtime.jit_compile_reason("auto"),
+            "auto_vs_other": paired_speedup(_as_row(auto), _as_row(other_jit)),
+            "precision": POLICY[auto_precision],
+        },
+        "kft_vs_keras_baseline": {
+            "baseline": "keras-io transfer-learning guide, all layers trainable, BatchNorm frozen, float32, "
+                        f"compile's default jit_compile (here XLA {'on' if base_jit else 'off'})",
+            "baseline_jit_compile": base_jit,
+            "kft_defaults_vs_baseline": paired_speedup(_as_row(auto), _as_row(base)),
+            "kft_float32_same_xla_vs_baseline": paired_speedup(_as_row(fp32_like_base), _as_row(base)),
+        },
+        "augmentation_on_device": {
+            "ops": list(augment.OPS), "all_ops_in_hlo": hlo["all_ops_in_hlo"],
+            "no_host_round_trip": hlo["no_host_round_trip"],
+            "augmented_vs_plain_step": paired_speedup(_as_row(runners["augment"]), _as_row(auto)),
+        },
+    }
+    rows = []
+    for name, runner in runners.items():
+        rows.append({"row": name, "precision": runner.meta["precision"], "jit_compile": runner.meta["jit_compile"],
+                     "augment": runner.meta["augment"], "impl": runner.meta["impl"],
+                     "step_s_median": runner.median, "step_s": runner.times,
+                     "images_per_s": bs / runner.median, "first_step_s": runner.first_step_s,
+                     "setup_s": runner.setup_s})
+    result = {"device": info, "backbone": backbone, "image_size": size, "batch_size": bs,
+              "steps": args.steps, "warmup_steps": args.warmup_steps, "smoke": args.smoke,
+              "stage": "all blocks, L2-SP alpha=beta=0.01, BatchNorm frozen (kft's defaults)",
+              "ratios": ratios, "hlo": hlo, "rows": rows}
+    ok = hlo["all_ops_in_hlo"] and hlo["no_host_round_trip"]
+    return result, 0 if ok else 1
+
+
+def _as_row(runner: Runner) -> dict:
+    return {"step_s": runner.times}
+
+
+def gpu_check_markdown(result: dict) -> str:
+    """The GPU check as the tables BENCHMARKS.md takes."""
+    r, m = result["ratios"], result["machine"]
+    gpus = ", ".join(f"{g['name']} (compute capability {g['compute_capability']})"
+                     for g in result["device"]["gpus"]) or "no GPU (smoke run)"
+    prec, jit, base, aug = (r["mixed_precision_auto"], r["jit_compile_auto"], r["kft_vs_keras_baseline"],
+                            r["augmentation_on_device"])
+    hlo = result["hlo"]
+    lines = [
+        f"GPU check: {gpus}; {m['cpu_model']}, {m['cores']} cores; TF {m['tensorflow']}, Keras {m['keras']}, "
+        f"CUDA {result['device']['cuda_version']}, cuDNN {result['device']['cudnn_version']}; commit {m['commit']}.",
+        f"{result['backbone']} {result['image_size']} px, batch {result['batch_size']}, {result['stage']}; "
+        f"ratios are throughput ratios, the median over {result['steps']} interleaved rounds.",
+        "",
+        "| check | kft picks | measured |",
+        "|---|---|---|",
+        f"| `--mixed_precision=auto` | {prec['policy']} | {prec['auto_vs_float32']:.2f}x float32 "
+        f"(bfloat16 {prec['each_vs_float32']['mixed_bfloat16']:.2f}x, float16 "
+        f"{prec['each_vs_float32']['mixed_float16']:.2f}x; XLA {'on' if prec['xla'] else 'off'}); fastest: "
+        f"{prec['fastest']} |",
+        f"| `--jit_compile=auto` | XLA {'on' if jit['choice'] else 'off'} | {jit['auto_vs_other']:.2f}x XLA "
+        f"{'off' if jit['choice'] else 'on'} ({jit['precision']}) |",
+        f"| kft defaults vs plain Keras | {prec['policy']}, XLA {'on' if jit['choice'] else 'off'} | "
+        f"{base['kft_defaults_vs_baseline']:.2f}x the baseline (float32, XLA "
+        f"{'on' if base['baseline_jit_compile'] else 'off'}) |",
+        f"| kft float32 vs plain Keras, same XLA | | {base['kft_float32_same_xla_vs_baseline']:.2f}x |",
+        f"| every augmentation op in the XLA step ({', '.join(aug['ops'])}) | | "
+        f"{'all in the HLO' if aug['all_ops_in_hlo'] else 'MISSING: ' + str(hlo['instructions_per_op'])}; "
+        f"{'no host transfer' if aug['no_host_round_trip'] else 'HOST TRANSFERS: ' + str(hlo['host_transfers'])}; "
+        f"augmented step {aug['augmented_vs_plain_step']:.2f}x the plain one |",
+        "",
+        "| row | precision | XLA | augment | img/s | step ms (median) | first step s |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        lines.append(f"| {row['row']} | {row['precision']} | {'on' if row['jit_compile'] else 'off'} | "
+                     f"{'all six' if row['augment'] else ''} | {row['images_per_s']:.0f} | "
+                     f"{1e3 * row['step_s_median']:.1f} | {row['first_step_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
 # Main.
 
 
@@ -903,12 +1111,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "crop,flip, alpha=0 (XLA compiles take ~1 min each here)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: VGG16, 32 px, batch 8, 2 steps, 64 pipeline images")
-    parser.add_argument("--out", default="bench.json", help="JSON output path")
+    parser.add_argument("--gpu", action="store_true",
+                        help="the GPU check instead (tools/gpu_check.sh): one backbone, all blocks, "
+                             "kft's auto precision and XLA against the alternatives and plain Keras, "
+                             "the augmented XLA step's HLO; JSON to --out and a markdown table beside it "
+                             "(default ResNet50, 224 px, batch 64, 20 steps); exits 2 without a GPU")
+    parser.add_argument("--smoke", action="store_true",
+                        help="with --gpu: tiny sizes (VGG16, 32 px, batch 4, 2 steps) on whatever "
+                             "device there is, CPU included (tests/test_bench.py)")
+    parser.add_argument("--out", default=None, help="JSON output path (default bench.json, gpu_check.json)")
     args = parser.parse_args(argv)
+    if args.smoke and not args.gpu:
+        parser.error("--smoke goes with --gpu (the benchmark's smoke run is --quick)")
     quick = args.quick
     defaults = dict(backbones="VGG16" if quick else "ResNet50,MobileNetV2",
                     image_sizes="32" if quick else "32,96", batch_size=8 if quick else 64,
-                    steps=2 if quick else 3, warmup_steps=1, pipeline_images=64 if quick else 512)
+                    steps=2 if quick else 3, warmup_steps=1, pipeline_images=64 if quick else 512,
+                    out="bench.json")
+    if args.gpu:
+        smoke = args.smoke
+        defaults.update(backbones="VGG16" if smoke else "ResNet50", image_sizes="32" if smoke else "224",
+                        batch_size=4 if smoke else 64, steps=2 if smoke else 20,
+                        warmup_steps=1 if smoke else 3, out="gpu_check.json")
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -925,6 +1149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.gpu:
+        return run_gpu_check(args, argv)
     started = time.time()
     # Everything imported so far lives to the end: keep it out of the per-group collections.
     gc.freeze()
@@ -968,6 +1194,41 @@ def main(argv=None) -> dict:
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1, default=float)
     print_report(result)
+    return result
+
+
+def run_gpu_check(args, argv) -> dict:
+    """--gpu: runs gpu_check, writes its JSON and markdown, exits non-zero when a check fails."""
+    started = time.time()
+    tf.get_logger().setLevel("ERROR")
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*`shuffle=True` was passed.*")
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)  # before anything touches the GPU
+    keras.utils.set_random_seed(0)
+
+    def log(message):
+        print(f"{time.time() - started:6.0f}s {message}", file=sys.stderr, flush=True)
+
+    result, status = gpu_check(args, log)
+    if status == 2:
+        sys.exit(status)
+    result["machine"] = machine_info()
+    result["command"] = " ".join(["python", "tools/bench.py", *(argv if argv is not None else sys.argv[1:])])
+    result["wall_s"] = time.time() - started
+    markdown = os.path.splitext(args.out)[0] + ".md"
+    result["markdown"] = markdown
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1, default=float)
+    table = gpu_check_markdown(result)
+    with open(markdown, "w") as f:
+        f.write(table)
+    print(table)
+    print(f"wall time {result['wall_s']:.0f}s; JSON: {args.out}; markdown: {markdown}")
+    if status:
+        print("gpu_check: error: the augmentation is not all inside the compiled step, or it moves "
+              f"data to the host: {result['hlo']}", file=sys.stderr)
+        sys.exit(status)
     return result
 
 
