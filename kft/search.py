@@ -284,17 +284,50 @@ def fingerprint(config: Config, tune: TuneConfig) -> dict:
         del search["strength_min"], search["strength_max"]
     if tune.tuner == "hyperband":
         search["hyperband_factor"] = tune.hyperband_factor
-    return {"config": fields, "search": search}
+    # What a folder dataset holds, so that the same files moved elsewhere are the same data.
+    identity = {name: data.folder_identity(getattr(config, name)) if getattr(config, name) else None
+                for name in _DATA_FIELDS}
+    return {"config": fields, "search": search, "identity": identity}
+
+
+# Config fields that name data or a weights file: compared by what they name, not their spelling.
+_DATA_FIELDS = ("dataset", "pretrain_dataset")
+_PATH_FIELDS = (*_DATA_FIELDS, "weights")
 
 
 def fingerprint_conflict(saved: dict, current: dict) -> str | None:
-    """Names the first difference between two fingerprints, e.g. "--stages: saved X, now Y"."""
+    """Names the first difference between two fingerprints, e.g. "--stages: saved X, now Y".
+
+    A path spelled differently (relative or absolute, a trailing slash, a link) is the same
+    path, and a folder dataset moved elsewhere is the same data if it holds the same files.
+    """
     for part in ("search", "config"):
         old, new = saved.get(part, {}), current.get(part, {})
         for key in sorted(set(old) | set(new)):
-            if old.get(key) != new.get(key):
-                return f"--{key}: saved {old.get(key)!r}, now {new.get(key)!r}"
+            if old.get(key) == new.get(key):
+                continue
+            if part == "config" and _same_path(key, old.get(key), new.get(key), saved, current):
+                continue
+            return f"--{key}: saved {old.get(key)!r}, now {new.get(key)!r}"
     return None
+
+
+def _same_path(key: str, old, new, saved: dict, current: dict) -> bool:
+    if key not in _PATH_FIELDS or not isinstance(old, str) or not isinstance(new, str):
+        return False
+    if _real_path(old) == _real_path(new):
+        return True
+    saved_id = saved.get("identity", {}).get(key)
+    return saved_id is not None and saved_id == current.get("identity", {}).get(key)
+
+
+def _real_path(value: str) -> str:
+    """A `folder:PATH` spec or a file path, resolved; other values (`imagenet`, `tfds:...`) as is."""
+    if value.startswith("folder:"):
+        return "folder:" + os.path.realpath(os.path.expanduser(value[len("folder:"):].strip()))
+    if os.sep in value or value.endswith(".h5"):
+        return os.path.realpath(os.path.expanduser(value))
+    return value
 
 
 def prepare_tune_dir(tune: TuneConfig, current: dict) -> rundir.DirLock:

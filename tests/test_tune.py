@@ -572,3 +572,32 @@ def test_distributed_chief_and_two_workers_run_each_trial_once(tmp_path):
     assert (tune_dir / "best.cfg").exists() and "best trial" in logs["chief"]
     for row in rows:
         assert (tune_dir / "trials" / row["trial_id"] / "metrics.json").exists()
+
+
+def test_a_search_record_compares_data_by_what_it_names(tmp_path):
+    """The same folder spelled differently, or moved with the same files, is the same search;
+    other files are another search."""
+    import shutil
+
+    from kft.config import Config
+
+    folder = tmp_path / "data"
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "1.png").write_bytes(b"\x89PNG" + name.encode())
+    tune = search.TuneConfig(tune_dir=str(tmp_path / "tune"))
+
+    def record(spec):
+        config = Config(dataset=spec, backbone="MobileNetV2", stages=schedule.parse_stages("head:1@1e-3"),
+                        model_dir="")
+        return search.fingerprint(config, tune)
+
+    saved = record(f"folder:{folder}")
+    (tmp_path / "link").symlink_to(folder)
+    assert search.fingerprint_conflict(saved, record(f"folder:{folder}/")) is None
+    assert search.fingerprint_conflict(saved, record(f"folder:{tmp_path / 'link'}")) is None
+    moved = tmp_path / "moved"
+    shutil.move(folder, moved)
+    assert search.fingerprint_conflict(saved, record(f"folder:{moved}")) is None
+    (moved / "b" / "2.png").write_bytes(b"\x89PNG2")
+    assert "--dataset: saved" in search.fingerprint_conflict(saved, record(f"folder:{moved}"))
