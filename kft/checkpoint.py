@@ -271,7 +271,7 @@ class ResumeCheckpoints:
             with h5py.File(os.path.join(directory, "model.weights.h5"), "r"):
                 pass
             with np.load(os.path.join(directory, "optimizer.npz"), allow_pickle=False) as arrays:
-                arrays.files  # Reads the zip directory at the end: a truncated file fails here.
+                _ = arrays.files  # Reads the zip directory at the end: a truncated file fails here.
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             return _reason(e)
         return None

@@ -37,9 +37,9 @@ import re
 import zlib
 from collections.abc import Callable, Collection, Sequence
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 AUTOTUNE = tf.data.AUTOTUNE
 

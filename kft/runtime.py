@@ -7,9 +7,9 @@ augmentation and the model into few kernels. `--mixed_precision=auto` follows th
 rules on accelerators and measures on CPUs (kft.calibration), where no flag tells.
 """
 
-from absl import logging
 import keras
 import tensorflow as tf
+from absl import logging
 
 from kft import backbones, calibration, multiworker
 

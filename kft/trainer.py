@@ -33,7 +33,6 @@ from kft import backbones, checkpoint, data, l2sp, model, multiworker, regulariz
 from kft import probe as probe_lib
 from kft.config import Config
 
-
 # BatchNorm momentum while a stage updates statistics (bn=train).
 BN_TRAIN_MOMENTUM = 0.9
 

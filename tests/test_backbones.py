@@ -287,7 +287,7 @@ def test_blocks_do_not_depend_on_generic_layer_names():
     # gets different ones and must split the same way.
     spec, first = _built("InceptionV3", 75)
     second = backbones.build(spec, 75, weights=None)
-    assert [l.name for l in first.layers] != [l.name for l in second.layers]
+    assert [layer.name for layer in first.layers] != [layer.name for layer in second.layers]
 
     def split(model):
         return [(block.name, len(block.layers)) for block in backbones.blocks(spec, model)]

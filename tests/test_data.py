@@ -4,10 +4,10 @@ import logging
 import os
 
 import numpy as np
-from PIL import Image
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from kft import data
 

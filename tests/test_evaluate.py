@@ -13,9 +13,9 @@ import sys
 import keras
 import numpy as np
 import pytest
+from conftest import colour_model
 from PIL import Image
 
-from conftest import colour_model
 from kft import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

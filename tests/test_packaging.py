@@ -245,3 +245,7 @@ def test_ci_installs_as_readme_says_then_runs_pip_check():
     assert install in read("README.md"), install
     assert re.search(r"pip install [^\n]*\n(.*\n)*.*\bpip check\b", ci) or re.search(
         r"pip install [^&\n]*&&[^\n]*\bpip check\b", ci), ci
+    # The README's test command after the install (lint, format check, pytest) is what CI runs.
+    tests = ci.split("pip check && ", 1)[1].strip()
+    readme_command = next(line for line in read("README.md").splitlines() if ".[test]" in line and "pytest" in line)
+    assert readme_command.endswith(tests), (readme_command, tests)

@@ -12,9 +12,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import colour_model
 from PIL import Image
 
-from conftest import colour_model
 from kft import checkpoint, export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -134,7 +134,7 @@ def test_resume_continues_at_same_stage_and_epoch(tmp_path, tiny_splits, monkeyp
     monkeypatch.setattr(checkpoint.ResumeCheckpoints, "save", real_save)
     resumed = trainer.train(config, tiny_splits)
     assert [s["epochs"] for s in resumed["stages"]] == [s["epochs"] for s in reference["stages"]] == [1, 2]
-    history = json.load(open(tmp_path / "run" / "ckpt" / "latest".replace("latest", f"epoch-3") / "state.json"))["history"]
+    history = json.load(open(tmp_path / "run" / "ckpt" / "latest".replace("latest", "epoch-3") / "state.json"))["history"]
     ref_history = json.load(open(tmp_path / "ref" / "run" / "ckpt" / "epoch-3" / "state.json"))["history"]
     # The optimizer's step counter came back: the learning rate continues exactly.
     assert [h["learning_rate"] for h in history] == pytest.approx([h["learning_rate"] for h in ref_history])

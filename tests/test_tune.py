@@ -549,7 +549,7 @@ def test_distributed_chief_and_two_workers_run_each_trial_once(tmp_path):
             procs[tuner_id] = subprocess.Popen(argv, cwd=ROOT, env={**base_env, "KERASTUNER_TUNER_ID": tuner_id},
                                                stdout=log, stderr=subprocess.STDOUT)
         deadline = time.time() + 300
-        for tuner_id, proc in procs.items():
+        for proc in procs.values():
             proc.wait(timeout=max(1, deadline - time.time()))
     finally:
         for proc in procs.values():

@@ -283,8 +283,8 @@ def _textures_images() -> dict:
                                         Image.BILINEAR))
         tops = rng.integers(0, image.shape[0] - IMAGE_SIZE + 1, PHOTO_PATCHES)
         lefts = rng.integers(0, image.shape[1] - IMAGE_SIZE + 1, PHOTO_PATCHES)
-        source[name] = [(f"p{i:03d}", image[t:t + IMAGE_SIZE, l:l + IMAGE_SIZE])
-                        for i, (t, l) in enumerate(zip(tops, lefts))]
+        source[name] = [(f"p{i:03d}", image[top:top + IMAGE_SIZE, left:left + IMAGE_SIZE])
+                        for i, (top, left) in enumerate(zip(tops, lefts))]
     return {"source": source, "target_pool": target_pool, "target_test": target_test}
 
 
