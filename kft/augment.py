@@ -318,7 +318,9 @@ class Augmenter(keras.layers.Layer):
                 # Reflect-pad by crop_padding of the size, then a random window: a random shift
                 # that reflects at the edges. Reflection cannot reach past the far edge.
                 u = draws.rows("crop")
-                rows = _reflect(rows + _shifts(u[0], min(_pixels(self.crop_padding, height), height - 1))[:, None], height)
+                rows = _reflect(
+                    rows + _shifts(u[0], min(_pixels(self.crop_padding, height), height - 1))[:, None], height
+                )
                 cols = _reflect(cols + _shifts(u[1], min(_pixels(self.crop_padding, width), width - 1))[:, None], width)
         if "crop" in ops or "translate" in ops:
             images = tf.gather(images, rows, axis=1, batch_dims=1)

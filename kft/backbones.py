@@ -147,9 +147,7 @@ def get(name: str) -> BackboneSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(
-            f"unknown backbone {name!r}; choose one of: {', '.join(names())}"
-        ) from None
+        raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(names())}") from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -249,8 +247,11 @@ _FAMILIES = (
         32,
         _rule(
             (r"^stem_(conv|bn)1$", STEM),
-            (r"^(?:normal|reduction|adjust|separable_conv)_.*?_"
-             r"(stem_\d+|reduce_\d+|\d+)$", r"cell_\1"),
+            (
+                r"^(?:normal|reduction|adjust|separable_conv)_.*?_"
+                r"(stem_\d+|reduce_\d+|\d+)$",
+                r"cell_\1",
+            ),
         ),
     ),
     _Family(
@@ -285,8 +286,7 @@ _FAMILIES = (
     ),
     _Family(
         "efficientnet",
-        {f"EfficientNetB{i}": s
-         for i, s in enumerate((224, 240, 260, 300, 380, 456, 528, 600))},
+        {f"EfficientNetB{i}": s for i, s in enumerate((224, 240, 260, 300, 380, 456, 528, 600))},
         identity,
         32,
         _rule(
@@ -297,9 +297,15 @@ _FAMILIES = (
     ),
     _Family(
         "efficientnet_v2",
-        {"EfficientNetV2B0": 224, "EfficientNetV2B1": 240, "EfficientNetV2B2": 260,
-         "EfficientNetV2B3": 300, "EfficientNetV2S": 384, "EfficientNetV2M": 480,
-         "EfficientNetV2L": 480},
+        {
+            "EfficientNetV2B0": 224,
+            "EfficientNetV2B1": 240,
+            "EfficientNetV2B2": 260,
+            "EfficientNetV2B3": 300,
+            "EfficientNetV2S": 384,
+            "EfficientNetV2M": 480,
+            "EfficientNetV2L": 480,
+        },
         identity,
         32,
         _rule(
@@ -363,10 +369,7 @@ def build(spec: BackboneSpec, image_size: int, weights: str | None) -> keras.Mod
     if weights not in ("imagenet", None):
         raise ValueError(f"weights must be 'imagenet' or None, got {weights!r}")
     if image_size < spec.min_size:
-        raise ValueError(
-            f"image_size {image_size} is too small for {spec.name}; "
-            f"the minimum is {spec.min_size}"
-        )
+        raise ValueError(f"image_size {image_size} is too small for {spec.name}; the minimum is {spec.min_size}")
     with warnings.catch_warnings():
         # The MobileNets (V1, V2, V3) publish weights for a few sizes and fall back to the
         # 224 ones with a warning. Without the classifier the conv weights do not depend
@@ -410,9 +413,7 @@ def blocks(spec: BackboneSpec, backbone: keras.Model) -> list[Block]:
       Blocks ordered from the input to the output; every layer except the InputLayer is
       in exactly one block, and no layer reads from a later block.
     """
-    operations = [
-        op for op in backbone.operations if not isinstance(op, keras.layers.InputLayer)
-    ]
+    operations = [op for op in backbone.operations if not isinstance(op, keras.layers.InputLayer)]
     parents, children = _graph(backbone)
 
     named = {id(op): spec.block_of(op.name) for op in operations}
@@ -426,9 +427,7 @@ def blocks(spec: BackboneSpec, backbone: keras.Model) -> list[Block]:
     rank[TOP] = len(rank)
 
     assigned = {key: block for key, block in named.items() if block is not None}
-    on_chain = {
-        id(op) for op in backbone.operations if isinstance(op, keras.layers.InputLayer)
-    }
+    on_chain = {id(op) for op in backbone.operations if isinstance(op, keras.layers.InputLayer)}
     for op in operations:  # Forward: rules 1 and 2.
         ps = parents[id(op)]
         if len(ps) == 1 and id(ps[0]) in on_chain and len(children[id(ps[0])]) == 1:

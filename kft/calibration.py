@@ -132,9 +132,11 @@ def machine() -> dict:
 
 
 def cache_key(backbone: str, size: int, info: dict) -> str:
-    return (f"v{CACHE_VERSION} {backbone} {size}px b{CALIBRATION_BATCH} | {info['cpu']} | "
-            f"{info['cores']} cores | flags {info['flags_sha1']} | tf {info['tensorflow']} | "
-            f"keras {info['keras']}")
+    return (
+        f"v{CACHE_VERSION} {backbone} {size}px b{CALIBRATION_BATCH} | {info['cpu']} | "
+        f"{info['cores']} cores | flags {info['flags_sha1']} | tf {info['tensorflow']} | "
+        f"keras {info['keras']}"
+    )
 
 
 def read_cache(path: str) -> dict:
@@ -151,8 +153,12 @@ def read_cache(path: str) -> dict:
 
 
 def _valid(entry) -> bool:
-    return (isinstance(entry, dict) and entry.get("precision") in ("bfloat16", "none")
-            and isinstance(entry.get("ratio"), (int, float)) and entry["ratio"] > 0)
+    return (
+        isinstance(entry, dict)
+        and entry.get("precision") in ("bfloat16", "none")
+        and isinstance(entry.get("ratio"), (int, float))
+        and entry["ratio"] > 0
+    )
 
 
 def write_cache_entry(path: str, key: str, entry: dict) -> None:
@@ -218,14 +224,21 @@ def pick(ratio: float, threshold: float = THRESHOLD) -> str:
 
 def _describe(precision: str, ratio: float, backbone: str, size: int, info: dict, where: str) -> str:
     flags = ", ".join(info["bf16_flags"]) or "no bf16 flags"
-    verdict = (f">= {THRESHOLD}x: bfloat16" if precision == "bfloat16"
-               else f"< {THRESHOLD}x: float32")
-    return (f"mixed_bfloat16 step {ratio:.2f}x as fast as float32 (CPU time; {backbone}, {size} px, batch "
-            f"{CALIBRATION_BATCH}, {where}) {verdict} [{info['cpu']}, {info['cores']} cores, {flags}]")
+    verdict = f">= {THRESHOLD}x: bfloat16" if precision == "bfloat16" else f"< {THRESHOLD}x: float32"
+    return (
+        f"mixed_bfloat16 step {ratio:.2f}x as fast as float32 (CPU time; {backbone}, {size} px, batch "
+        f"{CALIBRATION_BATCH}, {where}) {verdict} [{info['cpu']}, {info['cores']} cores, {flags}]"
+    )
 
 
-def decide(backbone: str, image_size: int | None, *, measure: Measure | None = None,
-           path: str | None = None, min_size: int = 32) -> Decision:
+def decide(
+    backbone: str,
+    image_size: int | None,
+    *,
+    measure: Measure | None = None,
+    path: str | None = None,
+    min_size: int = 32,
+) -> Decision:
     """bfloat16 or float32 for `backbone` on this CPU, from the cache or a new measurement.
 
     Args:
@@ -257,8 +270,13 @@ def decide(backbone: str, image_size: int | None, *, measure: Measure | None = N
 
 
 def _measure_and_store(backbone: str, size: int, info: dict, key: str, path: str, measure: Measure) -> Decision:
-    logging.info("--mixed_precision=auto: timing %s at %d px in float32 and bfloat16, once on this "
-                 "machine (10-20 s; the result is kept in %s)", backbone, size, path)
+    logging.info(
+        "--mixed_precision=auto: timing %s at %d px in float32 and bfloat16, once on this "
+        "machine (10-20 s; the result is kept in %s)",
+        backbone,
+        size,
+        path,
+    )
     try:
         times = measure(backbone, size)
         ratio = paired_ratio(times)
@@ -268,11 +286,17 @@ def _measure_and_store(backbone: str, size: int, info: dict, key: str, path: str
         return Decision("none", None, f"calibration failed ({message}): float32")
     precision = pick(ratio)
     entry = {
-        "precision": precision, "ratio": round(ratio, 4), "wall_ratio": wall_ratio and round(wall_ratio, 4),
-        "threshold": THRESHOLD, "backbone": backbone, "image_size": size, "batch_size": CALIBRATION_BATCH,
+        "precision": precision,
+        "ratio": round(ratio, 4),
+        "wall_ratio": wall_ratio and round(wall_ratio, 4),
+        "threshold": THRESHOLD,
+        "backbone": backbone,
+        "image_size": size,
+        "batch_size": CALIBRATION_BATCH,
         "float32_step_cpu_s": statistics.median(times["float32"]),
         "bfloat16_step_cpu_s": statistics.median(times["mixed_bfloat16"]),
-        "pairs": len(times["float32"]), **info,
+        "pairs": len(times["float32"]),
+        **info,
         "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     try:
@@ -283,8 +307,13 @@ def _measure_and_store(backbone: str, size: int, info: dict, key: str, path: str
     return Decision(precision, ratio, _describe(precision, ratio, backbone, size, info, where))
 
 
-def measure_in_subprocess(backbone: str, size: int, batch_size: int = CALIBRATION_BATCH,
-                          min_pairs: int = MIN_PAIRS, max_pairs: int = MAX_PAIRS) -> dict:
+def measure_in_subprocess(
+    backbone: str,
+    size: int,
+    batch_size: int = CALIBRATION_BATCH,
+    min_pairs: int = MIN_PAIRS,
+    max_pairs: int = MAX_PAIRS,
+) -> dict:
     """Runs `measure_here` in a child Python process and returns its timings.
 
     Raises:
@@ -295,8 +324,16 @@ def measure_in_subprocess(backbone: str, size: int, batch_size: int = CALIBRATIO
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    command = [sys.executable, "-m", "kft.calibration", backbone, str(size), str(batch_size), str(min_pairs),
-               str(max_pairs)]
+    command = [
+        sys.executable,
+        "-m",
+        "kft.calibration",
+        backbone,
+        str(size),
+        str(batch_size),
+        str(min_pairs),
+        str(max_pairs),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT_S)
     lines = result.stdout.strip().splitlines()
     if result.returncode != 0 or not lines:
@@ -325,9 +362,14 @@ def _gradient_step(net, x):
     return step
 
 
-def measure_here(backbone: str, size: int, batch_size: int = CALIBRATION_BATCH,
-                 min_pairs: int = MIN_PAIRS, max_pairs: int = MAX_PAIRS,
-                 budget_s: float = TIME_BUDGET_S) -> dict:
+def measure_here(
+    backbone: str,
+    size: int,
+    batch_size: int = CALIBRATION_BATCH,
+    min_pairs: int = MIN_PAIRS,
+    max_pairs: int = MAX_PAIRS,
+    budget_s: float = TIME_BUDGET_S,
+) -> dict:
     """Times forward + backward through the whole backbone, float32 against mixed_bfloat16.
 
     Each policy gets its own model (Keras fixes a layer's dtypes when it is built), one traced

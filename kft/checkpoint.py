@@ -105,8 +105,9 @@ def read_json_or_fail(path: str, what: str = "file"):
     try:
         return read_json(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{what} {path} is unreadable or corrupt ({_reason(e)}); remove it, or "
-                         "rerun with --overwrite to start over") from None
+        raise ValueError(
+            f"{what} {path} is unreadable or corrupt ({_reason(e)}); remove it, or rerun with --overwrite to start over"
+        ) from None
 
 
 def _reason(error: BaseException) -> str:
@@ -129,8 +130,9 @@ def load_model_weights(model: keras.Model, path: str) -> None:
     try:
         model.load_weights(path)
     except Exception as e:  # h5py and Keras raise several types for a damaged file.
-        raise ValueError(f"{path} cannot be loaded ({_reason(e)}); it is truncated or corrupt: "
-                         "rerun with --overwrite to train again") from None
+        raise ValueError(
+            f"{path} cannot be loaded ({_reason(e)}); it is truncated or corrupt: rerun with --overwrite to train again"
+        ) from None
 
 
 def save_backbone_weights(backbone: keras.Model, backbone_name: str, image_size: int, path: str) -> None:
@@ -199,8 +201,9 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {k: data[k] for k in data.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{path} is truncated or corrupt ({_reason(e)}); remove it, or rerun "
-                         "with --overwrite to start over") from None
+        raise ValueError(
+            f"{path} is truncated or corrupt ({_reason(e)}); remove it, or rerun with --overwrite to start over"
+        ) from None
 
 
 class ResumeCheckpoints:
@@ -213,8 +216,7 @@ class ResumeCheckpoints:
         remove_temporaries(model_dir)
         remove_temporaries(self.root)
 
-    def save(self, index: int, model: keras.Model, optimizer: keras.optimizers.Optimizer | None,
-             state: dict) -> None:
+    def save(self, index: int, model: keras.Model, optimizer: keras.optimizers.Optimizer | None, state: dict) -> None:
         """Writes checkpoint `index` (a running epoch count) and points `latest` at it; without an
         optimizer (after the probe stage) its state file is empty."""
         os.makedirs(self.root, exist_ok=True)
@@ -223,7 +225,10 @@ class ResumeCheckpoints:
         rundir.default_mode(tmp)  # mkdtemp made it 0700; mkdir follows the umask.
         try:
             model.save_weights(os.path.join(tmp, "model.weights.h5"))
-            np.savez(os.path.join(tmp, "optimizer.npz"), **{f"v{i:05d}": v.numpy() for i, v in enumerate(optimizer.variables if optimizer else [])})
+            np.savez(
+                os.path.join(tmp, "optimizer.npz"),
+                **{f"v{i:05d}": v.numpy() for i, v in enumerate(optimizer.variables if optimizer else [])},
+            )
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 json.dump(state, f, indent=2, sort_keys=True)
             if os.path.exists(final):
@@ -286,14 +291,16 @@ class ResumeCheckpoints:
             problem = self._problem(directory)
             if problem is None:
                 if problems:
-                    logging.warning("skipping unusable checkpoints (%s); resuming from %s",
-                                    "; ".join(problems), directory)
+                    logging.warning(
+                        "skipping unusable checkpoints (%s); resuming from %s", "; ".join(problems), directory
+                    )
                 return directory
             problems.append(f"{directory}: {problem}")
         if problems:
             raise ValueError(
                 f"no complete resume checkpoint in {self.root} ({problems[0]}); rerun with "
-                "--overwrite to start the run over")
+                "--overwrite to start the run over"
+            )
         return None
 
     def restore(self, model: keras.Model, optimizer: keras.optimizers.Optimizer | None) -> None:
@@ -303,8 +310,9 @@ class ResumeCheckpoints:
         try:
             model.load_weights(weights)
         except Exception as e:  # h5py and Keras raise several types for a damaged file.
-            raise ValueError(f"checkpoint {weights} cannot be loaded ({_reason(e)}); rerun with "
-                             "--overwrite to start the run over") from None
+            raise ValueError(
+                f"checkpoint {weights} cannot be loaded ({_reason(e)}); rerun with --overwrite to start the run over"
+            ) from None
         if optimizer is None:
             return
         saved = load_arrays(os.path.join(directory, "optimizer.npz"))

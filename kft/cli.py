@@ -142,10 +142,12 @@ def check_typed(name: str) -> None:
     """
     if _typed_argv is None or not flags.FLAGS[name].value:
         return
-    if not any(arg in (f"--{name}", f"-{name}") or arg.startswith((f"--{name}=", f"-{name}="))
-               for arg in _typed_argv[1:]):
-        raise UsageError(f"--{name} was read from a flagfile; kft deletes files only when --{name} "
-                         "is typed on the command line")
+    if not any(
+        arg in (f"--{name}", f"-{name}") or arg.startswith((f"--{name}=", f"-{name}=")) for arg in _typed_argv[1:]
+    ):
+        raise UsageError(
+            f"--{name} was read from a flagfile; kft deletes files only when --{name} is typed on the command line"
+        )
 
 
 def _non_finite_flag() -> str | None:
@@ -189,14 +191,20 @@ def run(main) -> None:
             fail(e, 2)
         except KeyboardInterrupt:
             # Ctrl-C is SIGTERM's twin: the last complete checkpoint is kept.
-            fail("interrupted; files are as the last complete checkpoint left them (rerun the "
-                 "same command to resume)", 130)
+            fail(
+                "interrupted; files are as the last complete checkpoint left them (rerun the same command to resume)",
+                130,
+            )
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES) or any(
-                    reason in str(e) for reason in ("No space left", "File too large", "Disk quota")):
+                reason in str(e) for reason in ("No space left", "File too large", "Disk quota")
+            ):
                 where = f" writing {e.filename}" if e.filename else ""
-                fail(f"{e.strerror or e}{where}; files are as the last complete checkpoint left them "
-                     "(free space or fix permissions, then rerun the same command to resume)", 1)
+                fail(
+                    f"{e.strerror or e}{where}; files are as the last complete checkpoint left them "
+                    "(free space or fix permissions, then rerun the same command to resume)",
+                    1,
+                )
             raise
 
     app.run(guarded, flags_parser=_parse_flags_or_exit)

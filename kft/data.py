@@ -65,6 +65,7 @@ def file_problem(path: str) -> str | None:
         return f"larger than {MAX_IMAGE_FILE_BYTES // 1024**2} MiB"
     return None
 
+
 # Default memory for the decoded-image cache: uint8 sets (train + val) at or below it are
 # cached in memory, bigger ones re-decoded every epoch (2 GiB holds ~14k images at 224 px or
 # ~700k at 32 px). kft.train's --cache_gb sets it per run.
@@ -158,8 +159,7 @@ def _parse_tfds(spec: str, rest: str) -> TfdsSpec:
         key, eq, value = option.partition("=")
         key, value = key.strip(), value.strip()
         if not eq or key not in ("train", "val", "test") or not value:
-            raise _spec_error(
-                spec, f"bad option {option!r} (use train=SPLIT, val=SPLIT or test=SPLIT)")
+            raise _spec_error(spec, f"bad option {option!r} (use train=SPLIT, val=SPLIT or test=SPLIT)")
         if key in splits:
             raise _spec_error(spec, f"option {key}= given twice")
         splits[key] = value
@@ -219,8 +219,7 @@ class Splits:
     skipped: int
     train_in_order: tf.data.Dataset | None = None
     batch_size: int = 0
-    rebuild: Callable[[int], "Splits"] | None = dataclasses.field(default=None, repr=False,
-                                                                   compare=False)
+    rebuild: Callable[[int], "Splits"] | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def with_batch_size(self, batch_size: int) -> "Splits":
         """These splits in batches of `batch_size` (a folder is not scanned again)."""
@@ -272,9 +271,14 @@ def load(
         raise ValueError(f"val_fraction={val_fraction!r}: must be in (0, 1)")
     if train_limit_per_class is not None and train_limit_per_class < 1:
         raise ValueError(f"train_limit_per_class={train_limit_per_class!r}: must be >= 1 or None")
-    kwargs = dict(image_size=image_size, batch_size=batch_size, val_fraction=val_fraction,
-                  seed=seed, train_limit_per_class=train_limit_per_class,
-                  cache_bytes=CACHE_LIMIT_BYTES if cache_bytes is None else cache_bytes)
+    kwargs = dict(
+        image_size=image_size,
+        batch_size=batch_size,
+        val_fraction=val_fraction,
+        seed=seed,
+        train_limit_per_class=train_limit_per_class,
+        cache_bytes=CACHE_LIMIT_BYTES if cache_bytes is None else cache_bytes,
+    )
     if isinstance(parsed, TfdsSpec):
         splits = _load_tfds(parsed, data_dir=data_dir, **kwargs)
     elif isinstance(parsed, FolderSpec):
@@ -282,9 +286,16 @@ def load(
     else:
         splits = _load_digits(parsed, **kwargs)
     stored = splits.train.element_spec[0].shape[1]  # below image_size for small TFDS images
-    logging.info("data %s: %d classes, %d train, %d val, %d skipped, %dx%d px", spec,
-                 len(splits.class_names), splits.num_train, splits.num_val, splits.skipped,
-                 stored, stored)
+    logging.info(
+        "data %s: %d classes, %d train, %d val, %d skipped, %dx%d px",
+        spec,
+        len(splits.class_names),
+        splits.num_train,
+        splits.num_val,
+        splits.skipped,
+        stored,
+        stored,
+    )
     return splits
 
 
@@ -330,16 +341,20 @@ def load_eval(
     if isinstance(parsed, TfdsSpec):
         dataset, names, skipped = _load_tfds_eval(parsed, image_size, batch_size, data_dir)
     elif isinstance(parsed, FolderSpec):
-        dataset, names, skipped = _load_folder_eval(spec, parsed, image_size, batch_size,
-                                                    expected)
+        dataset, names, skipped = _load_folder_eval(spec, parsed, image_size, batch_size, expected)
     else:
-        splits = _load_digits(parsed, image_size=image_size, batch_size=batch_size,
-                              val_fraction=val_fraction, seed=seed, train_limit_per_class=None,
-                              cache_bytes=CACHE_LIMIT_BYTES)
+        splits = _load_digits(
+            parsed,
+            image_size=image_size,
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            train_limit_per_class=None,
+            cache_bytes=CACHE_LIMIT_BYTES,
+        )
         dataset, names, skipped = splits.val, splits.class_names, 0
     if expected is not None and names != expected:
-        raise ValueError(f"data spec {spec!r} has classes {list(names)}, but the model was "
-                         f"trained on {list(expected)}")
+        raise ValueError(f"data spec {spec!r} has classes {list(names)}, but the model was trained on {list(expected)}")
     return dataset, names, skipped
 
 
@@ -361,9 +376,7 @@ def to_rgb(image: tf.Tensor) -> tf.Tensor:
         return image
     if channels is not None:
         return tf.tile(image[..., :1], [1, 1, 3]) if channels < 3 else image[..., :3]
-    image = tf.cond(tf.shape(image)[-1] < 3,
-                    lambda: tf.tile(image[..., :1], [1, 1, 3]),
-                    lambda: image[..., :3])
+    image = tf.cond(tf.shape(image)[-1] < 3, lambda: tf.tile(image[..., :1], [1, 1, 3]), lambda: image[..., :3])
     image.set_shape([None, None, 3])
     return image
 
@@ -434,10 +447,8 @@ def _finish(
     if cache:
         dataset = dataset.cache()
     if training and shuffle:
-        buffer = num_examples if cache else max(
-            1000, _SHUFFLE_BUFFER_BYTES // (image_size * image_size * 3))
-        dataset = dataset.shuffle(min(buffer, max(num_examples, 1)), seed=seed,
-                                  reshuffle_each_iteration=True)
+        buffer = num_examples if cache else max(1000, _SHUFFLE_BUFFER_BYTES // (image_size * image_size * 3))
+        dataset = dataset.shuffle(min(buffer, max(num_examples, 1)), seed=seed, reshuffle_each_iteration=True)
     # Training drops the ragged last batch (steady step shapes, no recompiles) unless the
     # whole set is smaller than one batch, which would leave an empty epoch.
     drop_remainder = training and num_examples >= batch_size
@@ -462,23 +473,25 @@ def _round_half_up(x: float) -> int:
 # TFDS.
 
 
-def _tfds_train_val_splits(spec: TfdsSpec, available: Collection[str],
-                           val_fraction: float) -> tuple[str, str]:
+def _tfds_train_val_splits(spec: TfdsSpec, available: Collection[str], val_fraction: float) -> tuple[str, str]:
     """The TFDS split strings for train and validation; never the test split by default.
 
     `available` is empty when TFDS does not know the splits (e.g. under
     `tfds.testing.mock_data` without metadata files).
     """
     if available and re.fullmatch(r"[\w-]+", spec.train) and spec.train not in available:
-        raise ValueError(f"tfds:{spec.name} has no split {spec.train!r}; it has "
-                         f"{sorted(available)} (choose with train=SPLIT)")
+        raise ValueError(
+            f"tfds:{spec.name} has no split {spec.train!r}; it has {sorted(available)} (choose with train=SPLIT)"
+        )
     if spec.val is not None:
         return spec.train, spec.val
     if "validation" in available:
         return spec.train, "validation"
     if not re.fullmatch(r"[\w-]+", spec.train):
-        raise ValueError(f"tfds:{spec.name} has no validation split and train={spec.train!r} "
-                         "is not a plain split name to carve one from; add val=SPLIT")
+        raise ValueError(
+            f"tfds:{spec.name} has no validation split and train={spec.train!r} "
+            "is not a plain split name to carve one from; add val=SPLIT"
+        )
     # Both halves use the same boundary string, so TFDS rounds them into an exact partition.
     boundary = f"{round(100.0 * (1.0 - val_fraction), 6):g}"
     return f"{spec.train}[:{boundary}%]", f"{spec.train}[{boundary}%:]"
@@ -491,8 +504,9 @@ def _tfds_eval_split(spec: TfdsSpec, available: Collection[str]) -> str:
         return "test"
     if "validation" in available:
         return "validation"
-    raise ValueError(f"tfds:{spec.name} has no test or validation split (it has "
-                     f"{sorted(available)}); choose one with test=SPLIT")
+    raise ValueError(
+        f"tfds:{spec.name} has no test or validation split (it has {sorted(available)}); choose one with test=SPLIT"
+    )
 
 
 def _tfds_builder(spec: TfdsSpec, data_dir: str | None):
@@ -501,27 +515,29 @@ def _tfds_builder(spec: TfdsSpec, data_dir: str | None):
     try:
         builder = tfds.builder(spec.name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f"tfds:{spec.name}: no TFDS dataset of that name (names as in "
-                         "https://www.tensorflow.org/datasets/catalog, e.g. tfds:cifar10)") from None
+        raise ValueError(
+            f"tfds:{spec.name}: no TFDS dataset of that name (names as in "
+            "https://www.tensorflow.org/datasets/catalog, e.g. tfds:cifar10)"
+        ) from None
     features = builder.info.features
-    if "image" not in features or "label" not in features or not hasattr(
-            features["label"], "names"):
-        raise ValueError(f"tfds:{spec.name} needs 'image' and 'label' (ClassLabel) features; "
-                         f"it has {sorted(features.keys())}")
+    if "image" not in features or "label" not in features or not hasattr(features["label"], "names"):
+        raise ValueError(
+            f"tfds:{spec.name} needs 'image' and 'label' (ClassLabel) features; it has {sorted(features.keys())}"
+        )
     if not builder.is_prepared() and _downloads_for_real():
         where = data_dir or "~/tensorflow_datasets"
         offline = _no_network()
-        how = (f"download it where there is network (tfds.builder({spec.name!r}).download_and_prepare()) "
-               f"and pass that data directory as --data_dir")
+        how = (
+            f"download it where there is network (tfds.builder({spec.name!r}).download_and_prepare()) "
+            f"and pass that data directory as --data_dir"
+        )
         if offline:
-            raise ValueError(f"tfds:{spec.name} is not prepared in {where} and cannot be downloaded "
-                             f"({offline}); {how}")
+            raise ValueError(f"tfds:{spec.name} is not prepared in {where} and cannot be downloaded ({offline}); {how}")
         try:
             builder.download_and_prepare()
         except Exception as e:  # Network, disk and checksum failures, all worded by TFDS.
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ValueError(f"tfds:{spec.name} could not be downloaded into {where} ({reason}); "
-                             f"{how}") from None
+            raise ValueError(f"tfds:{spec.name} could not be downloaded into {where} ({reason}); {how}") from None
     return builder
 
 
@@ -554,13 +570,14 @@ def _tfds_dataset(builder, split: str, *, shuffle_files: bool, seed: int) -> tf.
 
     # Images stay encoded until after the per-class limit, so dropped ones are never decoded.
     return builder.as_dataset(
-        split=split, shuffle_files=shuffle_files,
+        split=split,
+        shuffle_files=shuffle_files,
         decoders={"image": tfds.decode.SkipDecoding()},
-        read_config=tfds.ReadConfig(shuffle_seed=seed))
+        read_config=tfds.ReadConfig(shuffle_seed=seed),
+    )
 
 
-def _tfds_limit(dataset: tf.data.Dataset, limit: int | None,
-                num_classes: int) -> tf.data.Dataset:
+def _tfds_limit(dataset: tf.data.Dataset, limit: int | None, num_classes: int) -> tf.data.Dataset:
     """Keeps the first `limit` examples of each class, in stream order."""
     if limit is None:
         return dataset
@@ -609,46 +626,57 @@ def _tfds_decode(builder, image_size: int):
     return decode
 
 
-def _load_tfds(spec: TfdsSpec, *, data_dir, image_size, batch_size, val_fraction, seed,
-               train_limit_per_class, cache_bytes) -> Splits:
+def _load_tfds(
+    spec: TfdsSpec, *, data_dir, image_size, batch_size, val_fraction, seed, train_limit_per_class, cache_bytes
+) -> Splits:
     builder = _tfds_builder(spec, data_dir)
     class_names = tuple(builder.info.features["label"].names)
-    train_split, val_split = _tfds_train_val_splits(spec, set(builder.info.splits),
-                                                    val_fraction)
+    train_split, val_split = _tfds_train_val_splits(spec, set(builder.info.splits), val_fraction)
     # Counting first: it decides caching, and uncached big sets read shuffled files.
-    num_train = _count(_tfds_limit(
-        _tfds_dataset(builder, train_split, shuffle_files=False, seed=seed),
-        train_limit_per_class, len(class_names)))
+    num_train = _count(
+        _tfds_limit(
+            _tfds_dataset(builder, train_split, shuffle_files=False, seed=seed), train_limit_per_class, len(class_names)
+        )
+    )
     val = _tfds_dataset(builder, val_split, shuffle_files=False, seed=seed)
     num_val = _count(val)
     if num_train == 0 or num_val == 0:
-        raise ValueError(f"tfds:{spec.name}: train split {train_split!r} has {num_train} and "
-                         f"validation split {val_split!r} has {num_val} examples; both need "
-                         "at least 1 (change val_fraction or the splits)")
+        raise ValueError(
+            f"tfds:{spec.name}: train split {train_split!r} has {num_train} and "
+            f"validation split {val_split!r} has {num_val} examples; both need "
+            "at least 1 (change val_fraction or the splits)"
+        )
     image_size = _tfds_stored_size(builder, image_size)
     cache = _should_cache(num_train + num_val, image_size, cache_bytes)
     # File-order shuffling only when the set is streamed (no cache) and has no per-class
     # limit: the limit must pick the same examples every epoch.
-    train = _tfds_dataset(builder, train_split, seed=seed,
-                          shuffle_files=not cache and train_limit_per_class is None)
+    train = _tfds_dataset(builder, train_split, seed=seed, shuffle_files=not cache and train_limit_per_class is None)
     train = _tfds_limit(train, train_limit_per_class, len(class_names))
     decode = _tfds_decode(builder, image_size)
-    in_order = _tfds_limit(_tfds_dataset(builder, train_split, shuffle_files=False, seed=seed),
-                           train_limit_per_class, len(class_names))
+    in_order = _tfds_limit(
+        _tfds_dataset(builder, train_split, shuffle_files=False, seed=seed), train_limit_per_class, len(class_names)
+    )
 
     def build(batch_size: int) -> Splits:
-        common = dict(batch_size=batch_size, image_size=image_size, seed=seed, cache=cache,
-                      shuffle=True)
+        common = dict(batch_size=batch_size, image_size=image_size, seed=seed, cache=cache, shuffle=True)
         return Splits(
-            train=_finish(train.map(decode, num_parallel_calls=AUTOTUNE),
-                          num_examples=num_train, training=True, **common),
-            val=_finish(val.map(decode, num_parallel_calls=AUTOTUNE), num_examples=num_val,
-                        training=False, **common),
-            class_names=class_names, num_train=num_train, num_val=num_val, skipped=0,
-            train_in_order=_finish(in_order.map(decode, num_parallel_calls=AUTOTUNE),
-                                   num_examples=num_train, training=False,
-                                   **{**common, "cache": False, "shuffle": False}),
-            batch_size=batch_size, rebuild=build)
+            train=_finish(
+                train.map(decode, num_parallel_calls=AUTOTUNE), num_examples=num_train, training=True, **common
+            ),
+            val=_finish(val.map(decode, num_parallel_calls=AUTOTUNE), num_examples=num_val, training=False, **common),
+            class_names=class_names,
+            num_train=num_train,
+            num_val=num_val,
+            skipped=0,
+            train_in_order=_finish(
+                in_order.map(decode, num_parallel_calls=AUTOTUNE),
+                num_examples=num_train,
+                training=False,
+                **{**common, "cache": False, "shuffle": False},
+            ),
+            batch_size=batch_size,
+            rebuild=build,
+        )
 
     return build(batch_size)
 
@@ -659,9 +687,16 @@ def _load_tfds_eval(spec: TfdsSpec, image_size: int, batch_size: int, data_dir: 
     dataset = _tfds_dataset(builder, split, shuffle_files=False, seed=0)
     num = _count(dataset)
     image_size = _tfds_stored_size(builder, image_size)
-    dataset = _finish(dataset.map(_tfds_decode(builder, image_size), num_parallel_calls=AUTOTUNE),
-                      num_examples=num, batch_size=batch_size, image_size=image_size,
-                      training=False, seed=0, cache=False, shuffle=False)
+    dataset = _finish(
+        dataset.map(_tfds_decode(builder, image_size), num_parallel_calls=AUTOTUNE),
+        num_examples=num,
+        batch_size=batch_size,
+        image_size=image_size,
+        training=False,
+        seed=0,
+        cache=False,
+        shuffle=False,
+    )
     return dataset, tuple(builder.info.features["label"].names), 0
 
 
@@ -709,11 +744,13 @@ def folder_identity(spec: str) -> str | None:
 def _class_dirs(spec: str, root: str) -> list[str]:
     if not os.path.isdir(root):
         raise ValueError(f"data spec {spec!r}: {root!r} does not exist or is not a directory")
-    names = sorted(name for name in os.listdir(root)
-                   if not name.startswith(".") and os.path.isdir(os.path.join(root, name)))
+    names = sorted(
+        name for name in os.listdir(root) if not name.startswith(".") and os.path.isdir(os.path.join(root, name))
+    )
     if not names:
-        raise ValueError(f"data spec {spec!r}: {root!r} has no class subfolders (expected "
-                         "one subfolder of images per class)")
+        raise ValueError(
+            f"data spec {spec!r}: {root!r} has no class subfolders (expected one subfolder of images per class)"
+        )
     return names
 
 
@@ -721,8 +758,7 @@ def _image_files(class_dir: str) -> list[str]:
     found = []
     for dirpath, dirnames, filenames in os.walk(class_dir):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-                     if f.lower().endswith(IMAGE_EXTENSIONS))
+        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS))
     return found
 
 
@@ -761,8 +797,11 @@ def _route_files(paths: Sequence[str]) -> np.ndarray:
     def try_tf(index, path):
         contents = tf.io.read_file(path)
         is_bmp = tf.strings.substr(contents, 0, 2) == "BM"
-        ok = tf.cond(is_bmp, lambda: tf.constant(False), lambda: tf.greater_equal(
-            tf.size(tf.io.decode_image(contents, channels=3, expand_animations=False)), 0))
+        ok = tf.cond(
+            is_bmp,
+            lambda: tf.constant(False),
+            lambda: tf.greater_equal(tf.size(tf.io.decode_image(contents, channels=3, expand_animations=False)), 0),
+        )
         return index, ok
 
     probe = tf.data.Dataset.from_tensor_slices((eligible, [paths[i] for i in eligible]))
@@ -786,8 +825,9 @@ def _route_files(paths: Sequence[str]) -> np.ndarray:
     return routes
 
 
-def _scan_folder(spec: str, root: str, class_names: Sequence[str],
-                 allowed: Sequence[str] | None = None) -> tuple[_Files, list[str]]:
+def _scan_folder(
+    spec: str, root: str, class_names: Sequence[str], allowed: Sequence[str] | None = None
+) -> tuple[_Files, list[str]]:
     """Lists, probes and labels the images of `root`/CLASS for CLASS in `class_names`.
 
     Args:
@@ -802,8 +842,9 @@ def _scan_folder(spec: str, root: str, class_names: Sequence[str],
     allowed = list(allowed if allowed is not None else class_names)
     unknown = [name for name in class_names if name not in allowed]
     if unknown:
-        raise ValueError(f"data spec {spec!r}: classes {unknown} in {root!r} are not among the "
-                         f"training classes {allowed}")
+        raise ValueError(
+            f"data spec {spec!r}: classes {unknown} in {root!r} are not among the training classes {allowed}"
+        )
     paths, labels = [], []
     for name in class_names:
         found = _image_files(os.path.join(root, name))
@@ -812,25 +853,32 @@ def _scan_folder(spec: str, root: str, class_names: Sequence[str],
     routes = _route_files(paths)
     bad = [p for p, r in zip(paths, routes) if r == 0]
     good = routes > 0
-    files = _Files(paths=np.asarray(paths, dtype=object)[good],
-                   labels=np.asarray(labels, np.int32)[good], use_pil=routes[good] == 2)
+    files = _Files(
+        paths=np.asarray(paths, dtype=object)[good],
+        labels=np.asarray(labels, np.int32)[good],
+        use_pil=routes[good] == 2,
+    )
     for name in class_names:
         if not np.any(files.labels == allowed.index(name)):
-            raise ValueError(f"data spec {spec!r}: class folder {os.path.join(root, name)!r} has "
-                             f"no usable images (extensions {', '.join(IMAGE_EXTENSIONS)}, "
-                             "case-insensitive)")
+            raise ValueError(
+                f"data spec {spec!r}: class folder {os.path.join(root, name)!r} has "
+                f"no usable images (extensions {', '.join(IMAGE_EXTENSIONS)}, "
+                "case-insensitive)"
+            )
     return files, bad
 
 
 def _log_skipped(spec: str, bad: Sequence[str], total: int) -> None:
     if bad:
         examples = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
-        logging.warning("data %s: skipped %d of %d image files that could not be decoded: %s",
-                        spec, len(bad), total, examples)
+        logging.warning(
+            "data %s: skipped %d of %d image files that could not be decoded: %s", spec, len(bad), total, examples
+        )
 
 
-def _split_per_class(labels: np.ndarray, class_names: Sequence[str], val_fraction: float,
-                     seed: int, what: str) -> tuple[list[np.ndarray], np.ndarray]:
+def _split_per_class(
+    labels: np.ndarray, class_names: Sequence[str], val_fraction: float, seed: int, what: str
+) -> tuple[list[np.ndarray], np.ndarray]:
     """Seeded stratified split; returns (train order, val indices in ascending order).
 
     Each class is permuted by its own generator, seeded from (seed, class name), so a class
@@ -847,7 +895,8 @@ def _split_per_class(labels: np.ndarray, class_names: Sequence[str], val_fractio
             raise ValueError(
                 f"{what}: val_fraction={val_fraction} leaves class {name!r} ({len(members)} "
                 f"images) with {len(members) - num_val} train and {num_val} val images; "
-                "both need at least 1")
+                "both need at least 1"
+            )
         val.append(members[:num_val])
         train.append(members[num_val:])
     return train, np.sort(np.concatenate(val))
@@ -861,45 +910,52 @@ def _subset(files: _Files, index: np.ndarray) -> _Files:
     return _Files(files.paths[index], files.labels[index], files.use_pil[index])
 
 
-def _folder_pipeline(files: _Files, *, image_size: int, batch_size: int, training: bool,
-                     seed: int, cache: bool) -> tf.data.Dataset:
+def _folder_pipeline(
+    files: _Files, *, image_size: int, batch_size: int, training: bool, seed: int, cache: bool
+) -> tf.data.Dataset:
     any_pil = bool(files.use_pil.any())
 
     def decode(path, use_pil, label):
         if any_pil:
             image = tf.cond(
-                use_pil,
-                lambda: tf.py_function(_pil_decode_file, [path], tf.uint8),
-                lambda: _tf_decode_file(path))
+                use_pil, lambda: tf.py_function(_pil_decode_file, [path], tf.uint8), lambda: _tf_decode_file(path)
+            )
             image.set_shape([None, None, 3])
         else:  # Pure TF graph: no Python, no GIL.
             image = _tf_decode_file(path)
         return resize_uint8(image, image_size), label
 
-    dataset = tf.data.Dataset.from_tensor_slices(
-        (files.paths.astype(str), files.use_pil, files.labels))
+    dataset = tf.data.Dataset.from_tensor_slices((files.paths.astype(str), files.use_pil, files.labels))
     if training and not cache:
         # Streaming: shuffle the cheap file names before decoding, not decoded images.
         dataset = dataset.shuffle(len(files.labels), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(decode, num_parallel_calls=AUTOTUNE)
-    return _finish(dataset, num_examples=len(files.labels), batch_size=batch_size,
-                   image_size=image_size, training=training, seed=seed, cache=cache,
-                   shuffle=cache)
+    return _finish(
+        dataset,
+        num_examples=len(files.labels),
+        batch_size=batch_size,
+        image_size=image_size,
+        training=training,
+        seed=seed,
+        cache=cache,
+        shuffle=cache,
+    )
 
 
-def _load_folder(spec: str, parsed: FolderSpec, *, image_size, batch_size, val_fraction, seed,
-                 train_limit_per_class, cache_bytes) -> Splits:
+def _load_folder(
+    spec: str, parsed: FolderSpec, *, image_size, batch_size, val_fraction, seed, train_limit_per_class, cache_bytes
+) -> Splits:
     root = parsed.path
-    split_layout = os.path.isdir(root) and any(
-        os.path.isdir(os.path.join(root, d)) for d in _SPLIT_LAYOUT_DIRS)
+    split_layout = os.path.isdir(root) and any(os.path.isdir(os.path.join(root, d)) for d in _SPLIT_LAYOUT_DIRS)
     train_root = os.path.join(root, "train") if split_layout else root
     if split_layout and not os.path.isdir(train_root):
-        raise ValueError(f"data spec {spec!r}: {root!r} has val/ or test/ but no train/ "
-                         "subfolder")
+        raise ValueError(f"data spec {spec!r}: {root!r} has val/ or test/ but no train/ subfolder")
     class_names = _class_dirs(spec, train_root)
     if len(class_names) < 2:
-        raise ValueError(f"data spec {spec!r}: {train_root!r} has only one class folder "
-                         f"({class_names[0]!r}); classification needs at least 2")
+        raise ValueError(
+            f"data spec {spec!r}: {train_root!r} has only one class folder "
+            f"({class_names[0]!r}); classification needs at least 2"
+        )
     files, bad = _scan_folder(spec, train_root, class_names)
     total = len(files.labels) + len(bad)
     val_root = os.path.join(root, "val")
@@ -909,14 +965,16 @@ def _load_folder(spec: str, parsed: FolderSpec, *, image_size, batch_size, val_f
         missing = sorted(set(class_names) - set(val_classes))
         if missing:
             logging.warning("data %s: val/ has no folder for classes %s", spec, missing)
-        train_per_class = [np.random.default_rng([seed % 2**32, zlib.crc32(n.encode())])
-                           .permutation(np.flatnonzero(files.labels == i))
-                           for i, n in enumerate(class_names)]
+        train_per_class = [
+            np.random.default_rng([seed % 2**32, zlib.crc32(n.encode())]).permutation(np.flatnonzero(files.labels == i))
+            for i, n in enumerate(class_names)
+        ]
         train_files = _subset(files, _limit_train(train_per_class, train_limit_per_class))
         bad, total = bad + val_bad, total + len(val_files.labels) + len(val_bad)
     else:
-        train_per_class, val_index = _split_per_class(files.labels, class_names, val_fraction,
-                                                      seed, f"data spec {spec!r}")
+        train_per_class, val_index = _split_per_class(
+            files.labels, class_names, val_fraction, seed, f"data spec {spec!r}"
+        )
         train_files = _subset(files, _limit_train(train_per_class, train_limit_per_class))
         val_files = _subset(files, val_index)
     _log_skipped(spec, bad, total)
@@ -928,17 +986,21 @@ def _load_folder(spec: str, parsed: FolderSpec, *, image_size, batch_size, val_f
         return Splits(
             train=_folder_pipeline(train_files, training=True, **common),
             val=_folder_pipeline(val_files, training=False, **common),
-            class_names=tuple(class_names), num_train=num_train, num_val=num_val,
+            class_names=tuple(class_names),
+            num_train=num_train,
+            num_val=num_val,
             skipped=len(bad),
-            train_in_order=_folder_pipeline(train_files, training=False,
-                                            **{**common, "cache": False}),
-            batch_size=batch_size, rebuild=build)
+            train_in_order=_folder_pipeline(train_files, training=False, **{**common, "cache": False}),
+            batch_size=batch_size,
+            rebuild=build,
+        )
 
     return build(batch_size)
 
 
-def _load_folder_eval(spec: str, parsed: FolderSpec, image_size: int, batch_size: int,
-                      expected: tuple[str, ...] | None):
+def _load_folder_eval(
+    spec: str, parsed: FolderSpec, image_size: int, batch_size: int, expected: tuple[str, ...] | None
+):
     root = parsed.path
     if not os.path.isdir(root):
         raise ValueError(f"data spec {spec!r}: {root!r} does not exist or is not a directory")
@@ -946,8 +1008,7 @@ def _load_folder_eval(spec: str, parsed: FolderSpec, image_size: int, batch_size
     if present:
         eval_dir = "test" if "test" in present else "val" if "val" in present else None
         if eval_dir is None:
-            raise ValueError(f"data spec {spec!r}: {root!r} has train/ but no test/ or val/ "
-                             "subfolder to evaluate on")
+            raise ValueError(f"data spec {spec!r}: {root!r} has train/ but no test/ or val/ subfolder to evaluate on")
         eval_root = os.path.join(root, eval_dir)
         if expected is None and "train" in present:
             expected_names = tuple(_class_dirs(spec, os.path.join(root, "train")))
@@ -961,8 +1022,7 @@ def _load_folder_eval(spec: str, parsed: FolderSpec, image_size: int, batch_size
     _log_skipped(spec, bad, len(files.labels) + len(bad))
     order = np.argsort(files.labels, kind="stable")  # Class by class, files sorted within.
     files = _subset(files, order)
-    dataset = _folder_pipeline(files, image_size=image_size, batch_size=batch_size,
-                               training=False, seed=0, cache=False)
+    dataset = _folder_pipeline(files, image_size=image_size, batch_size=batch_size, training=False, seed=0, cache=False)
     return dataset, tuple(names), len(bad)
 
 
@@ -982,36 +1042,54 @@ def _digits_arrays(classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _digits_pipeline(images: np.ndarray, labels: np.ndarray, *, image_size: int,
-                     batch_size: int, training: bool, seed: int, cache_bytes: int) -> tf.data.Dataset:
+def _digits_pipeline(
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    image_size: int,
+    batch_size: int,
+    training: bool,
+    seed: int,
+    cache_bytes: int,
+) -> tf.data.Dataset:
     dataset = tf.data.Dataset.from_tensor_slices((images, labels))
-    dataset = dataset.map(lambda image, label: (resize_uint8(to_rgb(image), image_size), label),
-                          num_parallel_calls=AUTOTUNE)
-    return _finish(dataset, num_examples=len(labels), batch_size=batch_size,
-                   image_size=image_size, training=training, seed=seed,
-                   cache=_should_cache(len(labels), image_size, cache_bytes), shuffle=True)
+    dataset = dataset.map(
+        lambda image, label: (resize_uint8(to_rgb(image), image_size), label), num_parallel_calls=AUTOTUNE
+    )
+    return _finish(
+        dataset,
+        num_examples=len(labels),
+        batch_size=batch_size,
+        image_size=image_size,
+        training=training,
+        seed=seed,
+        cache=_should_cache(len(labels), image_size, cache_bytes),
+        shuffle=True,
+    )
 
 
-def _load_digits(parsed: DigitsSpec, *, image_size, batch_size, val_fraction, seed,
-                 train_limit_per_class, cache_bytes) -> Splits:
+def _load_digits(
+    parsed: DigitsSpec, *, image_size, batch_size, val_fraction, seed, train_limit_per_class, cache_bytes
+) -> Splits:
     images, labels = _digits_arrays(parsed.classes)
     class_names = tuple(str(c) for c in parsed.classes)
-    train_per_class, val_index = _split_per_class(labels, class_names, val_fraction, seed,
-                                                  "digits")
+    train_per_class, val_index = _split_per_class(labels, class_names, val_fraction, seed, "digits")
     train_index = _limit_train(train_per_class, train_limit_per_class)
 
     def build(batch_size: int) -> Splits:
-        common = dict(image_size=image_size, batch_size=batch_size, seed=seed,
-                      cache_bytes=cache_bytes)
+        common = dict(image_size=image_size, batch_size=batch_size, seed=seed, cache_bytes=cache_bytes)
         return Splits(
-            train=_digits_pipeline(images[train_index], labels[train_index], training=True,
-                                   **common),
-            val=_digits_pipeline(images[val_index], labels[val_index], training=False,
-                                 **common),
-            class_names=class_names, num_train=len(train_index), num_val=len(val_index),
+            train=_digits_pipeline(images[train_index], labels[train_index], training=True, **common),
+            val=_digits_pipeline(images[val_index], labels[val_index], training=False, **common),
+            class_names=class_names,
+            num_train=len(train_index),
+            num_val=len(val_index),
             skipped=0,
-            train_in_order=_digits_pipeline(images[train_index], labels[train_index],
-                                            training=False, **{**common, "cache_bytes": 0}),
-            batch_size=batch_size, rebuild=build)
+            train_in_order=_digits_pipeline(
+                images[train_index], labels[train_index], training=False, **{**common, "cache_bytes": 0}
+            ),
+            batch_size=batch_size,
+            rebuild=build,
+        )
 
     return build(batch_size)

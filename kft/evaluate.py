@@ -25,16 +25,53 @@ from kft import cli
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("export_dir", None, "A SavedModel written by kft: the export base directory (its latest integer version is used) or one version directory. Exactly one of --export_dir and --model_dir.")
-flags.DEFINE_string("model_dir", None, "A finished kft.train run directory; its best weights are evaluated. Exactly one of --export_dir and --model_dir.")
-flags.DEFINE_string("dataset", None, "Data to evaluate on, same specs as training: tfds:NAME[,test=SPLIT], folder:PATH (PATH/test or PATH/val if present, else every image under PATH, one subfolder per class), or digits[:CLASSES].")
+flags.DEFINE_string(
+    "export_dir",
+    None,
+    "A SavedModel written by kft: the export base directory (its latest integer version is used) or one version directory. Exactly one of --export_dir and --model_dir.",
+)
+flags.DEFINE_string(
+    "model_dir",
+    None,
+    "A finished kft.train run directory; its best weights are evaluated. Exactly one of --export_dir and --model_dir.",
+)
+flags.DEFINE_string(
+    "dataset",
+    None,
+    "Data to evaluate on, same specs as training: tfds:NAME[,test=SPLIT], folder:PATH (PATH/test or PATH/val if present, else every image under PATH, one subfolder per class), or digits[:CLASSES].",
+)
 flags.DEFINE_string("data_dir", None, "Where TFDS keeps (or finds already downloaded) datasets.")
-flags.DEFINE_integer("image_size", None, "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Files are resized to the model's own size, with the resize inside the model, so the probabilities are those a server fed the whole file returns; another size is refused.", lower_bound=1, upper_bound=2048)
+flags.DEFINE_integer(
+    "image_size",
+    None,
+    "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Files are resized to the model's own size, with the resize inside the model, so the probabilities are those a server fed the whole file returns; another size is refused.",
+    lower_bound=1,
+    upper_bound=2048,
+)
 flags.DEFINE_integer("batch_size", 64, "Images per evaluation batch.", lower_bound=1)
-flags.DEFINE_enum("tta", "none", ["none", "flip"], "Test-time augmentation: none, or flip (average the probabilities of each image and its left-right mirror; twice the compute).")
-flags.DEFINE_string("output_dir", None, "Where eval.json and confusion_matrix.png go; default: an eval/ folder beside the model (<version dir>/eval or <model_dir>/eval).")
-flags.DEFINE_float("val_fraction", None, "digits only: the held-out fraction used in training (the split is seeded, so it must match); default: read from the run's flags.cfg, else 0.1.", lower_bound=0.0, upper_bound=1.0)
-flags.DEFINE_integer("seed", None, "digits only: the training --seed (the held-out split depends on it); default: read from the run's flags.cfg, else 0.")
+flags.DEFINE_enum(
+    "tta",
+    "none",
+    ["none", "flip"],
+    "Test-time augmentation: none, or flip (average the probabilities of each image and its left-right mirror; twice the compute).",
+)
+flags.DEFINE_string(
+    "output_dir",
+    None,
+    "Where eval.json and confusion_matrix.png go; default: an eval/ folder beside the model (<version dir>/eval or <model_dir>/eval).",
+)
+flags.DEFINE_float(
+    "val_fraction",
+    None,
+    "digits only: the held-out fraction used in training (the split is seeded, so it must match); default: read from the run's flags.cfg, else 0.1.",
+    lower_bound=0.0,
+    upper_bound=1.0,
+)
+flags.DEFINE_integer(
+    "seed",
+    None,
+    "digits only: the training --seed (the held-out split depends on it); default: read from the run's flags.cfg, else 0.",
+)
 flags.mark_flag_as_required("dataset")
 flags.register_multi_flags_validator(
     ["export_dir", "model_dir"],
@@ -119,7 +156,9 @@ def _predict_all(predict, dataset):
         labels.append(np.asarray(batch_labels))
         if index % _PROGRESS_EVERY == 0:
             done = sum(len(b) for b in labels)
-            logging.info("evaluated %d images (batch %d%s, %.1f img/s)", done, index, of, done / (time.time() - started))
+            logging.info(
+                "evaluated %d images (batch %d%s, %.1f img/s)", done, index, of, done / (time.time() - started)
+            )
     if not labels:
         raise cli.UsageError(f"--dataset={FLAGS.dataset} has no examples to evaluate")
     return np.concatenate(labels), np.concatenate(probabilities)
@@ -169,8 +208,14 @@ def main(argv):
     logging.info("evaluating %s on %s at %d px, tta=%s", model_path, FLAGS.dataset, image_size, FLAGS.tta)
     labels, probabilities = _predict_all(_with_tta(predict, FLAGS.tta), dataset)
     result = report.classification_report(labels, probabilities, model_classes)
-    result.update(dataset=FLAGS.dataset, model=os.path.abspath(model_path), image_size=image_size, skipped=skipped, tta=FLAGS.tta,
-                  log_loss=_log_loss(labels, probabilities))
+    result.update(
+        dataset=FLAGS.dataset,
+        model=os.path.abspath(model_path),
+        image_size=image_size,
+        skipped=skipped,
+        tta=FLAGS.tta,
+        log_loss=_log_loss(labels, probabilities),
+    )
 
     output_dir = FLAGS.output_dir or os.path.join(model_path, "eval")
     json_path = os.path.join(output_dir, "eval.json")

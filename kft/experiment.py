@@ -66,8 +66,9 @@ def scratch_stages(stages: tuple[schedule.Stage, ...], lr: float) -> tuple[sched
     trained = [stage for stage in stages if stage.what != "probe"]
     if not any(stage.steps for stage in trained):
         return (schedule.Stage("all", sum(stage.epochs for stage in trained), lr, bn="train"),)
-    return tuple(dataclasses.replace(stage, what="all", top_blocks=0, from_block="", lr=lr, bn="train")
-                 for stage in trained)
+    return tuple(
+        dataclasses.replace(stage, what="all", top_blocks=0, from_block="", lr=lr, bn="train") for stage in trained
+    )
 
 
 # Seconds a run waits for another run's export into the same --export_dir to finish.
@@ -97,17 +98,22 @@ def check_before_work(config: Config, class_names, build_model: bool = False) ->
     """
     rundir.check_writable_dir(config.model_dir, f"--model_dir={config.model_dir}")
     for flag, spec in (("dataset", config.dataset), ("pretrain_dataset", config.pretrain_dataset)):
-        root = spec[len("folder:"):].strip() if spec.startswith("folder:") else None
+        root = spec[len("folder:") :].strip() if spec.startswith("folder:") else None
         if root and rundir.is_inside(config.model_dir, os.path.expanduser(root)):
-            raise ValueError(f"--model_dir={config.model_dir} is inside --{flag}={spec}: the run's "
-                             "files would be read as data; put the run elsewhere")
+            raise ValueError(
+                f"--model_dir={config.model_dir} is inside --{flag}={spec}: the run's "
+                "files would be read as data; put the run elsewhere"
+            )
         base = export_base(config)
         if root and base and config.export_dir and rundir.is_inside(base, os.path.expanduser(root)):
-            raise ValueError(f"--export_dir={config.export_dir} is inside --{flag}={spec}; put the "
-                             "export elsewhere")
+            raise ValueError(f"--export_dir={config.export_dir} is inside --{flag}={spec}; put the export elsewhere")
     base = export_base(config)
     if base:
-        flag = f"--export_dir={config.export_dir}" if config.export_dir else f"--model_dir={config.model_dir} (its export/)"
+        flag = (
+            f"--export_dir={config.export_dir}"
+            if config.export_dir
+            else f"--model_dir={config.model_dir} (its export/)"
+        )
         rundir.check_writable_dir(base, flag)
     if base or config.export_tflite != "off":
         export.check_class_names(class_names)
@@ -148,8 +154,7 @@ def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
             # in flight. An export takes seconds to minutes; a run waits that long for its turn.
             with rundir.DirLock(base, f"--export_dir={base}", rundir.EXPORT_LOCK, wait=EXPORT_LOCK_WAIT):
                 _remove_interrupted_exports(base)
-                version_dir = export.export_saved_model(classifier, class_names, base, images,
-                                                        image_size=image_size)
+                version_dir = export.export_saved_model(classifier, class_names, base, images, image_size=image_size)
             print(f"exported SavedModel to {version_dir}")
         metrics["export"] = version_dir
         metrics["export_weights_sha256"] = digest
@@ -157,9 +162,12 @@ def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
         from kft import tflite  # The TFLite converter is only loaded when asked for.
 
         metrics["tflite"] = tflite.export_tflite(
-            classifier, os.path.join(config.model_dir, "tflite"), images,
+            classifier,
+            os.path.join(config.model_dir, "tflite"),
+            images,
             quantize="none" if config.export_tflite == "float32" else "dynamic",
-            check_labels=labels, class_names=class_names,
+            check_labels=labels,
+            class_names=class_names,
         )
         print(f"exported TFLite models to {os.path.join(config.model_dir, 'tflite')}")
 

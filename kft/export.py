@@ -44,8 +44,7 @@ class ExportMismatchError(ValueError):
 class _ServingModule(tf.Module):
     """What gets saved: the Keras model (its variables), the labels asset and the signature."""
 
-    def __init__(self, model: keras.Model, class_names: Sequence[str], labels_path: str,
-                 info_path: str | None = None):
+    def __init__(self, model: keras.Model, class_names: Sequence[str], labels_path: str, info_path: str | None = None):
         super().__init__(name="kft_serving")
         self.model = model
         # A tracked Asset is copied into the SavedModel's assets/ and its path is rewritten to
@@ -61,9 +60,7 @@ class _ServingModule(tf.Module):
         # the shape before running the graph: an image of rank 3 would reach the convolution
         # (where oneDNN aborts the process). ensure_shape fails cleanly with the shapes named.
         images = tf.ensure_shape(images, [None, None, None, 3])
-        tf.debugging.assert_positive(
-            tf.shape(images)[1:3], message="images must have positive height and width"
-        )
+        tf.debugging.assert_positive(tf.shape(images)[1:3], message="images must have positive height and width")
         probabilities = tf.cast(self.model(images, training=False), tf.float32)
         classes = tf.argmax(probabilities, axis=-1, output_type=tf.int64)
         class_names = tf.gather(tf.constant(self._class_names, dtype=tf.string), classes)
@@ -167,15 +164,19 @@ def choose_image_size(given: int | None, recorded: int | None, model_path: str) 
     """
     if recorded is None:
         if given is None:
-            raise ValueError(f"{model_path} does not record the image size its model was trained at "
-                             "(an export from an older kft, away from its run directory); pass "
-                             "--image_size=the run's --image_size")
+            raise ValueError(
+                f"{model_path} does not record the image size its model was trained at "
+                "(an export from an older kft, away from its run directory); pass "
+                "--image_size=the run's --image_size"
+            )
         return given
     if given is not None and given != recorded:
-        raise ValueError(f"--image_size={given}: the model at {model_path} was trained at {recorded} px "
-                         f"and resizes every image to {recorded}; files resized to {given} first would "
-                         "be resized twice and get other probabilities than served ones (leave "
-                         "--image_size out)")
+        raise ValueError(
+            f"--image_size={given}: the model at {model_path} was trained at {recorded} px "
+            f"and resizes every image to {recorded}; files resized to {given} first would "
+            "be resized twice and get other probabilities than served ones (leave "
+            "--image_size out)"
+        )
     return recorded
 
 
@@ -199,9 +200,11 @@ class ServingModel:
         self.image_size = recorded_image_size(self.path, self.class_names)
         width = self._serve.structured_outputs["probabilities"].shape[-1]
         if width is not None and width != len(self.class_names):
-            raise ValueError(f"{os.path.join(self.path, 'assets', LABELS_FILE)} names "
-                             f"{len(self.class_names)} classes but the model outputs {width}: the "
-                             "export is damaged; export it again")
+            raise ValueError(
+                f"{os.path.join(self.path, 'assets', LABELS_FILE)} names "
+                f"{len(self.class_names)} classes but the model outputs {width}: the "
+                "export is damaged; export it again"
+            )
 
     def outputs(self, images) -> dict[str, np.ndarray]:
         """All signature outputs (probabilities, classes, class_names) as numpy arrays.
@@ -214,9 +217,7 @@ class ServingModel:
         """
         images = tf.convert_to_tensor(images)
         if images.dtype != tf.uint8 or images.shape.rank != 4 or images.shape[-1] != 3:
-            raise ValueError(
-                f"images must be uint8 [batch, height, width, 3], got {images.dtype.name} {images.shape}"
-            )
+            raise ValueError(f"images must be uint8 [batch, height, width, 3], got {images.dtype.name} {images.shape}")
         return {name: value.numpy() for name, value in self._serve(images=images).items()}
 
     def __call__(self, images) -> np.ndarray:
@@ -245,9 +246,11 @@ def check_class_names(class_names: Sequence[str]) -> None:
         raise ValueError("no class names to export")
     for name in names:
         if not isinstance(name, str) or not name or not name.isprintable():
-            raise ValueError(f"class name {name!r} cannot be exported (labels.txt holds one name per "
-                             "line): rename that class without newlines or other unprintable "
-                             "characters")
+            raise ValueError(
+                f"class name {name!r} cannot be exported (labels.txt holds one name per "
+                "line): rename that class without newlines or other unprintable "
+                "characters"
+            )
     if len(set(names)) != len(names):
         raise ValueError(f"class_names has duplicates: {names!r}")
 
@@ -355,8 +358,9 @@ def _large_check_images(model: keras.Model, image_size: int) -> tuple[np.ndarray
     return large, expected
 
 
-def _compare(served: ServingModel, check_images: np.ndarray, expected: np.ndarray, atol: float,
-             what: str = "check images") -> None:
+def _compare(
+    served: ServingModel, check_images: np.ndarray, expected: np.ndarray, atol: float, what: str = "check images"
+) -> None:
     got = served(np.asarray(check_images))
     difference = float(np.max(np.abs(got - expected)))
     if not difference <= atol:  # Also catches NaN.

@@ -53,56 +53,177 @@ def _range(name: str, low=None, high=None, low_open=False):
     flags.register_validator(name, check)
 
 
-flags.DEFINE_enum("recipe", "auto", ["auto", "none"], "auto: derive --batch_size, --stages and --augment from the training set's size (a linear probe, then every block for a number of optimizer steps that follows BiT-HyperRule; see kft/recipe.py); a flag you give wins. none: the flags' own defaults. The resolved values are printed and written to MODEL_DIR/flags.cfg.")
+flags.DEFINE_enum(
+    "recipe",
+    "auto",
+    ["auto", "none"],
+    "auto: derive --batch_size, --stages and --augment from the training set's size (a linear probe, then every block for a number of optimizer steps that follows BiT-HyperRule; see kft/recipe.py); a flag you give wins. none: the flags' own defaults. The resolved values are printed and written to MODEL_DIR/flags.cfg.",
+)
 # Data.
-flags.DEFINE_string("dataset", "digits", "Training data: tfds:NAME (e.g. tfds:cifar10), folder:PATH (one subfolder per class; PATH/train and PATH/val used when present), or the built-in offline dataset digits (classes subset: digits:0-4, digits:5-9, digits:1,3,7).")
+flags.DEFINE_string(
+    "dataset",
+    "digits",
+    "Training data: tfds:NAME (e.g. tfds:cifar10), folder:PATH (one subfolder per class; PATH/train and PATH/val used when present), or the built-in offline dataset digits (classes subset: digits:0-4, digits:5-9, digits:1,3,7).",
+)
 flags.DEFINE_string("data_dir", None, "Where TFDS keeps (or finds already downloaded) datasets.")
-flags.DEFINE_float("val_fraction", 0.1, "Fraction of the training data held out for validation when the source has no validation split.")
-flags.DEFINE_integer("train_limit_per_class", 0, "Keep at most this many training images per class (0 = all); makes a few-shot task.")
+flags.DEFINE_float(
+    "val_fraction",
+    0.1,
+    "Fraction of the training data held out for validation when the source has no validation split.",
+)
+flags.DEFINE_integer(
+    "train_limit_per_class", 0, "Keep at most this many training images per class (0 = all); makes a few-shot task."
+)
 # Model.
-flags.DEFINE_string("backbone", "ResNet50", "A keras.applications class name, e.g. ResNet50, MobileNetV3Small, EfficientNetB0, ConvNeXtTiny.")
-flags.DEFINE_string("weights", "imagenet", "Backbone start: imagenet, none (random init), or a PATH to the backbone.weights.h5 a previous kft run wrote.")
-flags.DEFINE_integer("image_size", 0, "Square input size of the backbone; 0 = the backbone's ImageNet size. Images are resized inside the model.")
+flags.DEFINE_string(
+    "backbone",
+    "ResNet50",
+    "A keras.applications class name, e.g. ResNet50, MobileNetV3Small, EfficientNetB0, ConvNeXtTiny.",
+)
+flags.DEFINE_string(
+    "weights",
+    "imagenet",
+    "Backbone start: imagenet, none (random init), or a PATH to the backbone.weights.h5 a previous kft run wrote.",
+)
+flags.DEFINE_integer(
+    "image_size",
+    0,
+    "Square input size of the backbone; 0 = the backbone's ImageNet size. Images are resized inside the model.",
+)
 flags.DEFINE_float("dropout", 0.2, "Dropout rate before the head's last dense layer.")
 flags.DEFINE_integer("hidden_units", 0, "Width of an optional hidden dense layer in the head (0 = none).")
 # Training.
 flags.DEFINE_integer("batch_size", 64, "Global batch size (split across replicas).")
 flags.DEFINE_integer("seed", 0, "Seed for data splits, shuffling, augmentation and initialization.")
-flags.DEFINE_string("stages", "head:3@1e-3,top2:3@1e-4", "The unfreeze schedule: comma-separated WHAT:EPOCHS@LR[:bn=frozen|train][:warmup=F], WHAT = head | topN | from=BLOCK | all. Example: head:3@1e-3,top2:2@1e-4,all:2@1e-5.")
+flags.DEFINE_string(
+    "stages",
+    "head:3@1e-3,top2:3@1e-4",
+    "The unfreeze schedule: comma-separated WHAT:EPOCHS@LR[:bn=frozen|train][:warmup=F], WHAT = head | topN | from=BLOCK | all. Example: head:3@1e-3,top2:2@1e-4,all:2@1e-5.",
+)
 flags.DEFINE_float("lr_scale", 1.0, "Multiplies every stage's learning rate (what kft.tune searches).")
-flags.DEFINE_enum("optimizer", "adam", ["adam", "sgd"], "adam, or sgd with Nesterov momentum 0.9. Neither adds weight decay: L2-SP replaces it.")
-flags.DEFINE_float("l2sp_alpha", 0.01, "L2-SP strength pulling backbone weights toward the pretrained ones; 0 = plain fine-tuning.")
+flags.DEFINE_enum(
+    "optimizer",
+    "adam",
+    ["adam", "sgd"],
+    "adam, or sgd with Nesterov momentum 0.9. Neither adds weight decay: L2-SP replaces it.",
+)
+flags.DEFINE_float(
+    "l2sp_alpha", 0.01, "L2-SP strength pulling backbone weights toward the pretrained ones; 0 = plain fine-tuning."
+)
 flags.DEFINE_float("l2sp_beta", 0.01, "L2 strength on the new head's kernels.")
-flags.DEFINE_enum("regularizer", "l2sp", ["l2sp", "delta", "bss", "none"], "Regularizer toward the pretrained model: l2sp (weights, --l2sp_alpha), delta (last feature map, --delta_alpha), bss (batch spectral shrinkage of the features, --bss_eta), none. The head's --l2sp_beta applies with all of them.")
+flags.DEFINE_enum(
+    "regularizer",
+    "l2sp",
+    ["l2sp", "delta", "bss", "none"],
+    "Regularizer toward the pretrained model: l2sp (weights, --l2sp_alpha), delta (last feature map, --delta_alpha), bss (batch spectral shrinkage of the features, --bss_eta), none. The head's --l2sp_beta applies with all of them.",
+)
 flags.DEFINE_float("delta_alpha", 0.01, "DELTA strength: feature-map distance to the pretrained backbone's.")
-flags.DEFINE_enum("delta_weighting", "attention", ["attention", "plain"], "DELTA channel weights: attention (channels whose removal most raises the loss of the pretrained backbone with the trained head are held closest; computed when the backbone first unfreezes, so put a head stage first) or plain (all equal).")
-flags.DEFINE_integer("delta_attention_batches", 10, "DELTA attention: training batches over which the loss increase per channel is averaged.")
+flags.DEFINE_enum(
+    "delta_weighting",
+    "attention",
+    ["attention", "plain"],
+    "DELTA channel weights: attention (channels whose removal most raises the loss of the pretrained backbone with the trained head are held closest; computed when the backbone first unfreezes, so put a head stage first) or plain (all equal).",
+)
+flags.DEFINE_integer(
+    "delta_attention_batches",
+    10,
+    "DELTA attention: training batches over which the loss increase per channel is averaged.",
+)
 flags.DEFINE_float("bss_eta", 0.001, "BSS strength: the smallest squared singular values of the batch features.")
 flags.DEFINE_integer("bss_k", 1, "BSS: how many of the smallest singular values are shrunk.")
 flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing of the training loss.")
-flags.DEFINE_float("layer_lr_decay", 1.0, "Layer-wise learning rates: the top block gets the stage's rate, each block below this factor times the one above (1 = off; timm's layer decay, fastai's slice(lo, hi)).")
-flags.DEFINE_float("cache_gb", 2.0, "Memory (GiB) the decoded training and validation images may take to be cached, so they are decoded once; bigger sets are decoded every epoch. 0 = never cache.")
-flags.DEFINE_boolean("cache_features", False, "Compute the frozen backbone's features once and train head-only stages on them (much faster; those stages then run without augmentation).")
-flags.DEFINE_float("ema_decay", 0.0, "Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0 = off); validation, the best checkpoint and the export use it.")
-flags.DEFINE_enum("checkpoint_selection", "auto", ["auto", "best", "last"], "Which model a run keeps: best (the round with the best validation accuracy, the linear probe included), last (the end of the schedule), or auto: best when the validation split has at least %d images (binomial standard error of its accuracy <= %.2f), else last." % (schedule.MIN_RANKING_VAL, 0.5 / schedule.MIN_RANKING_VAL ** 0.5))
-flags.DEFINE_string("augment", "crop,flip", "Comma list of on-device augmentations from: crop, flip, translate, colour, mixup, cutmix; none for no augmentation.")
+flags.DEFINE_float(
+    "layer_lr_decay",
+    1.0,
+    "Layer-wise learning rates: the top block gets the stage's rate, each block below this factor times the one above (1 = off; timm's layer decay, fastai's slice(lo, hi)).",
+)
+flags.DEFINE_float(
+    "cache_gb",
+    2.0,
+    "Memory (GiB) the decoded training and validation images may take to be cached, so they are decoded once; bigger sets are decoded every epoch. 0 = never cache.",
+)
+flags.DEFINE_boolean(
+    "cache_features",
+    False,
+    "Compute the frozen backbone's features once and train head-only stages on them (much faster; those stages then run without augmentation).",
+)
+flags.DEFINE_float(
+    "ema_decay",
+    0.0,
+    "Keep an exponential moving average of the weights with this decay (e.g. 0.999; 0 = off); validation, the best checkpoint and the export use it.",
+)
+flags.DEFINE_enum(
+    "checkpoint_selection",
+    "auto",
+    ["auto", "best", "last"],
+    "Which model a run keeps: best (the round with the best validation accuracy, the linear probe included), last (the end of the schedule), or auto: best when the validation split has at least %d images (binomial standard error of its accuracy <= %.2f), else last."
+    % (schedule.MIN_RANKING_VAL, 0.5 / schedule.MIN_RANKING_VAL**0.5),
+)
+flags.DEFINE_string(
+    "augment",
+    "crop,flip",
+    "Comma list of on-device augmentations from: crop, flip, translate, colour, mixup, cutmix; none for no augmentation.",
+)
 # Transfer check (the quickstart uses these).
-flags.DEFINE_string("pretrain_dataset", "", "If set, first train the backbone on this source dataset (same syntax as --dataset) and fine-tune from the result.")
-flags.DEFINE_string("pretrain_stages", "all:5@1e-3:bn=train", "Stage schedule of the source-task training (--pretrain_dataset); from random init BatchNorm must train (bn=train).")
-flags.DEFINE_integer("pretrain_batch_size", 0, "Batch size of the source-task training (--pretrain_dataset); 0 = --batch_size as given or its default (the recipe sizes --batch_size for the target set, not the source).")
-flags.DEFINE_boolean("compare_scratch", False, "Also train the same backbone from random init on the target with the same epochs, and report both accuracies.")
+flags.DEFINE_string(
+    "pretrain_dataset",
+    "",
+    "If set, first train the backbone on this source dataset (same syntax as --dataset) and fine-tune from the result.",
+)
+flags.DEFINE_string(
+    "pretrain_stages",
+    "all:5@1e-3:bn=train",
+    "Stage schedule of the source-task training (--pretrain_dataset); from random init BatchNorm must train (bn=train).",
+)
+flags.DEFINE_integer(
+    "pretrain_batch_size",
+    0,
+    "Batch size of the source-task training (--pretrain_dataset); 0 = --batch_size as given or its default (the recipe sizes --batch_size for the target set, not the source).",
+)
+flags.DEFINE_boolean(
+    "compare_scratch",
+    False,
+    "Also train the same backbone from random init on the target with the same epochs, and report both accuracies.",
+)
 # Outputs.
-flags.DEFINE_string("model_dir", None, "Run directory: checkpoints, TensorBoard events, flags.cfg, metrics.json, weights. Rerunning the same command resumes.")
-flags.DEFINE_string("export_dir", "", "SavedModel base directory (TF Serving layout EXPORT_DIR/<version>/); default MODEL_DIR/export; none to skip.")
-flags.DEFINE_enum("export_tflite", "off", ["off", "float32", "dynamic"], "Also write TFLite models to MODEL_DIR/tflite (input fixed at --image_size): float32, or float32 plus dynamic-range int8; each checked against the Keras model.")
+flags.DEFINE_string(
+    "model_dir",
+    None,
+    "Run directory: checkpoints, TensorBoard events, flags.cfg, metrics.json, weights. Rerunning the same command resumes.",
+)
+flags.DEFINE_string(
+    "export_dir",
+    "",
+    "SavedModel base directory (TF Serving layout EXPORT_DIR/<version>/); default MODEL_DIR/export; none to skip.",
+)
+flags.DEFINE_enum(
+    "export_tflite",
+    "off",
+    ["off", "float32", "dynamic"],
+    "Also write TFLite models to MODEL_DIR/tflite (input fixed at --image_size): float32, or float32 plus dynamic-range int8; each checked against the Keras model.",
+)
 flags.DEFINE_boolean("overwrite", False, "Delete an existing run in --model_dir instead of resuming it.")
 # Runtime.
-flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"], "XLA compilation of the train step; auto = on for GPU/TPU, off on CPU (slower there).")
-flags.DEFINE_enum("mixed_precision", "auto", ["auto", "none", "bfloat16", "float16"], "Mixed precision policy; the head's output layer stays float32. auto: bfloat16 on TPUs and GPUs of compute capability 8.0+, float16 on 7.x GPUs; on a CPU bfloat16 when a short measurement of this backbone (cached per machine in ~/.cache/kft) finds it >= 1.15x faster than float32, else none.")
-flags.DEFINE_enum("strategy", "auto", ["auto", "mirrored", "multi_worker", "tpu"],
-                  "tf.distribute strategy. auto: multi_worker when TF_CONFIG names several tasks, else a "
-                  "TPU if attached, all GPUs when there are several, else one device. multi_worker: "
-                  "kft.train on several machines (TF_CONFIG; README: Train on several machines).")
+flags.DEFINE_enum(
+    "jit_compile",
+    "auto",
+    ["auto", "true", "false"],
+    "XLA compilation of the train step; auto = on for GPU/TPU, off on CPU (slower there).",
+)
+flags.DEFINE_enum(
+    "mixed_precision",
+    "auto",
+    ["auto", "none", "bfloat16", "float16"],
+    "Mixed precision policy; the head's output layer stays float32. auto: bfloat16 on TPUs and GPUs of compute capability 8.0+, float16 on 7.x GPUs; on a CPU bfloat16 when a short measurement of this backbone (cached per machine in ~/.cache/kft) finds it >= 1.15x faster than float32, else none.",
+)
+flags.DEFINE_enum(
+    "strategy",
+    "auto",
+    ["auto", "mirrored", "multi_worker", "tpu"],
+    "tf.distribute strategy. auto: multi_worker when TF_CONFIG names several tasks, else a "
+    "TPU if attached, all GPUs when there are several, else one device. multi_worker: "
+    "kft.train on several machines (TF_CONFIG; README: Train on several machines).",
+)
 flags.DEFINE_boolean("deterministic", False, "Force deterministic TF ops (with --seed: identical metrics on CPU).")
 flags.DEFINE_integer("verbose", 1, "Keras progress output: 0 silent, 1 progress bar, 2 one line per epoch.")
 
@@ -151,9 +272,7 @@ def _check_image_size(values):
         return True  # Reported by the backbone validator.
     size = values["image_size"]
     if size and size < spec.min_size:
-        raise flags.ValidationError(
-            f"--image_size={size} is below {spec.name}'s minimum input size {spec.min_size}"
-        )
+        raise flags.ValidationError(f"--image_size={size} is below {spec.name}'s minimum input size {spec.min_size}")
     return True
 
 
@@ -218,8 +337,9 @@ def apply_recipe(num_train: int, num_classes: int, mirror=None) -> str | None:
     if FLAGS.recipe == "none":
         return None
     given = {name: FLAGS[name].value for name in RECIPE_FLAGS if FLAGS[name].present}
-    derived = recipe.derive(num_train, num_classes, hidden_units=FLAGS.hidden_units,
-                            batch_size=given.get("batch_size"), mirror=mirror)
+    derived = recipe.derive(
+        num_train, num_classes, hidden_units=FLAGS.hidden_units, batch_size=given.get("batch_size"), mirror=mirror
+    )
     if FLAGS.pretrain_dataset and not FLAGS.pretrain_batch_size:
         FLAGS.pretrain_batch_size = FLAGS.batch_size  # Before the recipe resizes it.
     for name, value in derived.flags().items():
@@ -306,8 +426,10 @@ def _identity_lines(names: list[str] | None) -> list[str]:
             continue
         identity = data.folder_identity(value)
         if identity:
-            lines.append(f"# identity --{name}={identity}   (the folder's image files: "
-                         "a moved folder with the same files is the same data)")
+            lines.append(
+                f"# identity --{name}={identity}   (the folder's image files: "
+                "a moved folder with the same files is the same data)"
+            )
     return lines
 
 
@@ -351,7 +473,7 @@ def absolute_path_value(name: str, value: str, resolve=os.path.abspath) -> str:
     """A path-valued flag's value with its path made absolute (`resolve`), so a flags.cfg read
     from another directory names the same data; other values unchanged."""
     if name in ("dataset", "pretrain_dataset") and value.startswith("folder:"):
-        return "folder:" + resolve(os.path.expanduser(value[len("folder:"):].strip()))
+        return "folder:" + resolve(os.path.expanduser(value[len("folder:") :].strip()))
     if (name == "weights" and value not in ("imagenet", "none")) or (name == "data_dir" and value):
         return resolve(os.path.expanduser(value))
     return value
@@ -362,5 +484,4 @@ def _same_path_value(name: str, saved: str | None, current: str | None) -> bool:
     absolute, with or without a trailing slash, through a link)."""
     if saved is None or current is None:
         return False
-    return (absolute_path_value(name, saved, os.path.realpath)
-            == absolute_path_value(name, current, os.path.realpath))
+    return absolute_path_value(name, saved, os.path.realpath) == absolute_path_value(name, current, os.path.realpath)

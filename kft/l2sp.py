@@ -32,11 +32,15 @@ def anchor_arrays(backbone: keras.Model) -> dict[str, np.ndarray]:
 class L2SP:
     """Holds theta0 on the device and computes the penalty and per-block drift."""
 
-    def __init__(self, backbone: keras.Model, head_kernels: list, anchors: dict[str, np.ndarray], alpha: float, beta: float):
+    def __init__(
+        self, backbone: keras.Model, head_kernels: list, anchors: dict[str, np.ndarray], alpha: float, beta: float
+    ):
         params = backbone_parameters(backbone)
         missing = [w.path for w in params if w.path not in anchors]
         if missing:
-            raise ValueError(f"anchors lack {len(missing)} backbone variables, e.g. {missing[0]}; delete MODEL_DIR/anchors.npz only if the run is to start over")
+            raise ValueError(
+                f"anchors lack {len(missing)} backbone variables, e.g. {missing[0]}; delete MODEL_DIR/anchors.npz only if the run is to start over"
+            )
         self.alpha = float(alpha)
         self.beta = float(beta)
         self.params = params
@@ -44,8 +48,7 @@ class L2SP:
         # Non-trainable variables, not tracked by the model: they are never saved as weights
         # and never receive gradients.
         self.anchors = {
-            w.path: tf.Variable(anchors[w.path], trainable=False, name="anchor", dtype=w.dtype)
-            for w in params
+            w.path: tf.Variable(anchors[w.path], trainable=False, name="anchor", dtype=w.dtype) for w in params
         }
 
     def penalty(self, trainable_variables) -> tuple[tf.Tensor, tf.Tensor]:
@@ -62,7 +65,9 @@ class L2SP:
                 sp = self.alpha * tf.add_n(terms)
         head = tf.constant(0.0)
         if self.beta:
-            terms = [tf.reduce_sum(tf.square(tf.cast(k.value, tf.float32))) for k in self.head_kernels if id(k) in trainable]
+            terms = [
+                tf.reduce_sum(tf.square(tf.cast(k.value, tf.float32))) for k in self.head_kernels if id(k) in trainable
+            ]
             if terms:
                 head = self.beta * tf.add_n(terms)
         return sp, head

@@ -23,7 +23,12 @@ from kft import cli, rundir
 from kft import flags as kft_flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("stage", 0, "Which stage of --stages to sweep (1-based); 0 = the first one that trains (the one after a probe).", lower_bound=0)
+flags.DEFINE_integer(
+    "stage",
+    0,
+    "Which stage of --stages to sweep (1-based); 0 = the first one that trains (the one after a probe).",
+    lower_bound=0,
+)
 flags.DEFINE_float("min_lr", 1e-7, "Learning rate of the first step.", lower_bound=0.0)
 flags.DEFINE_float("max_lr", 1.0, "Learning rate of the last step.", lower_bound=0.0)
 flags.DEFINE_integer("sweep_steps", 200, "Steps of the sweep (fewer if the loss blows up first).", lower_bound=5)
@@ -74,15 +79,21 @@ def run_sweep(config, stage_index: int, min_lr: float, max_lr: float, steps: int
     classifier = model.build_classifier(config.backbone, config.image_size, config.weights, head)
     blocks = backbones.blocks(classifier.spec, classifier.backbone)
     trainer.apply_stage(classifier, blocks, stage)
-    penalty, feature_regularizer = trainer.make_regularizers(config, classifier, l2sp.anchor_arrays(classifier.backbone))
+    penalty, feature_regularizer = trainer.make_regularizers(
+        config, classifier, l2sp.anchor_arrays(classifier.backbone)
+    )
     augmenter = augment.Augmenter(config.augment, seed=config.seed) if config.augment else None
-    tuner = trainer.FineTuner(classifier, augmenter, penalty, config.label_smoothing,
-                              feature_regularizer=feature_regularizer)
+    tuner = trainer.FineTuner(
+        classifier, augmenter, penalty, config.label_smoothing, feature_regularizer=feature_regularizer
+    )
     rates = exponential_rates(min_lr, max_lr, steps)
-    schedule = keras.optimizers.schedules.ExponentialDecay(min_lr, decay_steps=max(1, steps - 1),
-                                                           decay_rate=max_lr / min_lr)
-    tuner.compile(optimizer=trainer.make_optimizer(config.optimizer, schedule, precision),
-                  jit_compile=runtime.resolve_jit_compile(config.jit_compile))
+    schedule = keras.optimizers.schedules.ExponentialDecay(
+        min_lr, decay_steps=max(1, steps - 1), decay_rate=max_lr / min_lr
+    )
+    tuner.compile(
+        optimizer=trainer.make_optimizer(config.optimizer, schedule, precision),
+        jit_compile=runtime.resolve_jit_compile(config.jit_compile),
+    )
     tuner.update_scales = trainer.layer_lr_scales(blocks, config.layer_lr_decay)
     losses: list[float] = []
 
@@ -160,8 +171,10 @@ def main(argv):
     if stage > len(config.stages):
         raise cli.UsageError(f"--stage={stage}: --stages has only {len(config.stages)} stages")
     if config.stages[stage - 1].what == "probe":
-        raise cli.UsageError(f"--stage={stage} is the linear probe, which has no learning rate; "
-                             f"sweep a later stage (--stage={stage + 1})")
+        raise cli.UsageError(
+            f"--stage={stage} is the linear probe, which has no learning rate; "
+            f"sweep a later stage (--stage={stage + 1})"
+        )
     if not FLAGS.min_lr < FLAGS.max_lr or FLAGS.min_lr <= 0:
         raise cli.UsageError(f"--min_lr={FLAGS.min_lr} and --max_lr={FLAGS.max_lr}: need 0 < min_lr < max_lr")
     output_dir = FLAGS.output_dir or os.path.join(config.model_dir, "lr_find")
@@ -182,9 +195,11 @@ def main(argv):
         write_outputs(result, output_dir)
     finally:
         lock.release()
-    print(f"stage {stage} ({result['stage']}): {len(result['losses'])} steps, suggested learning rate "
-          f"{result['suggested_lr']:.3g} -> --lr_scale={result['suggested_lr_scale']:.3g}; plot: "
-          f"{os.path.join(output_dir, 'loss_vs_lr.png')}")
+    print(
+        f"stage {stage} ({result['stage']}): {len(result['losses'])} steps, suggested learning rate "
+        f"{result['suggested_lr']:.3g} -> --lr_scale={result['suggested_lr_scale']:.3g}; plot: "
+        f"{os.path.join(output_dir, 'loss_vs_lr.png')}"
+    )
 
 
 if __name__ == "__main__":

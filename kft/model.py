@@ -59,7 +59,9 @@ class Preprocess(keras.layers.Layer):
 class Classifier(keras.Model):
     """Backbone plus new head. Training logic lives in `kft.trainer.FineTuner`, a subclass."""
 
-    def __init__(self, spec: backbones.BackboneSpec, backbone: keras.Model, head: HeadConfig, image_size: int, **kwargs):
+    def __init__(
+        self, spec: backbones.BackboneSpec, backbone: keras.Model, head: HeadConfig, image_size: int, **kwargs
+    ):
         super().__init__(**kwargs)
         self.spec = spec
         self.head_config = head
@@ -72,9 +74,7 @@ class Classifier(keras.Model):
         self.pool = keras.layers.GlobalAveragePooling2D(name="head_pool")
         self.dropout = keras.layers.Dropout(head.dropout, name="head_dropout")
         self.hidden = (
-            keras.layers.Dense(head.hidden_units, activation="relu", name="head_hidden")
-            if head.hidden_units
-            else None
+            keras.layers.Dense(head.hidden_units, activation="relu", name="head_hidden") if head.hidden_units else None
         )
         # The classifier stays float32 under mixed precision so the softmax is stable.
         self.classify = keras.layers.Dense(head.num_classes, activation="softmax", dtype="float32", name="head_logits")

@@ -44,8 +44,12 @@ from absl import logging
 _STRATEGY: tf.distribute.MultiWorkerMirroredStrategy | None = None
 
 # What a collective raises when another worker has gone (killed, preempted, crashed).
-LOST_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError,
-                    tf.errors.DeadlineExceededError)
+LOST_PEER_ERRORS = (
+    tf.errors.UnavailableError,
+    tf.errors.CancelledError,
+    tf.errors.AbortedError,
+    tf.errors.DeadlineExceededError,
+)
 
 
 def tf_config_tasks(environ=None) -> int:
@@ -61,8 +65,10 @@ def tf_config_tasks(environ=None) -> int:
         cluster = json.loads(text)["cluster"]
         return sum(len(cluster.get(job, [])) for job in ("chief", "worker"))
     except (ValueError, KeyError, TypeError, AttributeError):
-        raise ValueError("TF_CONFIG is not JSON of the form {\"cluster\": {\"worker\": [HOST:PORT, "
-                         "...]}, \"task\": {\"type\": \"worker\", \"index\": I}}") from None
+        raise ValueError(
+            'TF_CONFIG is not JSON of the form {"cluster": {"worker": [HOST:PORT, '
+            '...]}, "task": {"type": "worker", "index": I}}'
+        ) from None
 
 
 def wanted(choice: str, environ=None) -> bool:
@@ -84,9 +90,11 @@ def start(choice: str) -> tf.distribute.MultiWorkerMirroredStrategy | None:
     if _STRATEGY is not None or not wanted(choice):
         return _STRATEGY
     if tf_config_tasks() < 1:
-        raise ValueError("--strategy=multi_worker needs TF_CONFIG naming the cluster and this task, "
-                         "e.g. {\"cluster\": {\"worker\": [\"host0:12345\", \"host1:12345\"]}, "
-                         "\"task\": {\"type\": \"worker\", \"index\": 0}}")
+        raise ValueError(
+            "--strategy=multi_worker needs TF_CONFIG naming the cluster and this task, "
+            'e.g. {"cluster": {"worker": ["host0:12345", "host1:12345"]}, '
+            '"task": {"type": "worker", "index": 0}}'
+        )
     _STRATEGY = tf.distribute.MultiWorkerMirroredStrategy()
     return _STRATEGY
 
@@ -122,19 +130,19 @@ class Worker:
         is_f32 = [a.dtype == np.float32 for a in arrays]
         # One extra element each: a collective on an empty tensor is not worth finding out about.
         f32 = np.concatenate([a.ravel() for a, f in zip(arrays, is_f32) if f] + [np.zeros(1, np.float32)])
-        f64 = np.concatenate([a.ravel().astype(np.float64) for a, f in zip(arrays, is_f32) if not f]
-                             + [np.zeros(1, np.float64)])
+        f64 = np.concatenate(
+            [a.ravel().astype(np.float64) for a, f in zip(arrays, is_f32) if not f] + [np.zeros(1, np.float64)]
+        )
         if self._broadcast_fn is None:
             self._broadcast_fn = self._make_broadcast_fn()
-        out32, out64 = (self.strategy.experimental_local_results(r)[0].numpy()
-                        for r in self._broadcast_fn(f32, f64))
+        out32, out64 = (self.strategy.experimental_local_results(r)[0].numpy() for r in self._broadcast_fn(f32, f64))
         received, at32, at64 = [], 0, 0
         for a, f in zip(arrays, is_f32):
             if f:
-                received.append(out32[at32:at32 + a.size].reshape(a.shape))
+                received.append(out32[at32 : at32 + a.size].reshape(a.shape))
                 at32 += a.size
             else:
-                received.append(out64[at64:at64 + a.size].astype(a.dtype).reshape(a.shape))
+                received.append(out64[at64 : at64 + a.size].astype(a.dtype).reshape(a.shape))
                 at64 += a.size
         return received
 
@@ -143,8 +151,10 @@ class Worker:
             context = tf.distribute.get_replica_context()
             first = tf.equal(context.replica_id_in_sync_group, 0)
             # Two calls: a batched all-reduce packs its tensors into one, of one dtype.
-            return (context.all_reduce("sum", tf.where(first, f32, tf.zeros_like(f32))),
-                    context.all_reduce("sum", tf.where(first, f64, tf.zeros_like(f64))))
+            return (
+                context.all_reduce("sum", tf.where(first, f32, tf.zeros_like(f32))),
+                context.all_reduce("sum", tf.where(first, f64, tf.zeros_like(f64))),
+            )
 
         # Traced once: every broadcast is two vectors of some length.
         @tf.function(input_signature=[tf.TensorSpec([None], tf.float32), tf.TensorSpec([None], tf.float64)])
@@ -164,7 +174,7 @@ class Worker:
         data = np.frombuffer(json.dumps(obj).encode() if self.is_chief else b"", np.uint8)
         (length,) = self.broadcast([np.int64(len(data))])
         padded = np.zeros(int(length), np.int64)
-        padded[:len(data)] = data
+        padded[: len(data)] = data
         (received,) = self.broadcast([padded])
         return json.loads(received.astype(np.uint8).tobytes().decode())
 
@@ -210,8 +220,12 @@ def scratch_dir(worker: Worker):
     """A temporary directory for a non-chief worker's files, removed when the block ends (a
     worker killed with -9 leaves it in the system's temporary directory)."""
     path = tempfile.mkdtemp(prefix=f"kft-worker{worker.index}-")
-    logging.info("worker %d of %d: MODEL_DIR belongs to the chief; this worker writes to %s "
-                 "(removed at exit)", worker.index, worker.count, path)
+    logging.info(
+        "worker %d of %d: MODEL_DIR belongs to the chief; this worker writes to %s (removed at exit)",
+        worker.index,
+        worker.count,
+        path,
+    )
     try:
         yield path
     finally:
@@ -222,15 +236,18 @@ def check_batch(worker: Worker, batch_size: int, num_train: int) -> None:
     """Raises ValueError (one line) when --batch_size cannot be split evenly across replicas."""
     replicas = worker.strategy.num_replicas_in_sync
     if batch_size % replicas:
-        raise ValueError(f"--batch_size={batch_size} is the global batch, split across {replicas} "
-                         f"replicas on {worker.count} workers: use a multiple of {replicas}")
+        raise ValueError(
+            f"--batch_size={batch_size} is the global batch, split across {replicas} "
+            f"replicas on {worker.count} workers: use a multiple of {replicas}"
+        )
     if num_train < batch_size:
-        raise ValueError(f"--batch_size={batch_size} is more than the {num_train} training images: "
-                         "with several workers every step needs a full global batch")
+        raise ValueError(
+            f"--batch_size={batch_size} is more than the {num_train} training images: "
+            "with several workers every step needs a full global batch"
+        )
 
 
-def worker_dataset(dataset: tf.data.Dataset, context: tf.distribute.InputContext,
-                   global_batch: int) -> tf.data.Dataset:
+def worker_dataset(dataset: tf.data.Dataset, context: tf.distribute.InputContext, global_batch: int) -> tf.data.Dataset:
     """This worker's share of a dataset of global batches: slice `input_pipeline_id` of every
     batch, in batches of the per-replica size (see the module docstring)."""
     per_replica = context.get_per_replica_batch_size(global_batch)
@@ -238,7 +255,7 @@ def worker_dataset(dataset: tf.data.Dataset, context: tf.distribute.InputContext
     start = context.input_pipeline_id * per_worker
 
     def take_slice(*batch):
-        return tuple(part[start:start + per_worker] for part in batch)
+        return tuple(part[start : start + per_worker] for part in batch)
 
     sliced = dataset.map(take_slice, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if per_worker != per_replica:
@@ -250,11 +267,22 @@ def distribute(worker: Worker, dataset: tf.data.Dataset, global_batch: int):
     """`dataset` (global batches) as a distributed dataset sharded by `worker_dataset`."""
     options = tf.distribute.InputOptions(experimental_fetch_to_device=True)
     return worker.strategy.distribute_datasets_from_function(
-        lambda context: worker_dataset(dataset, context, global_batch), options)
+        lambda context: worker_dataset(dataset, context, global_batch), options
+    )
 
 
-def fit(tuner, worker: Worker, data: tf.data.Dataset, *, global_batch: int, steps_per_epoch,
-        validation_data: tf.data.Dataset, initial_epoch: int, epochs: int, callbacks) -> None:
+def fit(
+    tuner,
+    worker: Worker,
+    data: tf.data.Dataset,
+    *,
+    global_batch: int,
+    steps_per_epoch,
+    validation_data: tf.data.Dataset,
+    initial_epoch: int,
+    epochs: int,
+    callbacks,
+) -> None:
     """`Model.fit` for MWMS: the same train step and callbacks (see the module docstring).
 
     Args:
@@ -298,9 +326,16 @@ def fit(tuner, worker: Worker, data: tf.data.Dataset, *, global_batch: int, step
         for callback in callbacks:
             callback.on_test_end()
         logs.update(val_loss=val_loss, val_accuracy=val_accuracy)
-        logging.info("worker %d of %d: epoch %d: %d steps of %d images (global batch %d); %s",
-                     worker.index, worker.count, epoch + 1, steps, shard, global_batch,
-                     ", ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items())))
+        logging.info(
+            "worker %d of %d: epoch %d: %d steps of %d images (global batch %d); %s",
+            worker.index,
+            worker.count,
+            epoch + 1,
+            steps,
+            shard,
+            global_batch,
+            ", ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items())),
+        )
         for callback in callbacks:
             callback.on_epoch_end(epoch, logs)
 

@@ -30,10 +30,25 @@ from kft import cli
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("export_dir", None, "A SavedModel written by kft: the export base directory (its latest integer version is used) or one version directory.")
-flags.DEFINE_integer("top_k", 5, "How many classes to show per image, most probable first (at most the number of classes).", lower_bound=1)
+flags.DEFINE_string(
+    "export_dir",
+    None,
+    "A SavedModel written by kft: the export base directory (its latest integer version is used) or one version directory.",
+)
+flags.DEFINE_integer(
+    "top_k",
+    5,
+    "How many classes to show per image, most probable first (at most the number of classes).",
+    lower_bound=1,
+)
 flags.DEFINE_bool("json", False, "Print one JSON object per image and line instead of a table.")
-flags.DEFINE_integer("image_size", None, "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Images are resized to the model's own size with the resize inside the model, so the probabilities are those a server fed the whole image returns; another size is refused.", lower_bound=8, upper_bound=2048)
+flags.DEFINE_integer(
+    "image_size",
+    None,
+    "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Images are resized to the model's own size with the resize inside the model, so the probabilities are those a server fed the whole image returns; another size is refused.",
+    lower_bound=8,
+    upper_bound=2048,
+)
 flags.DEFINE_integer("batch_size", 32, "Images per model call.", lower_bound=1)
 flags.mark_flag_as_required("export_dir")
 
@@ -49,7 +64,9 @@ def _image_files(paths: list[str]) -> list[str]:
             continue
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(data.IMAGE_EXTENSIONS))
+            files.extend(
+                os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(data.IMAGE_EXTENSIONS)
+            )
     return files
 
 
@@ -137,7 +154,9 @@ def main(argv):
     # Cheap checks before the model is loaded.
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
-        raise cli.UsageError(f"{missing[0]} does not exist" + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""))
+        raise cli.UsageError(
+            f"{missing[0]} does not exist" + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+        )
     if not os.path.isdir(FLAGS.export_dir):
         raise cli.UsageError(f"--export_dir={FLAGS.export_dir} does not exist or is not a directory")
 

@@ -74,9 +74,15 @@ def features_of(classifier, dataset, batch_size: int | None = None) -> tuple[np.
     return np.concatenate(features), np.concatenate(labels).astype(np.int64)
 
 
-def fit(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, *,
-        val_x: np.ndarray | None = None, val_y: np.ndarray | None = None,
-        seed: int = 0) -> Probe:
+def fit(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    num_classes: int,
+    *,
+    val_x: np.ndarray | None = None,
+    val_y: np.ndarray | None = None,
+    seed: int = 0,
+) -> Probe:
     """Fits the probe; C is chosen on (val_x, val_y) when given, else by cross-validation.
 
     Args:
@@ -102,8 +108,7 @@ def fit(train_x: np.ndarray, train_y: np.ndarray, num_classes: int, *,
     # logits = ((x - mean) / scale) @ W + b = x @ (W / scale) + (b - (mean / scale) @ W)
     kernel = weights / scale[:, None]
     bias = bias - (mean / scale) @ weights
-    return Probe(kernel.astype(np.float32), bias.astype(np.float32), c, chosen_by,
-                 time.time() - started)
+    return Probe(kernel.astype(np.float32), bias.astype(np.float32), c, chosen_by, time.time() - started)
 
 
 def accuracy(probe: Probe, x: np.ndarray, y: np.ndarray) -> float:
@@ -130,8 +135,7 @@ def _fit_quietly(model, x, y):
 
 def _choose_on_validation(x, y, val_x, val_y) -> tuple[float, str]:
     x, y = _subsample(x, y, SELECTION_SUBSAMPLE, seed=0)
-    scores = [float(np.mean(_fit_quietly(_logistic(c), x, y).predict(val_x) == val_y))
-              for c in C_GRID]
+    scores = [float(np.mean(_fit_quietly(_logistic(c), x, y).predict(val_x) == val_y)) for c in C_GRID]
     # Ties go to the strongest regularization: the same validation score with smaller weights.
     return C_GRID[int(np.argmax(scores))], "validation"
 
@@ -179,5 +183,11 @@ def _as_dense(model, num_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray
 
 
 def log(probe: Probe, num_train: int, val_accuracy: float) -> None:
-    logging.info("linear probe on %d training images: C=%g (chosen by %s), val accuracy %.4f, "
-                 "%.1fs", num_train, probe.c, probe.chosen_by, val_accuracy, probe.seconds)
+    logging.info(
+        "linear probe on %d training images: C=%g (chosen by %s), val accuracy %.4f, %.1fs",
+        num_train,
+        probe.c,
+        probe.chosen_by,
+        val_accuracy,
+        probe.seconds,
+    )

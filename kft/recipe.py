@@ -82,9 +82,11 @@ class MirrorCheck:
 
     def describe(self) -> str:
         verdict = "flip kept" if self.symmetric else "no flip: mirrored images look like other classes"
-        return (f"mirror check: nearest-neighbour accuracy {self.accuracy:.2f} on the training "
-                f"images, {self.mirrored_accuracy:.2f} on their mirror images, chance "
-                f"{self.chance:.2f} ({verdict})")
+        return (
+            f"mirror check: nearest-neighbour accuracy {self.accuracy:.2f} on the training "
+            f"images, {self.mirrored_accuracy:.2f} on their mirror images, chance "
+            f"{self.chance:.2f} ({verdict})"
+        )
 
 
 def mirror_check(images: np.ndarray, labels: np.ndarray) -> MirrorCheck:
@@ -151,8 +153,14 @@ def steps_for(num_train: int, batch_size: int) -> int:
     return max(STEPS[band], MIN_EPOCHS * steps_per_epoch)
 
 
-def derive(num_train: int, num_classes: int, *, hidden_units: int = 0,
-           batch_size: int | None = None, mirror: MirrorCheck | None = None) -> Recipe:
+def derive(
+    num_train: int,
+    num_classes: int,
+    *,
+    hidden_units: int = 0,
+    batch_size: int | None = None,
+    mirror: MirrorCheck | None = None,
+) -> Recipe:
     """The recipe for a training set of `num_train` images in `num_classes` classes.
 
     Args:
@@ -174,8 +182,11 @@ def derive(num_train: int, num_classes: int, *, hidden_units: int = 0,
         f"batch {batch}: {max(1, num_train // batch)} steps per pass over the training set",
         f"{steps} fine-tuning steps (BiT-HyperRule for {'<20k' if num_train < SMALL else '<500k' if num_train < MEDIUM else '>=500k'} "
         f"images, at least {MIN_EPOCHS} passes): about {epochs:.0f} passes",
-        ("the head starts as a linear probe on the frozen features (LP-FT)" if not hidden_units
-         else "a head-only stage first (--hidden_units rules out the closed-form probe)"),
+        (
+            "the head starts as a linear probe on the frozen features (LP-FT)"
+            if not hidden_units
+            else "a head-only stage first (--hidden_units rules out the closed-form probe)"
+        ),
         f"then every block at peak rate {lr:.2g} (Adam, warmup + cosine, BatchNorm frozen)",
         *([mirror.describe()] if mirror else []),
         f"augmentation {augment}" + (" (mixup from 20k images)" if num_train >= SMALL else ""),

@@ -49,8 +49,9 @@ class Delta:
         self.reference.trainable = False
         # All ones is the plain form; the attention form replaces them once the head is trained
         # (set_channel_weights). A variable, so the compiled step need not be traced again.
-        self.channel_weights = tf.Variable(tf.ones([backbone.output.shape[-1]]), trainable=False,
-                                           name="delta_channel_weights")
+        self.channel_weights = tf.Variable(
+            tf.ones([backbone.output.shape[-1]]), trainable=False, name="delta_channel_weights"
+        )
         self.attention_set = False
 
     def set_channel_weights(self, weights: np.ndarray) -> None:

@@ -28,15 +28,42 @@ EXPORT_LOCK = None
 
 # Names kft.train writes in MODEL_DIR (kft.trainer, kft.experiment, kft.tflite, kft.evaluate,
 # kft.lr_find). `--overwrite` removes these and nothing else.
-RUN_NAMES = frozenset({
-    MARKER, LOCK, "flags.cfg", "metrics.json", "classes.json", "model.weights.h5",
-    "backbone.weights.h5", "anchors.npz", "delta_attention.npz", "ckpt", "tb", "export", "tflite",
-    "pretrain", "scratch", "eval", "lr_find",
-})
+RUN_NAMES = frozenset(
+    {
+        MARKER,
+        LOCK,
+        "flags.cfg",
+        "metrics.json",
+        "classes.json",
+        "model.weights.h5",
+        "backbone.weights.h5",
+        "anchors.npz",
+        "delta_attention.npz",
+        "ckpt",
+        "tb",
+        "export",
+        "tflite",
+        "pretrain",
+        "scratch",
+        "eval",
+        "lr_find",
+    }
+)
 # Names kft.tune writes in TUNE_DIR (kft.search).
-TUNE_NAMES = frozenset({
-    MARKER, LOCK, "search.json", "oracle", "trials", "pretrain", "tb", "trials.csv", "best.cfg", "best",
-})
+TUNE_NAMES = frozenset(
+    {
+        MARKER,
+        LOCK,
+        "search.json",
+        "oracle",
+        "trials",
+        "pretrain",
+        "tb",
+        "trials.csv",
+        "best.cfg",
+        "best",
+    }
+)
 # Names a run may hold before its marker: what kft.lr_find and kft.evaluate write into a
 # MODEL_DIR that has not trained yet.
 _UNMARKED_NAMES = frozenset({"lr_find", "eval", LOCK})
@@ -115,14 +142,16 @@ def check_owned(path: str, flag: str, kind: str = "run", overwrite: bool = False
             return
         raise ValueError(
             f"{flag} is not empty and holds no {what} (no {MARKER}): kft never writes into or "
-            f"deletes a directory it did not create; use a new or empty directory")
+            f"deletes a directory it did not create; use a new or empty directory"
+        )
     if overwrite:
         foreign = [name for name in names if name not in own and not name.startswith(_TMP_PREFIX)]
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             raise ValueError(
                 f"{flag}: --overwrite refused, the directory holds files kft did not write "
-                f"({shown}); move them out or use another directory")
+                f"({shown}); move them out or use another directory"
+            )
 
 
 # What a run has produced; a run that holds any of them resumes from a checkpoint or not at all.
@@ -142,9 +171,11 @@ def check_resumable(path: str, flag: str) -> None:
     ckpt = os.path.join(path, "ckpt")
     if any(name.startswith("epoch-") and name[6:].isdigit() for name in _entries(ckpt)):
         return  # kft.checkpoint resumes from the newest complete one, or refuses.
-    raise ValueError(f"{flag} holds {', '.join(results)} but no resume checkpoint ({ckpt} is missing "
-                     "or empty); kft will not train over those results from the start: pass "
-                     "--overwrite to train again, or use another --model_dir")
+    raise ValueError(
+        f"{flag} holds {', '.join(results)} but no resume checkpoint ({ckpt} is missing "
+        "or empty); kft will not train over those results from the start: pass "
+        "--overwrite to train again, or use another --model_dir"
+    )
 
 
 def remove_owned(path: str, kind: str = "run") -> list[str]:
@@ -205,8 +236,10 @@ class DirLock:
                 os.close(fd)
                 holder = _read_holder(self.file)
                 waited = f" (waited {wait:.0f}s)" if wait else ""
-                raise Busy(f"{flag} is in use by another kft process{holder}{waited}; wait for it "
-                           "to finish or use another directory") from None
+                raise Busy(
+                    f"{flag} is in use by another kft process{holder}{waited}; wait for it "
+                    "to finish or use another directory"
+                ) from None
         self.fd = fd
         if name:
             os.ftruncate(fd, 0)

@@ -32,12 +32,14 @@ def jit_compile_reason(choice: str) -> str:
         return f"--jit_compile={choice}"
     if has_accelerator():
         return "--jit_compile=auto: XLA on (an accelerator: XLA fuses the augmentation and the model)"
-    return ("--jit_compile=auto: XLA off (no GPU or TPU; on CPU XLA made steps 0.12-0.62x as fast "
-            "as oneDNN, BENCHMARKS.md)")
+    return (
+        "--jit_compile=auto: XLA off (no GPU or TPU; on CPU XLA made steps 0.12-0.62x as fast as oneDNN, BENCHMARKS.md)"
+    )
 
 
-def precision_decision(choice: str, backbone_name: str, image_size: int | None = None,
-                       *, measure: "calibration.Measure | None" = None) -> calibration.Decision:
+def precision_decision(
+    choice: str, backbone_name: str, image_size: int | None = None, *, measure: "calibration.Measure | None" = None
+) -> calibration.Decision:
     """--mixed_precision for this device and backbone, with the reason (see resolve_precision)."""
     if choice != "auto":
         return calibration.Decision(choice, None, f"--mixed_precision={choice}")
@@ -95,8 +97,10 @@ def make_strategy(choice: str) -> tf.distribute.Strategy:
     if multiworker.started() is not None and choice in ("auto", "multi_worker"):
         return multiworker.started()
     if choice == "multi_worker":
-        raise ValueError("--strategy=multi_worker is for kft.train (TF_CONFIG on every worker); "
-                         "this program trains on one machine: use --strategy=auto or mirrored")
+        raise ValueError(
+            "--strategy=multi_worker is for kft.train (TF_CONFIG on every worker); "
+            "this program trains on one machine: use --strategy=auto or mirrored"
+        )
     if choice == "tpu" or (choice == "auto" and tf.config.list_physical_devices("TPU")):
         resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
         tf.config.experimental_connect_to_cluster(resolver)

@@ -42,8 +42,10 @@ _STAGE_RE = re.compile(
     r"^(?P<what>head|all|top(?P<n>\d+)|from=(?P<block>[A-Za-z0-9_]+))"
     r":(?P<length>\d+)(?P<steps>steps)?@(?P<lr>[0-9.eE+-]+)(?P<opts>(:[a-z]+=[A-Za-z0-9_.]+)*)$"
 )
-STAGE_SYNTAX = ("WHAT:EPOCHS@LR or WHAT:Nsteps@LR, then [:bn=frozen|train][:warmup=F][:rounds=R], "
-                "with WHAT one of head, topN, from=BLOCK, all; or probe (first stage only)")
+STAGE_SYNTAX = (
+    "WHAT:EPOCHS@LR or WHAT:Nsteps@LR, then [:bn=frozen|train][:warmup=F][:rounds=R], "
+    "with WHAT one of head, topN, from=BLOCK, all; or probe (first stage only)"
+)
 # Fewest validation images that can rank checkpoints: the binomial standard error of an accuracy
 # measured on n images is at most 0.5/sqrt(n), 0.05 at 100. Models a few points apart (epochs of
 # one run, the probe and the fine-tune) cannot be told apart on fewer.
@@ -82,9 +84,7 @@ class Stage:
         """The stage written back in `--stages` syntax."""
         if self.what == "probe":
             return "probe"
-        what = {"top": f"top{self.top_blocks}", "from": f"from={self.from_block}"}.get(
-            self.what, self.what
-        )
+        what = {"top": f"top{self.top_blocks}", "from": f"from={self.from_block}"}.get(self.what, self.what)
         length = f"{self.steps}steps" if self.steps else str(self.epochs)
         rounds = f":rounds={self.epochs}" if self.steps and self.epochs != default_rounds(self.steps) else ""
         return f"{what}:{length}@{self.lr:g}:bn={self.bn}:warmup={self.warmup:g}{rounds}"
@@ -118,8 +118,10 @@ def parse_stages(spec: str) -> tuple[Stage, ...]:
         raise ValueError(f"--stages={spec!r} is empty; expected {STAGE_SYNTAX}")
     stages = tuple(_parse_stage(p) for p in parts)
     if any(stage.what == "probe" for stage in stages[1:]):
-        raise ValueError(f"--stages={spec!r}: probe may only be the first stage (it fits the new "
-                         "head on the pretrained backbone's features)")
+        raise ValueError(
+            f"--stages={spec!r}: probe may only be the first stage (it fits the new "
+            "head on the pretrained backbone's features)"
+        )
     return stages
 
 
@@ -139,8 +141,7 @@ def _parse_stage(text: str) -> Stage:
         what, fields["from_block"] = "from", match["block"]
     length = int(match["length"])
     if length < 1:
-        raise ValueError(f"stage {text!r}: {'steps' if match['steps'] else 'epochs'} must be >= 1, "
-                         f"got {length}")
+        raise ValueError(f"stage {text!r}: {'steps' if match['steps'] else 'epochs'} must be >= 1, got {length}")
     if match["steps"]:
         fields["steps"] = length
         epochs = default_rounds(length)
@@ -168,8 +169,7 @@ def _parse_stage(text: str) -> Stage:
             fields["warmup"] = warmup
         elif key == "rounds" and match["steps"]:
             if not value.isdigit() or not 1 <= int(value) <= length:
-                raise ValueError(f"stage {text!r}: rounds={value!r}; allowed: 1 to the stage's "
-                                 f"{length} steps")
+                raise ValueError(f"stage {text!r}: rounds={value!r}; allowed: 1 to the stage's {length} steps")
             epochs = int(value)
         else:
             allowed = "bn, warmup, rounds (stages counted in steps)"

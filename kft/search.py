@@ -87,8 +87,14 @@ STRENGTH_FIELDS = {"l2sp": "l2sp_alpha", "delta": "delta_alpha", "bss": "bss_eta
 # Config fields that do not change what a trial computes, or that each trial sets itself; a
 # rerun may change them without starting a different search. Every strength is one of these:
 # the chosen regularizer's is searched, the others are unused.
-_FREE_FIELDS = ("model_dir", "export_dir", "verbose", "lr_scale", "compare_scratch",
-                *(field for field in STRENGTH_FIELDS.values() if field))
+_FREE_FIELDS = (
+    "model_dir",
+    "export_dir",
+    "verbose",
+    "lr_scale",
+    "compare_scratch",
+    *(field for field in STRENGTH_FIELDS.values() if field),
+)
 
 
 def searched_fields(regularizer: str) -> tuple[str, ...]:
@@ -116,8 +122,7 @@ class SearchSpace:
             low, high = getattr(self, f"{name}_min"), getattr(self, f"{name}_max")
             for end, value in (("min", low), ("max", high)):
                 if not (value > 0 and math.isfinite(value)):
-                    raise ValueError(f"--{name}_{end}={value:g} must be a finite number > 0 (the "
-                                     "range is log-uniform)")
+                    raise ValueError(f"--{name}_{end}={value:g} must be a finite number > 0 (the range is log-uniform)")
             if low >= high:
                 raise ValueError(
                     f"--{name}_min={low:g} must be < --{name}_max={high:g} (the range is "
@@ -158,7 +163,7 @@ def trial_values(values: dict, regularizer: str) -> dict:
 
 
 def describe(values: dict) -> str:
-    """"lr_scale=2 delta_alpha=0.01", for the lines printed per trial."""
+    """ "lr_scale=2 delta_alpha=0.01", for the lines printed per trial."""
     return " ".join(f"{name}={value:.4g}" for name, value in values.items())
 
 
@@ -285,8 +290,9 @@ def fingerprint(config: Config, tune: TuneConfig) -> dict:
     if tune.tuner == "hyperband":
         search["hyperband_factor"] = tune.hyperband_factor
     # What a folder dataset holds, so that the same files moved elsewhere are the same data.
-    identity = {name: data.folder_identity(getattr(config, name)) if getattr(config, name) else None
-                for name in _DATA_FIELDS}
+    identity = {
+        name: data.folder_identity(getattr(config, name)) if getattr(config, name) else None for name in _DATA_FIELDS
+    }
     return {"config": fields, "search": search, "identity": identity}
 
 
@@ -324,7 +330,7 @@ def _same_path(key: str, old, new, saved: dict, current: dict) -> bool:
 def _real_path(value: str) -> str:
     """A `folder:PATH` spec or a file path, resolved; other values (`imagenet`, `tfds:...`) as is."""
     if value.startswith("folder:"):
-        return "folder:" + os.path.realpath(os.path.expanduser(value[len("folder:"):].strip()))
+        return "folder:" + os.path.realpath(os.path.expanduser(value[len("folder:") :].strip()))
     if os.sep in value or value.endswith(".h5"):
         return os.path.realpath(os.path.expanduser(value))
     return value
@@ -386,7 +392,9 @@ def wait_for_search(tune: TuneConfig, current: dict, timeout: float = 3600.0) ->
         time.sleep(1.0)
     conflict = fingerprint_conflict(checkpoint.read_json(path), current)
     if conflict:
-        raise ValueError(f"this worker's flags differ from the chief's search in --tune_dir={tune.tune_dir} ({conflict})")
+        raise ValueError(
+            f"this worker's flags differ from the chief's search in --tune_dir={tune.tune_dir} ({conflict})"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,12 +402,14 @@ def wait_for_search(tune: TuneConfig, current: dict, timeout: float = 3600.0) ->
 
 
 def role() -> str:
-    """"single", "chief" or "worker", from KERASTUNER_ORACLE_IP and KERASTUNER_TUNER_ID."""
+    """ "single", "chief" or "worker", from KERASTUNER_ORACLE_IP and KERASTUNER_TUNER_ID."""
     if "KERASTUNER_ORACLE_IP" not in os.environ:
         return "single"
     missing = [v for v in ("KERASTUNER_ORACLE_PORT", "KERASTUNER_TUNER_ID") if v not in os.environ]
     if missing:
-        raise ValueError(f"KERASTUNER_ORACLE_IP is set but {' and '.join(missing)} is not; distributed tuning needs all three")
+        raise ValueError(
+            f"KERASTUNER_ORACLE_IP is set but {' and '.join(missing)} is not; distributed tuning needs all three"
+        )
     return "chief" if "chief" in os.environ["KERASTUNER_TUNER_ID"] else "worker"
 
 
@@ -451,8 +461,14 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
         if "tuner/epochs" in values:
             stages = budget_stages(stages, int(values["tuner/epochs"]))
         model_dir = os.path.abspath(os.path.join(self.tune.tune_dir, "trials", trial_id))
-        overrides = dict(**trial_values(values, self.config.regularizer), model_dir=model_dir, stages=stages,
-                         export_dir="none", verbose=0, compare_scratch=False)
+        overrides = dict(
+            **trial_values(values, self.config.regularizer),
+            model_dir=model_dir,
+            stages=stages,
+            export_dir="none",
+            verbose=0,
+            compare_scratch=False,
+        )
         config = dataclasses.replace(self.config, **overrides)
         text = override_flags(self.flagfile_text, overrides)
         return config, text
@@ -515,7 +531,9 @@ def pretrain(config: Config, tune_dir: str) -> Config:
     metrics = trainer.train(source)
     release_memory()
     print(f"source task {source.dataset}: best val accuracy {metrics[OBJECTIVE]:.4f}", flush=True)
-    return dataclasses.replace(config, weights=os.path.join(source.model_dir, "backbone.weights.h5"), pretrain_dataset="")
+    return dataclasses.replace(
+        config, weights=os.path.join(source.model_dir, "backbone.weights.h5"), pretrain_dataset=""
+    )
 
 
 def run(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Splits | None = None) -> dict | None:
@@ -554,8 +572,7 @@ def run(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Split
         lock.release()
 
 
-def _search(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Splits | None,
-            who: str) -> dict | None:
+def _search(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Splits | None, who: str) -> dict | None:
     """`run` once the tune directory is checked (and locked, unless `who` is a worker)."""
     base_flagfile = flagfile_text
     if config.pretrain_dataset:
@@ -579,7 +596,9 @@ def _search(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.S
     except RuntimeError as e:
         error = e  # KerasTuner stops after consecutive failed trials; report what finished.
     if who == "worker":
-        print(f"worker {os.environ['KERASTUNER_TUNER_ID']} done; ran trials: {', '.join(tuner.ran) or 'none'}", flush=True)
+        print(
+            f"worker {os.environ['KERASTUNER_TUNER_ID']} done; ran trials: {', '.join(tuner.ran) or 'none'}", flush=True
+        )
         if error:
             raise error
         return None
@@ -591,6 +610,7 @@ def _search(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.S
 
 # ----------------------------------------------------------------------------------------------
 # Outputs.
+
 
 def csv_columns(regularizer: str) -> tuple[str, ...]:
     """trials.csv's header: the searched fields are named as kft.train's flags."""
@@ -607,14 +627,16 @@ def trial_rows(oracle: kt.Oracle, regularizer: str) -> list[dict]:
             return trial.metrics.get_last_value(name) if trial.metrics.exists(name) else None
 
         epochs = last("epochs")
-        rows.append({
-            "trial_id": trial_id,
-            **trial_values(trial.hyperparameters.values, regularizer),
-            "objective": trial.score if trial.status == "COMPLETED" else None,
-            "epochs": int(epochs) if epochs is not None else None,
-            "wall_seconds": last("wall_seconds"),
-            "status": trial.status,
-        })
+        rows.append(
+            {
+                "trial_id": trial_id,
+                **trial_values(trial.hyperparameters.values, regularizer),
+                "objective": trial.score if trial.status == "COMPLETED" else None,
+                "epochs": int(epochs) if epochs is not None else None,
+                "wall_seconds": last("wall_seconds"),
+                "status": trial.status,
+            }
+        )
     return rows
 
 
@@ -632,8 +654,10 @@ def write_outputs(oracle: kt.Oracle, config: Config, tune: TuneConfig, flagfile_
         checkpoint.write_text(os.path.join(tune.tune_dir, "best.cfg"), best_flagfile(best, config, tune, flagfile_text))
     print(format_table(rows, best, searched_fields(config.regularizer)))
     if best:
-        print(f"best trial {best['trial_id']}: {OBJECTIVE}={best['objective']:.4f}; train it with:\n"
-              f"  python -m kft.train --flagfile={os.path.join(tune.tune_dir, 'best.cfg')}")
+        print(
+            f"best trial {best['trial_id']}: {OBJECTIVE}={best['objective']:.4f}; train it with:\n"
+            f"  python -m kft.train --flagfile={os.path.join(tune.tune_dir, 'best.cfg')}"
+        )
     else:
         print("no trial completed; no best.cfg written")
     return {"rows": rows, "best": best}
@@ -653,8 +677,10 @@ def best_flagfile(best: dict, config: Config, tune: TuneConfig, flagfile_text: s
     model_dir = os.path.abspath(os.path.join(tune.tune_dir, "best"))
     epochs_note = ""
     if best["epochs"] is not None and best["epochs"] < config.total_epochs:
-        epochs_note = (f" That trial trained {best['epochs']} of the schedule's {config.total_epochs} "
-                       "epochs (a Hyperband budget); this file trains the full schedule.")
+        epochs_note = (
+            f" That trial trained {best['epochs']} of the schedule's {config.total_epochs} "
+            "epochs (a Hyperband budget); this file trains the full schedule."
+        )
     header = (
         f"# The best trial ({best['trial_id']}) of the kft.tune search in {os.path.abspath(tune.tune_dir)} "
         f"({tune.tuner}, {OBJECTIVE}={best['objective']:.4f}).{epochs_note}\n"
@@ -713,4 +739,3 @@ def read_trials_csv(path: str) -> list[dict]:
     """trials.csv back as dicts of strings (for tests and tools)."""
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-

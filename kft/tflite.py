@@ -97,7 +97,9 @@ def export_tflite(
         )
     expected = np.asarray(keras.ops.convert_to_numpy(model(check_images, training=False)), np.float32)
     if expected.ndim != 2 or len(expected) != len(check_images):
-        raise ValueError(f"the model outputs shape {expected.shape} for {len(check_images)} images, expected [N, classes]")
+        raise ValueError(
+            f"the model outputs shape {expected.shape} for {len(check_images)} images, expected [N, classes]"
+        )
     names = None if class_names is None else list(class_names)
     if names is not None and (len(names) != expected.shape[1] or not all(n and "\n" not in n for n in names)):
         raise ValueError(f"class_names must be {expected.shape[1]} non-empty names without newlines, got {names!r}")

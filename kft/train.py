@@ -76,8 +76,10 @@ def main(argv):
     if worker and not worker.all_ok(True):
         if lock:
             lock.release()
-        raise cli.UsageError(f"another worker of the {worker.count} in TF_CONFIG refused to start "
-                             "(its log says why); nothing was trained")
+        raise cli.UsageError(
+            f"another worker of the {worker.count} in TF_CONFIG refused to start "
+            "(its log says why); nothing was trained"
+        )
     lost = None
     with contextlib.ExitStack() as stack:
         if lock:
@@ -85,8 +87,12 @@ def main(argv):
         if worker and not worker.is_chief:
             # MODEL_DIR is the chief's alone: this worker trains in a directory of its own and
             # exports nothing (kft.multiworker).
-            config = dataclasses.replace(config, model_dir=stack.enter_context(multiworker.scratch_dir(worker)),
-                                         export_dir="none", export_tflite="off")
+            config = dataclasses.replace(
+                config,
+                model_dir=stack.enter_context(multiworker.scratch_dir(worker)),
+                export_dir="none",
+                export_tflite="off",
+            )
         try:
             experiment.run(config, flagfile_text=flagfile_text, splits=splits)
             if worker:
@@ -103,10 +109,15 @@ def main(argv):
             logging.debug("lost a worker", exc_info=True)
             lost = e
     if lost is not None:
-        print(cli.error_line(
-            f"lost contact with another worker ({type(lost).__name__}); files are as the chief's last "
-            "complete checkpoint left them: restart every worker with the same command to resume",
-            "kft.train"), file=sys.stderr, flush=True)
+        print(
+            cli.error_line(
+                f"lost contact with another worker ({type(lost).__name__}); files are as the chief's last "
+                "complete checkpoint left them: restart every worker with the same command to resume",
+                "kft.train",
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
         sys.stdout.flush()
         # Not sys.exit: TF would wait at exit for the worker that is gone (up to a minute).
         os._exit(1)
@@ -136,8 +147,9 @@ def _checked_start(experiment, trainer, worker):
     try:
         # With --overwrite nothing is removed before every check has passed; a source task to
         # train first must not find a bad fine-tune schedule only after it.
-        experiment.check_before_work(config, splits.class_names,
-                                     build_model=FLAGS.overwrite or bool(config.pretrain_dataset))
+        experiment.check_before_work(
+            config, splits.class_names, build_model=FLAGS.overwrite or bool(config.pretrain_dataset)
+        )
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     return config, flagfile_text, splits, _prepare_model_dir(config.model_dir, flagfile_text, FLAGS.overwrite)

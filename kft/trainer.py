@@ -95,8 +95,13 @@ class FineTuner(keras.Model):
 
     @property
     def metrics(self):
-        return [self.loss_tracker, self.accuracy_tracker, self.l2sp_tracker, self.head_l2_tracker,
-                self.feature_reg_tracker]
+        return [
+            self.loss_tracker,
+            self.accuracy_tracker,
+            self.l2sp_tracker,
+            self.head_l2_tracker,
+            self.feature_reg_tracker,
+        ]
 
     def call(self, images, training=False):
         return self.classifier(images, training=training)
@@ -223,8 +228,9 @@ def make_regularizers(config: Config, classifier: model.Classifier, anchors: dic
         penalty = l2sp.L2SP(classifier.backbone, head_kernels, anchors, alpha, config.l2sp_beta)
     feature_regularizer = None
     if config.regularizer == "delta":
-        feature_regularizer = regularizers.Delta(classifier.backbone, anchors, config.delta_alpha,
-                                                 config.delta_weighting)
+        feature_regularizer = regularizers.Delta(
+            classifier.backbone, anchors, config.delta_alpha, config.delta_weighting
+        )
     elif config.regularizer == "bss":
         feature_regularizer = regularizers.BatchSpectralShrinkage(config.bss_eta, config.bss_k)
     return penalty, feature_regularizer
@@ -371,8 +377,13 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
     if splits is None:
         splits = load_splits(config)
     logging.info("precision: %s (--mixed_precision=%s); XLA: %s", precision, config.mixed_precision, jit)
-    logging.info("data: %d train, %d val images, %d classes, %d unreadable files skipped",
-                 splits.num_train, splits.num_val, len(splits.class_names), splits.skipped)
+    logging.info(
+        "data: %d train, %d val images, %d classes, %d unreadable files skipped",
+        splits.num_train,
+        splits.num_val,
+        len(splits.class_names),
+        splits.skipped,
+    )
 
     _check_same_classes(config.model_dir, splits.class_names)
     if worker:
@@ -385,8 +396,9 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         saved = worker.broadcast_json(saved)
     state = _RunState(**saved) if saved else _RunState()
     with strategy.scope():
-        tuner, blocks, anchors = _build_tuner(config, len(splits.class_names), flagfile_text,
-                                              worker.broadcast_arrays if worker else None)
+        tuner, blocks, anchors = _build_tuner(
+            config, len(splits.class_names), flagfile_text, worker.broadcast_arrays if worker else None
+        )
     classifier, feature_regularizer = tuner.classifier, tuner.feature_regularizer
     checkpoint.write_json(
         os.path.join(config.model_dir, "classes.json"),
@@ -395,8 +407,7 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
     summaries = Summaries(os.path.join(config.model_dir, "tb"))
     if not saved:
         summaries.augmented_grid(splits.train, config.augment, config.seed, len(splits.class_names))
-    recorder = _EpochRecorder(config, tuner, anchors, _block_of_variable(blocks), summaries, state, ckpts,
-                              select_best)
+    recorder = _EpochRecorder(config, tuner, anchors, _block_of_variable(blocks), summaries, state, ckpts, select_best)
     steps = steps_per_epoch(splits.train, splits.num_train, config.batch_size)
     first_epoch_of = np.cumsum([0] + [s.epochs for s in config.stages]).tolist()
 
@@ -436,12 +447,18 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
             # it restored, or what the probe fitted outside the collective step.
             worker.sync_variables(tuner.variables + optimizer.variables)
         if trainable_blocks and _needs_attention(feature_regularizer):
-            _set_delta_attention(feature_regularizer, classifier, splits.train, config, index, summaries,
-                                 first_epoch_of[index], worker)
-        logging.info("stage %d/%d %s: trainable blocks %s, %d steps/%s",
-                     index + 1, len(config.stages), stage.describe(),
-                     ", ".join(trainable_blocks) if trainable_blocks else "none (head only)",
-                     stage.steps_per_round(steps), "round" if stage.steps else "epoch")
+            _set_delta_attention(
+                feature_regularizer, classifier, splits.train, config, index, summaries, first_epoch_of[index], worker
+            )
+        logging.info(
+            "stage %d/%d %s: trainable blocks %s, %d steps/%s",
+            index + 1,
+            len(config.stages),
+            stage.describe(),
+            ", ".join(trainable_blocks) if trainable_blocks else "none (head only)",
+            stage.steps_per_round(steps),
+            "round" if stage.steps else "epoch",
+        )
         first = first_epoch_of[index]
         summaries.stage_start(index, stage, trainable_blocks, first)
         recorder.start_stage(index, stage, first, optimizer, lr)
@@ -482,11 +499,16 @@ def _check_same_classes(model_dir: str, class_names) -> None:
         return
     added = [n for n in class_names if n not in before]
     gone = [n for n in before if n not in class_names]
-    change = "; ".join(x for x in (f"new: {', '.join(added)}" if added else "",
-                                   f"gone: {', '.join(gone)}" if gone else "") if x) or "reordered"
+    change = (
+        "; ".join(
+            x for x in (f"new: {', '.join(added)}" if added else "", f"gone: {', '.join(gone)}" if gone else "") if x
+        )
+        or "reordered"
+    )
     raise ValueError(
         f"--model_dir={model_dir} holds a run on {len(before)} classes, the data now has "
-        f"{len(class_names)} ({change}); pass --overwrite to start over, or use another --model_dir")
+        f"{len(class_names)} ({change}); pass --overwrite to start over, or use another --model_dir"
+    )
 
 
 def selects_best(selection: str, num_val: int) -> bool:
@@ -499,26 +521,34 @@ def selects_best(selection: str, num_val: int) -> bool:
         "the validation split has %d images: the standard error of an accuracy measured on it is "
         "up to 0.5/sqrt(%d) = %.2f, too coarse to rank checkpoints (kft ranks from %d images); "
         "keeping the end of the schedule (--checkpoint_selection=best overrides)",
-        num_val, max(1, num_val), 0.5 / math.sqrt(max(1, num_val)), schedule.MIN_RANKING_VAL)
+        num_val,
+        max(1, num_val),
+        0.5 / math.sqrt(max(1, num_val)),
+        schedule.MIN_RANKING_VAL,
+    )
     return False
 
 
-def _run_probe(classifier, splits: data.Splits, config: Config, recorder, global_epoch: int,
-               index: int) -> None:
+def _run_probe(classifier, splits: data.Splits, config: Config, recorder, global_epoch: int, index: int) -> None:
     """The probe stage: fits the head on the frozen backbone's features (kft.probe), records
     its validation accuracy as the run's baseline and checkpoints it like an epoch."""
     if classifier.hidden is not None:
-        raise ValueError("the probe stage needs --hidden_units=0: it fits the head's only dense "
-                         "layer in closed form")
+        raise ValueError("the probe stage needs --hidden_units=0: it fits the head's only dense layer in closed form")
     started = time.time()
     batch = probe_lib.feature_batch_size(config.image_size)
     train_x, train_y = probe_lib.features_of(
-        classifier, splits.train if splits.train_in_order is None else splits.train_in_order, batch)
+        classifier, splits.train if splits.train_in_order is None else splits.train_in_order, batch
+    )
     val_x, val_y = probe_lib.features_of(classifier, splits.val, batch)
     rankable = len(val_y) >= schedule.MIN_RANKING_VAL
-    fitted = probe_lib.fit(train_x, train_y, len(splits.class_names),
-                           val_x=val_x if rankable else None, val_y=val_y if rankable else None,
-                           seed=config.seed)
+    fitted = probe_lib.fit(
+        train_x,
+        train_y,
+        len(splits.class_names),
+        val_x=val_x if rankable else None,
+        val_y=val_y if rankable else None,
+        seed=config.seed,
+    )
     classifier.classify.set_weights([fitted.kernel, fitted.bias])
     val_accuracy = probe_lib.accuracy(fitted, val_x, val_y)
     probe_lib.log(fitted, len(train_y), val_accuracy)
@@ -549,8 +579,9 @@ def check_model(config: Config, num_classes: int) -> None:
         keras.backend.clear_session()
 
 
-def _build_tuner(config: Config, num_classes: int, flagfile_text: str,
-                 share_anchors=None) -> tuple[FineTuner, list, dict]:
+def _build_tuner(
+    config: Config, num_classes: int, flagfile_text: str, share_anchors=None
+) -> tuple[FineTuner, list, dict]:
     """The classifier, its blocks and the FineTuner around it; writes flags.cfg once the stages
     are known to fit the backbone, and anchors.npz (theta0) unless a resumed run has it.
 
@@ -579,8 +610,9 @@ def _build_tuner(config: Config, num_classes: int, flagfile_text: str,
             checkpoint.save_arrays(anchors_path, anchors)
     penalty, feature_regularizer = make_regularizers(config, classifier, anchors)
     augmenter = augment_lib.Augmenter(config.augment, seed=config.seed) if config.augment else None
-    tuner = FineTuner(classifier, augmenter, penalty, config.label_smoothing, config.ema_decay,
-                      feature_regularizer, name="finetuner")
+    tuner = FineTuner(
+        classifier, augmenter, penalty, config.label_smoothing, config.ema_decay, feature_regularizer, name="finetuner"
+    )
     return tuner, blocks, anchors
 
 
@@ -588,8 +620,17 @@ class _EpochRecorder:
     """What happens after every epoch: the history and TensorBoard, the best weights, and a
     resume checkpoint with the run state."""
 
-    def __init__(self, config: Config, tuner: FineTuner, anchors: dict, block_of: dict, summaries,
-                 state: _RunState, ckpts: checkpoint.ResumeCheckpoints, select_best: bool):
+    def __init__(
+        self,
+        config: Config,
+        tuner: FineTuner,
+        anchors: dict,
+        block_of: dict,
+        summaries,
+        state: _RunState,
+        ckpts: checkpoint.ResumeCheckpoints,
+        select_best: bool,
+    ):
         self.config, self.tuner, self.anchors, self.block_of = config, tuner, anchors, block_of
         self.summaries, self.state, self.ckpts = summaries, state, ckpts
         self.select_best = select_best
@@ -601,14 +642,14 @@ class _EpochRecorder:
             return
         self.state.best_val_accuracy = val_acc
         with _averaged_weights(self.tuner):
-            checkpoint.save_model_weights(self.tuner.classifier,
-                                          os.path.join(self.config.model_dir, "model.weights.h5"))
+            checkpoint.save_model_weights(
+                self.tuner.classifier, os.path.join(self.config.model_dir, "model.weights.h5")
+            )
 
     def probe_done(self, index: int, global_epoch: int, val_acc: float, c: float, seconds: float) -> None:
         """Records the probe stage like an epoch: history, TensorBoard, kept model, checkpoint."""
         state = self.state
-        record = {"stage": index + 1, "epoch": 0, "global_epoch": global_epoch,
-                  "val_accuracy": val_acc, "probe_c": c}
+        record = {"stage": index + 1, "epoch": 0, "global_epoch": global_epoch, "val_accuracy": val_acc, "probe_c": c}
         self.summaries.epoch(global_epoch, record, {})
         state.history.append(record)
         state.probe_val_accuracy = val_acc
@@ -625,8 +666,12 @@ class _EpochRecorder:
     def __call__(self, epoch: int, logs: dict) -> None:
         state, classifier = self.state, self.tuner.classifier
         stage_epoch = epoch - self.first_epoch + 1
-        record = {"stage": self.index + 1, "epoch": stage_epoch, "global_epoch": epoch + 1,
-                  **{k: float(v) for k, v in logs.items()}}
+        record = {
+            "stage": self.index + 1,
+            "epoch": stage_epoch,
+            "global_epoch": epoch + 1,
+            **{k: float(v) for k, v in logs.items()},
+        }
         record["learning_rate"] = float(self.lr(max(0, int(self.optimizer.iterations.numpy()) - 1)))
         self.summaries.epoch(epoch + 1, record, l2sp.drift(classifier.backbone, self.anchors, self.block_of))
         state.history.append(record)
@@ -641,12 +686,14 @@ class _EpochRecorder:
 
 
 def _needs_attention(feature_regularizer) -> bool:
-    return (isinstance(feature_regularizer, regularizers.Delta) and feature_regularizer.weighting == "attention"
-            and not feature_regularizer.attention_set)
+    return (
+        isinstance(feature_regularizer, regularizers.Delta)
+        and feature_regularizer.weighting == "attention"
+        and not feature_regularizer.attention_set
+    )
 
 
-def _set_delta_attention(delta, classifier, train_data, config, stage_index, summaries, step,
-                         worker=None) -> None:
+def _set_delta_attention(delta, classifier, train_data, config, stage_index, summaries, step, worker=None) -> None:
     """DELTA's channel attention, computed when the backbone first unfreezes (the head has
     trained by then and the backbone is still the pretrained one), or read back on resume;
     with several workers, the chief's."""
@@ -655,14 +702,21 @@ def _set_delta_attention(delta, classifier, train_data, config, stage_index, sum
         weights = checkpoint.load_arrays(path)["channel_weights"]
     else:
         if stage_index == 0:
-            logging.warning("DELTA attention is measured with an untrained head (the first stage "
-                            "unfreezes the backbone); put a head stage first, e.g. head:2@1e-3")
+            logging.warning(
+                "DELTA attention is measured with an untrained head (the first stage "
+                "unfreezes the backbone); put a head stage first, e.g. head:2@1e-3"
+            )
         started = time.time()
         batches = train_data.take(config.delta_attention_batches)
         weights = regularizers.channel_attention(delta, classifier, batches)
         checkpoint.save_arrays(path, {"channel_weights": weights})
-        logging.info("DELTA channel attention from %d batches in %.1fs: weights %.3g..%.3g (mean 1)",
-                     config.delta_attention_batches, time.time() - started, weights.min(), weights.max())
+        logging.info(
+            "DELTA channel attention from %d batches in %.1fs: weights %.3g..%.3g (mean 1)",
+            config.delta_attention_batches,
+            time.time() - started,
+            weights.min(),
+            weights.max(),
+        )
     if worker:
         (weights,) = worker.broadcast([weights])
     delta.set_channel_weights(weights)
@@ -701,8 +755,13 @@ def cache_features(
         .prefetch(tf.data.AUTOTUNE)
     )
     val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    logging.info("cached %d train and %d val feature vectors of size %d in %.1fs",
-                 len(train_y), len(val_y), train_x.shape[1], time.time() - started)
+    logging.info(
+        "cached %d train and %d val feature vectors of size %d in %.1fs",
+        len(train_y),
+        len(val_y),
+        train_x.shape[1],
+        time.time() - started,
+    )
     return train, val
 
 
@@ -724,20 +783,25 @@ def _finish(config, classifier, splits, state, summaries, started, select_best, 
         checkpoint.save_backbone_weights(classifier.backbone, config.backbone, config.image_size, backbone_path)
     labels, probs = predict_dataset(classifier, splits.val)
     val_report = report.classification_report(labels, probs, splits.class_names)
-    summaries.confusion(config.total_epochs, report.confusion_png(np.asarray(val_report["confusion_matrix"]), splits.class_names))
+    summaries.confusion(
+        config.total_epochs, report.confusion_png(np.asarray(val_report["confusion_matrix"]), splits.class_names)
+    )
     per_stage = []
     for index, stage in enumerate(config.stages):
         rows = [r for r in state.history if r["stage"] == index + 1]
-        per_stage.append({
-            "stage": stage.describe(),
-            "epochs": len([r for r in rows if r["epoch"] > 0]),  # The probe trains no epoch.
-            "final_val_accuracy": rows[-1].get("val_accuracy") if rows else None,
-            "best_val_accuracy": max((r.get("val_accuracy", -1) for r in rows), default=None),
-        })
+        per_stage.append(
+            {
+                "stage": stage.describe(),
+                "epochs": len([r for r in rows if r["epoch"] > 0]),  # The probe trains no epoch.
+                "final_val_accuracy": rows[-1].get("val_accuracy") if rows else None,
+                "best_val_accuracy": max((r.get("val_accuracy", -1) for r in rows), default=None),
+            }
+        )
     per_stage = [{k: v for k, v in row.items() if v is not None} for row in per_stage]
     final = state.history[-1].get("val_accuracy") if state.history else None
-    probe_note = _probe_verdict(state.probe_val_accuracy, final, state.best_val_accuracy, select_best,
-                                len(state.history), splits.num_val)
+    probe_note = _probe_verdict(
+        state.probe_val_accuracy, final, state.best_val_accuracy, select_best, len(state.history), splits.num_val
+    )
     if probe_note:
         print(probe_note, flush=True)
     metrics = {
@@ -764,8 +828,10 @@ def _probe_verdict(probe_acc, final_acc, kept_acc, select_best, records, num_val
         return None
     head = f"the fine-tune ended below the linear probe on validation ({final_acc:.4f} < {probe_acc:.4f})"
     if not select_best:
-        return (f"{head}, but {num_val} validation images cannot rank them; keeping the fine-tune "
-                "(--checkpoint_selection=best keeps the better on validation)")
+        return (
+            f"{head}, but {num_val} validation images cannot rank them; keeping the fine-tune "
+            "(--checkpoint_selection=best keeps the better on validation)"
+        )
     if kept_acc == probe_acc:
         return f"{head}: keeping the probe's model"
     return f"{head}: keeping the fine-tune's best round ({kept_acc:.4f})"
@@ -794,8 +860,10 @@ def load_classifier(model_dir: str) -> tuple[model.Classifier, tuple[str, ...], 
     if not (os.path.exists(meta_path) and os.path.exists(weights_path)):
         raise ValueError(f"--model_dir={model_dir} holds no finished kft run (no classes.json / model.weights.h5)")
     if not os.path.exists(os.path.join(model_dir, "metrics.json")):
-        raise ValueError(f"--model_dir={model_dir} holds an unfinished run (no metrics.json yet); rerun "
-                         "its kft.train command to finish it")
+        raise ValueError(
+            f"--model_dir={model_dir} holds an unfinished run (no metrics.json yet); rerun "
+            "its kft.train command to finish it"
+        )
     meta = checkpoint.read_json_or_fail(meta_path, "the run's class list")
     flags_cfg = _read_head_flags(os.path.join(model_dir, "flags.cfg"))
     head = model.HeadConfig(len(meta["class_names"]), flags_cfg.get("dropout", 0.2), flags_cfg.get("hidden_units", 0))

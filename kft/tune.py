@@ -42,7 +42,6 @@ trials until the oracle says stop. Start order does not matter; rerunning the ch
 with the same command resumes the search.
 """
 
-
 from absl import flags
 
 from kft import cli
@@ -50,14 +49,29 @@ from kft import flags as kft_flags
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("tune_dir", None, "Search directory: KerasTuner state, one run per trial, trials.csv, best.cfg, TensorBoard HParams. Rerunning the same command resumes.")
+flags.DEFINE_string(
+    "tune_dir",
+    None,
+    "Search directory: KerasTuner state, one run per trial, trials.csv, best.cfg, TensorBoard HParams. Rerunning the same command resumes.",
+)
 flags.DEFINE_enum("tuner", "hyperband", ["hyperband", "bayesian", "random"], "KerasTuner search algorithm.")
 flags.DEFINE_integer("max_trials", 20, "Number of trials (each one kft.train run); also caps Hyperband.", lower_bound=1)
 flags.DEFINE_float("lr_scale_min", 0.1, "Lower end of the log-uniform --lr_scale range searched.")
 flags.DEFINE_float("lr_scale_max", 10.0, "Upper end of the log-uniform --lr_scale range searched.")
-flags.DEFINE_float("strength_min", 1e-4, "Lower end of the log-uniform range searched for the --regularizer's strength: --l2sp_alpha, --delta_alpha or --bss_eta (0, the regularizer off, is always a candidate too; unused with --regularizer=none).")
-flags.DEFINE_float("strength_max", 1e-1, "Upper end of the log-uniform range searched for the --regularizer's strength.")
-flags.DEFINE_integer("hyperband_factor", 3, "Hyperband's reduction factor: each round keeps 1/factor of the trials and trains them factor times longer.", lower_bound=2)
+flags.DEFINE_float(
+    "strength_min",
+    1e-4,
+    "Lower end of the log-uniform range searched for the --regularizer's strength: --l2sp_alpha, --delta_alpha or --bss_eta (0, the regularizer off, is always a candidate too; unused with --regularizer=none).",
+)
+flags.DEFINE_float(
+    "strength_max", 1e-1, "Upper end of the log-uniform range searched for the --regularizer's strength."
+)
+flags.DEFINE_integer(
+    "hyperband_factor",
+    3,
+    "Hyperband's reduction factor: each round keeps 1/factor of the trials and trains them factor times longer.",
+    lower_bound=2,
+)
 
 
 def tune_config_from_flags():

@@ -13,9 +13,7 @@ from kft import backbones
 
 def _keras_application_names():
     return sorted(
-        name
-        for name in dir(keras.applications)
-        if name[0].isupper() and callable(getattr(keras.applications, name))
+        name for name in dir(keras.applications) if name[0].isupper() and callable(getattr(keras.applications, name))
     )
 
 
@@ -102,20 +100,14 @@ def test_build_rejects_other_weights():
 def test_build_passes_a_headless_square_input(weights):
     # ImageNet weights cannot be downloaded here: check what the constructor receives.
     calls = []
-    spec = dataclasses.replace(
-        backbones.get("MobileNetV2"), constructor=lambda **kw: calls.append(kw) or "model"
-    )
+    spec = dataclasses.replace(backbones.get("MobileNetV2"), constructor=lambda **kw: calls.append(kw) or "model")
     assert backbones.build(spec, 100, weights) == "model"
-    assert calls == [
-        dict(include_top=False, weights=weights, input_shape=(100, 100, 3), pooling=None)
-    ]
+    assert calls == [dict(include_top=False, weights=weights, input_shape=(100, 100, 3), pooling=None)]
 
 
 def test_build_matches_direct_construction():
     spec, model = _built("MobileNet", 40)
-    direct = keras.applications.MobileNet(
-        include_top=False, weights=None, input_shape=(40, 40, 3)
-    )
+    direct = keras.applications.MobileNet(include_top=False, weights=None, input_shape=(40, 40, 3))
     assert model.input_shape == direct.input_shape == (None, 40, 40, 3)
     assert model.output_shape == direct.output_shape
     assert [w.shape for w in model.weights] == [w.shape for w in direct.weights]
@@ -182,26 +174,30 @@ _FAMILY_CASES = {
     "ResNet50": (32, "stem", "conv5_block3", ["conv2_block1", "conv4_block2", "conv4_block6"]),
     "ResNet50V2": (33, "stem", "top", ["conv4_block2", "conv5_block3"]),
     "DenseNet121": (
-        32, "stem", "top",
+        32,
+        "stem",
+        "top",
         ["conv2_block6", "pool2", "conv3_block5", "pool3", "pool4", "conv5_block16"],
     ),
     "VGG16": (32, "block1", "block5", ["block2", "block3", "block4"]),
     "Xception": (71, "block1", "block14", ["block2", "block13"]),
     "InceptionV3": (75, "stem", "mixed10", ["mixed0", "mixed5", "mixed9"]),
     "InceptionResNetV2": (
-        75, "stem", "top",
+        75,
+        "stem",
+        "top",
         ["mixed_5b", "block35_10", "mixed_6a", "block17_5", "mixed_7a", "block8_10"],
     ),
-    "NASNetMobile": (
-        32, "stem", "cell_12", ["cell_stem_1", "cell_stem_2", "cell_0", "cell_reduce_4"]
-    ),
+    "NASNetMobile": (32, "stem", "cell_12", ["cell_stem_1", "cell_stem_2", "cell_0", "cell_reduce_4"]),
     "MobileNet": (33, "stem", "block_13", ["block_1", "block_7"]),
     "MobileNetV2": (32, "stem", "top", ["expanded_conv", "block_1", "block_12", "block_16"]),
     "MobileNetV3Small": (32, "stem", "top", ["expanded_conv", "expanded_conv_5"]),
     "EfficientNetB0": (32, "stem", "top", ["block1a", "block6c", "block7a"]),
     "EfficientNetV2B0": (32, "stem", "top", ["block1a", "block6h"]),
     "ConvNeXtTiny": (
-        32, "stem", "top",
+        32,
+        "stem",
+        "top",
         ["stage_0_block_0", "downsampling_block_0", "stage_2_block_3", "stage_3_block_2"],
     ),
 }
@@ -236,10 +232,7 @@ def test_blocks_partition_the_backbone_in_depth_order(name):
 
     # Every layer but the input is in exactly one block, so every weight is too.
     in_blocks = [id(layer) for block in blocks for layer in block.layers]
-    expected = [
-        id(layer) for layer in backbone.layers
-        if not isinstance(layer, keras.layers.InputLayer)
-    ]
+    expected = [id(layer) for layer in backbone.layers if not isinstance(layer, keras.layers.InputLayer)]
     assert sorted(in_blocks) == sorted(expected)
     weighted = {id(layer) for layer in backbone.layers if layer.weights}
     assert weighted <= set(in_blocks)
@@ -274,8 +267,7 @@ def test_xception_shortcut_belongs_to_the_block_it_closes():
     spec, backbone = _built("Xception", 71)
     for block in backbones.blocks(spec, backbone):
         shortcuts = [
-            layer for layer in block.layers
-            if type(layer) is keras.layers.Conv2D and spec.block_of(layer.name) is None
+            layer for layer in block.layers if type(layer) is keras.layers.Conv2D and spec.block_of(layer.name) is None
         ]
         # Strided 1x1 shortcuts sit in the entry flow (2-4) and the exit flow (13).
         expected = 1 if block.name in {"block2", "block3", "block4", "block13"} else 0

@@ -23,7 +23,11 @@ def test_quick_bench_writes_every_section(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "bench.py"), "--quick", f"--out={out}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -40,16 +44,28 @@ def test_quick_bench_writes_every_section(tmp_path):
     assert flops["train_per_image"]["head"] < flops["train_per_image"]["top2"] < flops["train_per_image"]["all"]
 
     rows = {(r["impl"], r["stage"], r["precision"], r["jit_compile"]): r for r in result["train"]}
-    for key in [("baseline", "all", "float32", False), ("baseline", "head", "float32", False),
-                ("kft", "head", "float32", False), ("kft", "top2", "float32", False),
-                ("kft", "all", "float32", False), ("kft", "head", "mixed_bfloat16", False),
-                ("kft", "head", "float32", True), ("feature_cache", "extract", "float32", False),
-                ("feature_cache", "head", "float32", False)]:
+    for key in [
+        ("baseline", "all", "float32", False),
+        ("baseline", "head", "float32", False),
+        ("kft", "head", "float32", False),
+        ("kft", "top2", "float32", False),
+        ("kft", "all", "float32", False),
+        ("kft", "head", "mixed_bfloat16", False),
+        ("kft", "head", "float32", True),
+        ("feature_cache", "extract", "float32", False),
+        ("feature_cache", "head", "float32", False),
+    ]:
         assert key in rows, key
     for row in result["train"]:
         assert len(row["step_s"]) == 2 and len(row["cpu_s"]) == 2
-        for key in ("step_s_median", "images_per_s", "flops_per_image", "achieved_flops",
-                    "peak_fraction", "first_step_s"):
+        for key in (
+            "step_s_median",
+            "images_per_s",
+            "flops_per_image",
+            "achieved_flops",
+            "peak_fraction",
+            "first_step_s",
+        ):
             assert _positive(row[key]), (row["row"], key)
     assert rows[("kft", "all", "float32", False)]["l2sp"]
 
@@ -59,8 +75,15 @@ def test_quick_bench_writes_every_section(tmp_path):
 
     assert [s["stage"] for s in result["stage_change"]] == ["head", "top2", "all"]
     for change in result["stage_change"]:
-        for key in ("setup_s", "first_step_s", "change_s", "epoch_s", "stage_s",
-                    "fraction_of_stage", "fraction_of_one_epoch"):
+        for key in (
+            "setup_s",
+            "first_step_s",
+            "change_s",
+            "epoch_s",
+            "stage_s",
+            "fraction_of_stage",
+            "fraction_of_one_epoch",
+        ):
             assert _positive(change[key]), (change["stage"], key)
         # The validation step is traced in the first stage only (kft.trainer.train reuses it).
         assert _positive(change["first_eval_s"]) == (change["stage"] == "head"), change
@@ -68,8 +91,13 @@ def test_quick_bench_writes_every_section(tmp_path):
     sources = {p["source"].split()[0] + p["source"].split()[1] for p in result["pipeline"]}
     assert sources == {"tfds:cifar10(mock_data)", "folder:JPEG", "folder:PNG"}
     for pipe in result["pipeline"]:
-        for key in ("images", "first_pass_images_per_s", "cached_pass_images_per_s",
-                    "first_pass_vs_step", "cached_pass_vs_step"):
+        for key in (
+            "images",
+            "first_pass_images_per_s",
+            "cached_pass_images_per_s",
+            "first_pass_vs_step",
+            "cached_pass_vs_step",
+        ):
             assert _positive(pipe[key]), (pipe["source"], key)
 
     (precision,) = result["precision_xla"]
@@ -92,8 +120,14 @@ def test_gpu_check_smoke_writes_every_field(tmp_path):
     """tools/gpu_check.sh --smoke: the GPU check's code path on tiny sizes, on any device."""
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([os.path.join(REPO, "tools", "gpu_check.sh"), "--smoke", f"--out={out}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [os.path.join(REPO, "tools", "gpu_check.sh"), "--smoke", f"--out={out}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
 
@@ -130,8 +164,14 @@ def test_gpu_check_smoke_writes_every_field(tmp_path):
 
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert result["markdown"] == str(tmp_path / "gpu_check.md")
-    for text in ("`--mixed_precision=auto`", "`--jit_compile=auto`", "plain Keras", "all in the HLO",
-                 "no host transfer", "| mixed_float16 |"):
+    for text in (
+        "`--mixed_precision=auto`",
+        "`--jit_compile=auto`",
+        "plain Keras",
+        "all in the HLO",
+        "no host transfer",
+        "| mixed_float16 |",
+    ):
         assert text in markdown, text
     assert markdown in proc.stdout
 
@@ -140,9 +180,14 @@ def test_gpu_check_without_a_gpu_says_so_and_fails(tmp_path):
     if _gpu_present():
         pytest.skip("a GPU is present")
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([os.path.join(REPO, "tools", "gpu_check.sh"), f"--out={out}"], cwd=REPO,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [os.path.join(REPO, "tools", "gpu_check.sh"), f"--out={out}"],
+        cwd=REPO,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "gpu_check: error: no GPU found" in proc.stderr and "--smoke" in proc.stderr
     assert not out.exists()
@@ -155,20 +200,25 @@ def test_hlo_analysis_flags_a_missing_op_and_a_host_transfer():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     ops = ("crop", "flip", "translate", "colour", "mixup", "cutmix")
-    lines = [f'  %a{i} = f32[4]{{0}} add(%p, %p), metadata={{op_type="AddV2" op_name="finetuner/augmenter_1/{op}/add"}}'
-             for i, op in enumerate(ops)]
+    lines = [
+        f'  %a{i} = f32[4]{{0}} add(%p, %p), metadata={{op_type="AddV2" op_name="finetuner/augmenter_1/{op}/add"}}'
+        for i, op in enumerate(ops)
+    ]
     clean = bench.analyse_hlo("\n".join(lines))
     assert clean["all_ops_in_hlo"] and clean["no_host_round_trip"]
     assert clean["instructions_per_op"] == dict.fromkeys(ops, 1)
 
     # Under cond/ and with a uniquified scope (mixup_1) still counts; outside the augmenter not.
-    nested = lines[:4] + ['  %m = f32[4]{0} add(%p, %p), metadata={op_name="augmenter/cond/mixup_1/mul"}',
-                          '  %c = f32[4]{0} add(%p, %p), metadata={op_name="finetuner/cutmix/mul"}']
+    nested = lines[:4] + [
+        '  %m = f32[4]{0} add(%p, %p), metadata={op_name="augmenter/cond/mixup_1/mul"}',
+        '  %c = f32[4]{0} add(%p, %p), metadata={op_name="finetuner/cutmix/mul"}',
+    ]
     partial = bench.analyse_hlo("\n".join(nested))
     assert partial["instructions_per_op"]["mixup"] == 1 and partial["instructions_per_op"]["cutmix"] == 0
     assert not partial["all_ops_in_hlo"]
 
-    host = bench.analyse_hlo("\n".join(lines + ['  %s = (f32[4], u32[], token[]) send(%a0, %t), channel_id=1, '
-                                                'is_host_transfer=true']))
+    host = bench.analyse_hlo(
+        "\n".join(lines + ["  %s = (f32[4], u32[], token[]) send(%a0, %t), channel_id=1, is_host_transfer=true"])
+    )
     assert not host["no_host_round_trip"]
     assert host["host_transfers"]["send"] == 1 and host["host_transfers"]["host_transfer_flag"] == 1

@@ -26,12 +26,16 @@ class FakeMeasure:
     def __call__(self, backbone, size):
         self.calls.append((backbone, size))
         bf16 = [0.10, 0.12, 0.11, 0.30, 0.10]  # one pair slowed by other load: paired, it cancels
-        return {"float32": [t * self.ratio for t in bf16], "mixed_bfloat16": bf16,
-                "wall": {"float32": [1.0] * 5, "mixed_bfloat16": [1.0] * 5}}
+        return {
+            "float32": [t * self.ratio for t in bf16],
+            "mixed_bfloat16": bf16,
+            "wall": {"float32": [1.0] * 5, "mixed_bfloat16": [1.0] * 5},
+        }
 
 
-@pytest.mark.parametrize("ratio,expected", [(1.43, "bfloat16"), (1.15, "bfloat16"), (1.14, "none"),
-                                            (1.0, "none"), (0.6, "none")])
+@pytest.mark.parametrize(
+    "ratio,expected", [(1.43, "bfloat16"), (1.15, "bfloat16"), (1.14, "none"), (1.0, "none"), (0.6, "none")]
+)
 def test_bfloat16_only_when_clearly_faster(cache, ratio, expected):
     decision = calibration.decide("ResNet50", 96, measure=FakeMeasure(ratio))
     assert decision.precision == expected
@@ -66,8 +70,9 @@ def test_second_call_reads_the_cache(cache):
     assert sorted(os.listdir(cache.parent)) == ["precision.json", "precision.json.lock"]
 
 
-@pytest.mark.parametrize("content", ["{not json", "", '{"version": 1, "entries": []}', '["a"]',
-                                     '{"version": 99, "entries": {}}'])
+@pytest.mark.parametrize(
+    "content", ["{not json", "", '{"version": 1, "entries": []}', '["a"]', '{"version": 99, "entries": {}}']
+)
 def test_corrupt_cache_is_ignored_and_rewritten(cache, content):
     cache.parent.mkdir(parents=True)
     cache.write_text(content)

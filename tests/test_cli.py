@@ -59,9 +59,18 @@ def test_smoke_twin_trains_exports_and_evaluates(tmp_path, monkeypatch, name):
 def test_train_then_evaluate_model_dir_on_digits(tmp_path):
     model_dir = tmp_path / "run"
     result = run_module(
-        "kft.train", f"--model_dir={model_dir}", "--dataset=digits:0-2", "--backbone=MobileNetV2",
-        "--weights=none", "--image_size=32", "--batch_size=32", "--stages=head:1@1e-2,top1:1@1e-3",
-        "--train_limit_per_class=32", "--verbose=0", "--export_dir=none", "--export_tflite=dynamic",
+        "kft.train",
+        f"--model_dir={model_dir}",
+        "--dataset=digits:0-2",
+        "--backbone=MobileNetV2",
+        "--weights=none",
+        "--image_size=32",
+        "--batch_size=32",
+        "--stages=head:1@1e-2,top1:1@1e-3",
+        "--train_limit_per_class=32",
+        "--verbose=0",
+        "--export_dir=none",
+        "--export_tflite=dynamic",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "best val accuracy" in result.stdout
@@ -105,11 +114,23 @@ def test_bad_flags_fail_in_one_line_before_writing(tmp_path, args, fragment):
 
 def test_stage_naming_missing_block_and_resume_conflicts(tmp_path):
     model_dir = tmp_path / "run"
-    common = [f"--model_dir={model_dir}", "--dataset=digits:0-1", "--backbone=MobileNetV2", "--weights=none",
-              "--image_size=32", "--batch_size=32", "--verbose=0", "--export_dir=none", "--train_limit_per_class=16"]
+    common = [
+        f"--model_dir={model_dir}",
+        "--dataset=digits:0-1",
+        "--backbone=MobileNetV2",
+        "--weights=none",
+        "--image_size=32",
+        "--batch_size=32",
+        "--verbose=0",
+        "--export_dir=none",
+        "--train_limit_per_class=16",
+    ]
     result = run_module("kft.train", *common, "--stages=head:1@1e-3,from=conv9_block1:1@1e-4")
     assert result.returncode == 2
-    assert "no block 'conv9_block1' in this backbone; its blocks are: stem, expanded_conv, block_1" in result.stderr.strip().splitlines()[-1]
+    assert (
+        "no block 'conv9_block1' in this backbone; its blocks are: stem, expanded_conv, block_1"
+        in result.stderr.strip().splitlines()[-1]
+    )
     assert not (model_dir / "flags.cfg").exists()
     assert run_module("kft.train", *common, "--stages=head:1@1e-3").returncode == 0
     result = run_module("kft.train", *common, "--stages=head:2@1e-3")

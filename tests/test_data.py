@@ -33,28 +33,46 @@ def _check_batch_types(dataset):
 # Spec parsing and argument checks.
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("tfds:cifar10", data.TfdsSpec("cifar10")),
-    ("tfds:mnist:3.*.*,val=test", data.TfdsSpec("mnist:3.*.*", val="test")),
-    ("tfds:cifar10,train=train[:20%],val=train[20%:30%],test=test",
-     data.TfdsSpec("cifar10", "train[:20%]", "train[20%:30%]", "test")),
-    ("folder:/data/pets", data.FolderSpec("/data/pets")),
-    ("folder:/odd,name:x", data.FolderSpec("/odd,name:x")),
-    ("digits", data.DigitsSpec(tuple(range(10)))),
-    ("digits:", data.DigitsSpec(tuple(range(10)))),
-    ("digits:5-9", data.DigitsSpec((5, 6, 7, 8, 9))),
-    ("digits:7,1,3", data.DigitsSpec((1, 3, 7))),
-    ("digits:0-2,9", data.DigitsSpec((0, 1, 2, 9))),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("tfds:cifar10", data.TfdsSpec("cifar10")),
+        ("tfds:mnist:3.*.*,val=test", data.TfdsSpec("mnist:3.*.*", val="test")),
+        (
+            "tfds:cifar10,train=train[:20%],val=train[20%:30%],test=test",
+            data.TfdsSpec("cifar10", "train[:20%]", "train[20%:30%]", "test"),
+        ),
+        ("folder:/data/pets", data.FolderSpec("/data/pets")),
+        ("folder:/odd,name:x", data.FolderSpec("/odd,name:x")),
+        ("digits", data.DigitsSpec(tuple(range(10)))),
+        ("digits:", data.DigitsSpec(tuple(range(10)))),
+        ("digits:5-9", data.DigitsSpec((5, 6, 7, 8, 9))),
+        ("digits:7,1,3", data.DigitsSpec((1, 3, 7))),
+        ("digits:0-2,9", data.DigitsSpec((0, 1, 2, 9))),
+    ],
+)
 def test_parse_spec_accepts(spec, expected):
     assert data.parse_spec(spec) == expected
 
 
-@pytest.mark.parametrize("spec", [
-    "", "cifar10", "tfds:", "tfds:cifar10,val", "tfds:cifar10,foo=bar", "tfds:a,val=x,val=y",
-    "folder:", "digits:0", "digits:3-1", "digits:1,1", "digits:a", "digits:0-10",
-    "imagenet:x",
-])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "",
+        "cifar10",
+        "tfds:",
+        "tfds:cifar10,val",
+        "tfds:cifar10,foo=bar",
+        "tfds:a,val=x,val=y",
+        "folder:",
+        "digits:0",
+        "digits:3-1",
+        "digits:1,1",
+        "digits:a",
+        "digits:0-10",
+        "imagenet:x",
+    ],
+)
 def test_parse_spec_rejects_with_one_line_naming_value(spec):
     with pytest.raises(ValueError) as error:
         data.parse_spec(spec)
@@ -63,13 +81,16 @@ def test_parse_spec_rejects_with_one_line_naming_value(spec):
     assert "folder:PATH" in message  # Lists the allowed forms.
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    (dict(batch_size=0), "batch_size=0"),
-    (dict(image_size=4), "image_size=4"),
-    (dict(val_fraction=0.0), "val_fraction=0.0"),
-    (dict(val_fraction=1.0), "val_fraction=1.0"),
-    (dict(train_limit_per_class=0), "train_limit_per_class=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(batch_size=0), "batch_size=0"),
+        (dict(image_size=4), "image_size=4"),
+        (dict(val_fraction=0.0), "val_fraction=0.0"),
+        (dict(val_fraction=1.0), "val_fraction=1.0"),
+        (dict(train_limit_per_class=0), "train_limit_per_class=0"),
+    ],
+)
 def test_load_rejects_bad_arguments(kwargs, needle):
     args = dict(image_size=SIZE, batch_size=4) | kwargs
     with pytest.raises(ValueError, match=needle):
@@ -124,9 +145,10 @@ def _fake_as_dataset(requested):
         del self, decoders, read_config, kwargs
         split = str(split)
         requested.append(split)
-        infos = {name: tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0,
-                                           filename_template=None)
-                 for name, n in _TFDS_SIZES.items()}
+        infos = {
+            name: tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0, filename_template=None)
+            for name, n in _TFDS_SIZES.items()
+        }
         (instruction,) = tfds.core.ReadInstruction.from_spec(split).to_absolute(infos)
         size = _TFDS_SIZES[instruction.splitname]
         start = instruction.from_ or 0
@@ -135,8 +157,8 @@ def _fake_as_dataset(requested):
         index = np.arange(start, stop)
         images = [tf.io.encode_png(np.full((32, 32, 3), offset + i, np.uint8)) for i in index]
         return tf.data.Dataset.from_tensor_slices(
-            {"image": tf.stack(images), "label": (index % 10).astype(np.int64),
-             "id": [f"{split}-{i}" for i in index]})
+            {"image": tf.stack(images), "label": (index % 10).astype(np.int64), "id": [f"{split}-{i}" for i in index]}
+        )
 
     return as_dataset
 
@@ -175,8 +197,7 @@ def test_tfds_cifar10_splits_sizes_and_test_untouched():
 def test_tfds_grayscale_and_train_limit_with_plain_mock():
     # Plain mock_data: TFDS knows no split sizes, every split yields num_examples.
     with tfds.testing.mock_data(num_examples=40):
-        splits = data.load("tfds:mnist", image_size=SIZE, batch_size=64,
-                           train_limit_per_class=2)
+        splits = data.load("tfds:mnist", image_size=SIZE, batch_size=64, train_limit_per_class=2)
         x, y = _batches(splits.train)
         again = _batches(splits.train)[1]
     assert x.shape == (splits.num_train, SIZE, SIZE, 3)  # 1-channel MNIST -> RGB.
@@ -190,8 +211,7 @@ def test_tfds_fixed_size_images_stay_at_their_size_for_a_larger_model():
     # CIFAR-10 for a 224 px backbone: kept at 32 px (and cached); the model upsamples.
     # 20 train + 20 val images fit a 200 kB cache at 32 px (123 kB), not at 224 px (6 MB).
     with tfds.testing.mock_data(num_examples=20):
-        splits = data.load("tfds:cifar10", image_size=224, batch_size=8, val_fraction=0.25,
-                           cache_bytes=200_000)
+        splits = data.load("tfds:cifar10", image_size=224, batch_size=8, val_fraction=0.25, cache_bytes=200_000)
         test, _, _ = data.load_eval("tfds:cifar10", image_size=224, batch_size=8)
         for dataset in (splits.train, splits.val, test):
             assert next(iter(dataset))[0].shape[1:] == (32, 32, 3)
@@ -214,14 +234,10 @@ def test_cache_bytes_decides_the_memory_cache(tmp_path, cache_bytes, cached):
 
 def test_tfds_split_choice():
     spec = data.TfdsSpec("x")
-    assert data._tfds_train_val_splits(spec, {"train", "validation", "test"}, 0.1) == (
-        "train", "validation")
-    assert data._tfds_train_val_splits(spec, {"train", "test"}, 0.1) == (
-        "train[:90%]", "train[90%:]")
-    assert data._tfds_train_val_splits(spec, {"train", "test"}, 0.125) == (
-        "train[:87.5%]", "train[87.5%:]")
-    assert data._tfds_train_val_splits(data.TfdsSpec("x", val="extra"), {"train"}, 0.1) == (
-        "train", "extra")
+    assert data._tfds_train_val_splits(spec, {"train", "validation", "test"}, 0.1) == ("train", "validation")
+    assert data._tfds_train_val_splits(spec, {"train", "test"}, 0.1) == ("train[:90%]", "train[90%:]")
+    assert data._tfds_train_val_splits(spec, {"train", "test"}, 0.125) == ("train[:87.5%]", "train[87.5%:]")
+    assert data._tfds_train_val_splits(data.TfdsSpec("x", val="extra"), {"train"}, 0.1) == ("train", "extra")
     with pytest.raises(ValueError, match="'training'"):
         data._tfds_train_val_splits(data.TfdsSpec("x", train="training"), {"train"}, 0.1)
     with pytest.raises(ValueError, match=r"train\[:50%\]"):
@@ -298,8 +314,7 @@ def test_folder_formats_modes_and_skipped(tmp_path, caplog):
     good = sum(_write_good_images(tmp_path / name, color) for name, color in _COLORS.items())
     bad = _write_bad_images(tmp_path / "dog")
     with caplog.at_level(logging.WARNING):
-        splits = data.load(f"folder:{tmp_path}", image_size=SIZE, batch_size=4,
-                           val_fraction=0.25)
+        splits = data.load(f"folder:{tmp_path}", image_size=SIZE, batch_size=4, val_fraction=0.25)
     assert splits.class_names == ("cat", "dog", "fox")
     assert splits.skipped == bad
     assert splits.num_train + splits.num_val == good
@@ -311,8 +326,7 @@ def test_folder_formats_modes_and_skipped(tmp_path, caplog):
         assert len(labels) == count
         _assert_class_colors(images, labels, splits.class_names)
     # load_eval on a folder without train/val/test: every usable image, class by class.
-    images, labels = _batches(data.load_eval(f"folder:{tmp_path}", image_size=SIZE,
-                                             batch_size=5)[0])
+    images, labels = _batches(data.load_eval(f"folder:{tmp_path}", image_size=SIZE, batch_size=5)[0])
     assert len(labels) == good and list(labels) == sorted(labels)
     _assert_class_colors(images, labels, splits.class_names)
 
@@ -336,8 +350,7 @@ def test_folder_split_is_seeded_stratified_and_limit_applies(tmp_path):
     _write_numbered(tmp_path, {"a": 10, "b": 20, "c": 30})
 
     def load(seed, **kwargs):
-        return data.load(f"folder:{tmp_path}", image_size=SIZE, batch_size=100,
-                         val_fraction=0.2, seed=seed, **kwargs)
+        return data.load(f"folder:{tmp_path}", image_size=SIZE, batch_size=100, val_fraction=0.2, seed=seed, **kwargs)
 
     first, again, other = load(0), load(0), load(1)
     val_ids, val_labels = _ids(first.val)
@@ -367,19 +380,18 @@ def test_folder_train_val_layout_and_eval(tmp_path):
     assert len(labels) == 7  # Fewer examples than a batch: the partial batch is kept.
     assert _batches(splits.val)[1].tolist() == [1, 1]  # 'b' keeps train's label 1.
     # load_eval uses val/, then prefers test/ once it exists.
-    dataset, names, skipped = data.load_eval(f"folder:{tmp_path}", image_size=SIZE,
-                                             batch_size=8)
+    dataset, names, skipped = data.load_eval(f"folder:{tmp_path}", image_size=SIZE, batch_size=8)
     assert names == ("a", "b") and skipped == 0 and _batches(dataset)[1].tolist() == [1, 1]
     _write_numbered(tmp_path / "test", {"a": 1, "b": 1})
     dataset, _, _ = data.load_eval(f"folder:{tmp_path}", image_size=SIZE, batch_size=8)
     assert _batches(dataset)[1].tolist() == [0, 1]
     # With the model's class names, labels index those names.
-    dataset, names, _ = data.load_eval(f"folder:{tmp_path / 'test'}", image_size=SIZE,
-                                       batch_size=8, class_names=["z", "b", "a"])
+    dataset, names, _ = data.load_eval(
+        f"folder:{tmp_path / 'test'}", image_size=SIZE, batch_size=8, class_names=["z", "b", "a"]
+    )
     assert names == ("z", "b", "a") and _batches(dataset)[1].tolist() == [1, 2]
     with pytest.raises(ValueError, match=r"\['a'\].*not among.*\['b', 'c'\]"):
-        data.load_eval(f"folder:{tmp_path / 'test'}", image_size=SIZE, batch_size=8,
-                       class_names=["b", "c"])
+        data.load_eval(f"folder:{tmp_path / 'test'}", image_size=SIZE, batch_size=8, class_names=["b", "c"])
 
 
 def test_folder_errors_name_the_value(tmp_path):

@@ -29,12 +29,16 @@ def per_replica_message() -> str:
     batch = tf.reshape(tf.range(2 * 64 * 64 * 3, dtype=tf.float32), (2, 64, 64, 3))
     with np.printoptions(threshold=sys.maxsize):
         pixels = repr(batch.numpy())
-    return ("Dimensions must be equal, but are 3 and 10 for '{{node add}}' with input shapes: "
-            f"PerReplica:{{\n  0: <tf.Tensor: shape=(2, 64, 64, 3), dtype=float32, numpy=\n{pixels}>\n}}")
+    return (
+        "Dimensions must be equal, but are 3 and 10 for '{{node add}}' with input shapes: "
+        f"PerReplica:{{\n  0: <tf.Tensor: shape=(2, 64, 64, 3), dtype=float32, numpy=\n{pixels}>\n}}"
+    )
 
 
 def test_short_messages_are_unchanged():
-    assert cli.error_line("--batch_size=0: must be >= 1", "kft.train") == "kft.train: error: --batch_size=0: must be >= 1"
+    assert (
+        cli.error_line("--batch_size=0: must be >= 1", "kft.train") == "kft.train: error: --batch_size=0: must be >= 1"
+    )
     assert cli.error_line("photo.jpg: cannot decode") == "error: photo.jpg: cannot decode"
 
 
@@ -108,8 +112,9 @@ def test_fail_prints_one_line_exits_and_logs_the_whole_message(capsys, caplog):
 
 def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 # A flag value that reaches the error message whole: 42 kB over 6,000 lines (an argument may

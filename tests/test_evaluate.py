@@ -66,7 +66,9 @@ def test_evaluates_a_flat_folder_with_an_export(exported, tmp_path):
     # RGB channels 0 red, 1 green, 2 blue; two images sit in the wrong folder.
     paths = write_folder(tmp_path / "data", {"blue": [2, 2, 2], "green": [1, 1, 0], "red": [0, 0, 0, 2]})
     (tmp_path / "data" / "red" / "broken.png").write_bytes(b"not a png")  # Skipped and counted.
-    result = run_evaluate(f"--export_dir={base}", f"--dataset=folder:{tmp_path / 'data'}", f"--image_size={SIZE}", "--batch_size=4")
+    result = run_evaluate(
+        f"--export_dir={base}", f"--dataset=folder:{tmp_path / 'data'}", f"--image_size={SIZE}", "--batch_size=4"
+    )
     assert result.returncode == 0, result.stderr
 
     # Direct computation: the Keras model on the same files.
@@ -117,7 +119,11 @@ def test_missing_export_dir(tmp_path):
 
 
 def test_export_dir_without_versions(tmp_path):
-    assert_usage_error(run_evaluate(f"--export_dir={tmp_path}", "--dataset=digits"), f"--export_dir={tmp_path}", "no SavedModel version")
+    assert_usage_error(
+        run_evaluate(f"--export_dir={tmp_path}", "--dataset=digits"),
+        f"--export_dir={tmp_path}",
+        "no SavedModel version",
+    )
 
 
 def test_class_name_mismatch(exported, tmp_path):
@@ -128,7 +134,9 @@ def test_class_name_mismatch(exported, tmp_path):
 
 
 def test_bad_batch_size(tmp_path):
-    assert_usage_error(run_evaluate(f"--export_dir={tmp_path}", "--dataset=digits", "--batch_size=0"), "batch_size", "0")
+    assert_usage_error(
+        run_evaluate(f"--export_dir={tmp_path}", "--dataset=digits", "--batch_size=0"), "batch_size", "0"
+    )
 
 
 def test_evaluates_a_training_run_dir(tmp_path):
@@ -141,7 +149,9 @@ def test_evaluates_a_training_run_dir(tmp_path):
     classifier = model_lib.build_classifier("MobileNetV3Small", 32, None, model_lib.HeadConfig(len(CLASSES)))
     run = tmp_path / "run"
     checkpoint.save_model_weights(classifier, str(run / "model.weights.h5"))
-    checkpoint.write_json(str(run / "classes.json"), {"class_names": CLASSES, "backbone": "MobileNetV3Small", "image_size": 32})
+    checkpoint.write_json(
+        str(run / "classes.json"), {"class_names": CLASSES, "backbone": "MobileNetV3Small", "image_size": 32}
+    )
     checkpoint.write_json(str(run / "metrics.json"), {})
     paths = write_folder(tmp_path / "data", {"blue": [2, 2], "green": [1], "red": [0, 0]})
     out = tmp_path / "out"
@@ -165,7 +175,9 @@ def test_evaluates_a_training_run_dir(tmp_path):
     predicted = np.argmax(np.asarray(classifier(tf.stack(images))), axis=-1)
     labels = np.array(labels)
     assert report["accuracy"] == pytest.approx(float(np.mean(predicted == labels)))
-    assert report["confusion_matrix"] == [[int(np.sum((labels == t) & (predicted == p))) for p in range(3)] for t in range(3)]
+    assert report["confusion_matrix"] == [
+        [int(np.sum((labels == t) & (predicted == p))) for p in range(3)] for t in range(3)
+    ]
 
 
 ORIENTATION_CLASSES = ["left", "middle", "right"]
@@ -192,7 +204,9 @@ def orientation_model() -> keras.Model:
     images = keras.Input((None, None, 3))
     dense = keras.layers.Dense(3, activation="softmax")
     probabilities = dense(HalfMeans()(images))
-    dense.set_weights([np.array([[4.0, 0.0, -3.0], [-4.0, 0.0, 3.0]], np.float32), np.array([0.0, 1.0, 0.0], np.float32)])
+    dense.set_weights(
+        [np.array([[4.0, 0.0, -3.0], [-4.0, 0.0, 3.0]], np.float32), np.array([0.0, 1.0, 0.0], np.float32)]
+    )
     return keras.Model(images, probabilities)
 
 
@@ -227,7 +241,13 @@ def test_tta_flip_averages_the_image_and_its_mirror(tmp_path):
     assert np.any(np.abs(direct - mirrored) > 0.3)
 
     out = tmp_path / "eval"
-    flags = [f"--export_dir={base}", f"--dataset=folder:{tmp_path / 'data'}", f"--image_size={SIZE}", "--batch_size=4", f"--output_dir={out}"]
+    flags = [
+        f"--export_dir={base}",
+        f"--dataset=folder:{tmp_path / 'data'}",
+        f"--image_size={SIZE}",
+        "--batch_size=4",
+        f"--output_dir={out}",
+    ]
     result = run_evaluate(*flags, "--tta=flip")
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "eval.json").read_text())

@@ -194,9 +194,18 @@ def test_a_bfloat16_run_exports_float32(tmp_path, tiny_splits):
     from kft import schedule, trainer
     from kft.config import Config
 
-    config = Config(dataset="unused", backbone="VGG16", weights=None, image_size=32, batch_size=8,
-                    stages=schedule.parse_stages("head:1@1e-2,top1:1@1e-3"), model_dir=str(tmp_path / "run"),
-                    mixed_precision="bfloat16", augment=(), verbose=0)
+    config = Config(
+        dataset="unused",
+        backbone="VGG16",
+        weights=None,
+        image_size=32,
+        batch_size=8,
+        stages=schedule.parse_stages("head:1@1e-2,top1:1@1e-3"),
+        model_dir=str(tmp_path / "run"),
+        mixed_precision="bfloat16",
+        augment=(),
+        verbose=0,
+    )
     try:
         trainer.train(config, tiny_splits)
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"

@@ -64,7 +64,9 @@ def test_large_alpha_keeps_weights_closer_to_theta0(tiny_splits):
         tuner, anchors = _tuner(alpha)
         tuner.fit(tiny_splits.train.repeat(3), epochs=1, verbose=0)
         backbone = tuner.classifier.backbone
-        drifts[alpha] = l2sp.drift(backbone, anchors, {w.path: "all" for w in l2sp.backbone_parameters(backbone)})["all"]
+        drifts[alpha] = l2sp.drift(backbone, anchors, {w.path: "all" for w in l2sp.backbone_parameters(backbone)})[
+            "all"
+        ]
     assert drifts[0.0] > 0
     assert drifts[20.0] < 0.7 * drifts[0.0], drifts
 

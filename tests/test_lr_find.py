@@ -35,10 +35,26 @@ def test_lr_find_end_to_end_leaves_no_training_state(tmp_path):
     model_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
-        [sys.executable, "-m", "kft.lr_find", f"--model_dir={model_dir}", "--dataset=digits:0-2",
-         "--backbone=MobileNetV2", "--weights=none", "--image_size=32", "--batch_size=16",
-         "--stages=head:1@1e-3,all:1@1e-4", "--stage=2", "--sweep_steps=30", "--train_limit_per_class=32"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "kft.lr_find",
+            f"--model_dir={model_dir}",
+            "--dataset=digits:0-2",
+            "--backbone=MobileNetV2",
+            "--weights=none",
+            "--image_size=32",
+            "--batch_size=16",
+            "--stages=head:1@1e-3,all:1@1e-4",
+            "--stage=2",
+            "--sweep_steps=30",
+            "--train_limit_per_class=32",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "--lr_scale=" in result.stdout
@@ -50,6 +66,12 @@ def test_lr_find_end_to_end_leaves_no_training_state(tmp_path):
     assert 5 <= len(report["losses"]) <= 30
     assert (out / "loss_vs_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(os.listdir(model_dir)) == [".kft-lock", "lr_find"]  # The run directory's lock, released.
-    bad = subprocess.run([sys.executable, "-m", "kft.lr_find", f"--model_dir={model_dir}", "--stage=5"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "kft.lr_find", f"--model_dir={model_dir}", "--stage=5"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and "--stage=5: --stages has only 2 stages" in bad.stderr

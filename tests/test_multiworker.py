@@ -25,9 +25,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _shuffled_batches(n=24, batch=8, seed=3):
     ids = np.arange(n, dtype=np.int32)
-    return (tf.data.Dataset.from_tensor_slices((ids, ids % 2))
-            .shuffle(n, seed=seed, reshuffle_each_iteration=True)
-            .batch(batch, drop_remainder=True))
+    return (
+        tf.data.Dataset.from_tensor_slices((ids, ids % 2))
+        .shuffle(n, seed=seed, reshuffle_each_iteration=True)
+        .batch(batch, drop_remainder=True)
+    )
 
 
 @pytest.mark.parametrize("replicas_per_worker", [1, 2])
@@ -37,14 +39,16 @@ def test_each_image_once_per_epoch_in_the_global_batches_of_one_machine(replicas
     # Each worker builds its own pipeline, as each process does; the seed makes them agree.
     shares = []
     for w in range(workers):
-        context = tf.distribute.InputContext(num_input_pipelines=workers, input_pipeline_id=w,
-                                             num_replicas_in_sync=workers * replicas_per_worker)
-        share = [ids.numpy().tolist() for ids, _ in multiworker.worker_dataset(_shuffled_batches(batch=batch),
-                                                                                context, batch)]
+        context = tf.distribute.InputContext(
+            num_input_pipelines=workers, input_pipeline_id=w, num_replicas_in_sync=workers * replicas_per_worker
+        )
+        share = [
+            ids.numpy().tolist()
+            for ids, _ in multiworker.worker_dataset(_shuffled_batches(batch=batch), context, batch)
+        ]
         assert all(len(b) == batch // (workers * replicas_per_worker) for b in share)
         # Group each worker's per-replica batches back into its slice of each global step.
-        shares.append([sum(share[i:i + replicas_per_worker], [])
-                       for i in range(0, len(share), replicas_per_worker)])
+        shares.append([sum(share[i : i + replicas_per_worker], []) for i in range(0, len(share), replicas_per_worker)])
     assert len(shares[0]) == len(shares[1]) == len(one_machine) == 3
     for step, global_batch in enumerate(one_machine):
         assert shares[0][step] + shares[1][step] == global_batch
@@ -107,10 +111,22 @@ def _start_workers(args, ports, tmp_dirs, logs):
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes = []
     for index, (tmp_dir, log) in enumerate(zip(tmp_dirs, logs)):
-        env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2", "TMPDIR": str(tmp_dir),
-               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-        processes.append(subprocess.Popen([sys.executable, "-m", "kft.train", *args], cwd=ROOT, env=env,
-                                          stdout=open(log, "w"), stderr=subprocess.STDOUT))
+        env = {
+            **os.environ,
+            "PYTHONPATH": ROOT,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "TMPDIR": str(tmp_dir),
+            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "kft.train", *args],
+                cwd=ROOT,
+                env=env,
+                stdout=open(log, "w"),
+                stderr=subprocess.STDOUT,
+            )
+        )
     return processes
 
 
@@ -136,11 +152,23 @@ def test_two_workers_share_batches_chief_writes_alone_and_resume_after_sigkill(t
     tmp_dirs = [tmp_path / "tmp0", tmp_path / "tmp1"]
     for d in tmp_dirs:
         d.mkdir()
-    args = [f"--dataset=folder:{data_dir}", f"--model_dir={model_dir}", "--backbone=MobileNetV3Small",
-            "--weights=none", "--image_size=32", "--val_fraction=0.25", "--batch_size=8",
-            "--stages=head:2@1e-3,top1:1@1e-4", "--augment=flip", "--ema_decay=0.9",
-            "--layer_lr_decay=0.8", "--mixed_precision=none", "--export_dir=none", "--strategy=multi_worker",
-            "--verbose=0"]
+    args = [
+        f"--dataset=folder:{data_dir}",
+        f"--model_dir={model_dir}",
+        "--backbone=MobileNetV3Small",
+        "--weights=none",
+        "--image_size=32",
+        "--val_fraction=0.25",
+        "--batch_size=8",
+        "--stages=head:2@1e-3,top1:1@1e-4",
+        "--augment=flip",
+        "--ema_decay=0.9",
+        "--layer_lr_decay=0.8",
+        "--mixed_precision=none",
+        "--export_dir=none",
+        "--strategy=multi_worker",
+        "--verbose=0",
+    ]
     processes = []
     try:
         # First start: killed with -9 once the chief has checkpointed epoch 1 of stage 1.
@@ -190,8 +218,15 @@ def test_two_workers_share_batches_chief_writes_alone_and_resume_after_sigkill(t
     events = [name for _, _, names in os.walk(model_dir / "tb") for name in names if "tfevents" in name]
     writers = {int(name.split(".")[-3]) for name in events}  # events.out.tfevents.T.HOST.PID.N.v2
     assert writers == {first_pids[0], second_pids[0]}
-    for name in ("flags.cfg", "metrics.json", "model.weights.h5", "backbone.weights.h5", "anchors.npz",
-                 "classes.json", ".kft-run"):
+    for name in (
+        "flags.cfg",
+        "metrics.json",
+        "model.weights.h5",
+        "backbone.weights.h5",
+        "anchors.npz",
+        "classes.json",
+        ".kft-run",
+    ):
         assert (model_dir / name).is_file(), name
     assert not [n for n in os.listdir(model_dir) if n.startswith(".tmp-")]
     # The other worker removed its temporary directory when it finished.

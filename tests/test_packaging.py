@@ -22,8 +22,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Distributions that install the `tensorflow` Python package: at most one may be required.
 TENSORFLOW_BUILDS = frozenset(
     canonicalize_name(n)
-    for n in ("tensorflow", "tensorflow-cpu", "tensorflow-gpu", "tf-nightly", "tf-nightly-cpu",
-              "tf-nightly-gpu", "intel-tensorflow", "tensorflow-rocm", "tensorflow-aarch64", "tensorflow-macos")
+    for n in (
+        "tensorflow",
+        "tensorflow-cpu",
+        "tensorflow-gpu",
+        "tf-nightly",
+        "tf-nightly-cpu",
+        "tf-nightly-gpu",
+        "intel-tensorflow",
+        "tensorflow-rocm",
+        "tensorflow-aarch64",
+        "tensorflow-macos",
+    )
 )
 
 # The platforms a user may install on: every marker in the requirements is evaluated on each.
@@ -36,8 +46,13 @@ PLATFORMS = [
     {"sys_platform": "win32", "platform_system": "Windows", "os_name": "nt", "platform_machine": "ARM64"},
 ]
 ENVIRONMENTS = [
-    {**platform, "python_version": version, "python_full_version": f"{version}.0",
-     "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+    {
+        **platform,
+        "python_version": version,
+        "python_full_version": f"{version}.0",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+    }
     for platform in PLATFORMS
     for version in ("3.11", "3.12", "3.13")
 ]
@@ -77,8 +92,21 @@ def pip_install_commands(text: str) -> list[str]:
     return commands
 
 
-_OPTIONS_WITH_A_VALUE = {"-r", "--requirement", "-c", "--constraint", "-i", "--index-url", "--extra-index-url",
-                         "-f", "--find-links", "-t", "--target", "--prefix", "--root"}
+_OPTIONS_WITH_A_VALUE = {
+    "-r",
+    "--requirement",
+    "-c",
+    "--constraint",
+    "-i",
+    "--index-url",
+    "--extra-index-url",
+    "-f",
+    "--find-links",
+    "-t",
+    "--target",
+    "--prefix",
+    "--root",
+}
 
 
 def command_requirements(command: str) -> list[Requirement]:
@@ -98,8 +126,9 @@ def command_requirements(command: str) -> list[Requirement]:
     return asked
 
 
-def expand(asked: list[Requirement], base: list[Requirement], extras: dict[str, list[Requirement]],
-           environment: dict) -> set[str]:
+def expand(
+    asked: list[Requirement], base: list[Requirement], extras: dict[str, list[Requirement]], environment: dict
+) -> set[str]:
     """The distribution names one install needs on `environment`: the named requirements, and
     for kft (with its extras, self-references `kft[x]` included) its own requirements."""
     names: set[str] = set()
@@ -140,7 +169,9 @@ def conflicts(setup_cfg_text: str, commands: list[str], preinstalled=(PREINSTALL
         for environment in ENVIRONMENTS:
             builds = two_builds(expand(asked, base, extras, environment))
             if builds:
-                where = f"{environment['sys_platform']}/{environment['platform_machine']}/py{environment['python_version']}"
+                where = (
+                    f"{environment['sys_platform']}/{environment['platform_machine']}/py{environment['python_version']}"
+                )
                 found.append(f"{' then '.join(scenario)} on {where}: {sorted(builds)}")
                 break
     return found
@@ -148,7 +179,7 @@ def conflicts(setup_cfg_text: str, commands: list[str], preinstalled=(PREINSTALL
 
 def test_readme_documents_a_cpu_and_a_gpu_install():
     commands = pip_install_commands(read("README.md"))
-    assert any("-e ." in c or "-e \".[" in c for c in commands), commands
+    assert any("-e ." in c or '-e ".[' in c for c in commands), commands
     assert any("and-cuda" in c or "[gpu]" in c for c in commands), f"no NVIDIA GPU install in README: {commands}"
     assert any("[test]" in c for c in commands), commands
 
@@ -174,8 +205,10 @@ test =
     pytest>=8
 """
     found = conflicts(old, ["pip install -e ."])
-    assert found == ['pip install "tensorflow[and-cuda]==2.21.*" then pip install -e . on linux/x86_64/py3.11: '
-                     "['tensorflow', 'tensorflow-cpu']"], found
+    assert found == [
+        'pip install "tensorflow[and-cuda]==2.21.*" then pip install -e . on linux/x86_64/py3.11: '
+        "['tensorflow', 'tensorflow-cpu']"
+    ], found
     assert conflicts(old, ['pip install "tensorflow[and-cuda]"', "pip install -e ."], preinstalled=())
     # The CPU installs alone were fine: the check is not merely always failing.
     assert conflicts(old, ["pip install -e .", 'pip install -e ".[test]"'], preinstalled=()) == []
@@ -183,12 +216,15 @@ test =
     assert conflicts(old + "gpu =\n    tensorflow[and-cuda]>=2.21\n", ['pip install -e ".[gpu]"'])
 
 
-@pytest.mark.parametrize("command, expected", [
-    ('pip install -e ".[test]"', ["kft[test]"]),
-    ('pip install "tensorflow[and-cuda]==2.21.*"', ["tensorflow[and-cuda]==2.21.*"]),
-    ("pip install -U -e .", ["kft"]),
-    ("pip install -c constraints.txt -e '.[gpu,test]' pytest-timeout", ["kft[gpu,test]", "pytest-timeout"]),
-])
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        ('pip install -e ".[test]"', ["kft[test]"]),
+        ('pip install "tensorflow[and-cuda]==2.21.*"', ["tensorflow[and-cuda]==2.21.*"]),
+        ("pip install -U -e .", ["kft"]),
+        ("pip install -c constraints.txt -e '.[gpu,test]' pytest-timeout", ["kft[gpu,test]", "pytest-timeout"]),
+    ],
+)
 def test_command_parsing(command, expected):
     assert [str(r) for r in command_requirements(command)] == expected
 
@@ -199,8 +235,11 @@ def test_dependencies_do_not_bring_their_own_tensorflow():
     would). Walks the installed metadata of kft's dependencies, transitively; what is not
     installed here is skipped."""
     base, extras = kft_requirements(read("setup.cfg"))
-    todo = [r for r in [*base, *itertools.chain(*extras.values())]
-            if canonicalize_name(r.name) not in TENSORFLOW_BUILDS | {"kft"}]
+    todo = [
+        r
+        for r in [*base, *itertools.chain(*extras.values())]
+        if canonicalize_name(r.name) not in TENSORFLOW_BUILDS | {"kft"}
+    ]
     checked, problems = set(), []
     while todo:
         requirement = todo.pop()
@@ -233,10 +272,13 @@ def test_dependencies_do_not_bring_their_own_tensorflow():
 def test_this_environment_holds_one_tensorflow_build():
     """`pip check` cannot see it: two builds here overwrote each other's `tensorflow/` files
     (e.g. a virtual environment made when kft asked for `tensorflow-cpu`, installed again)."""
-    installed = sorted({canonicalize_name(d.metadata["Name"] or "") for d in metadata.distributions()} & TENSORFLOW_BUILDS)
+    installed = sorted(
+        {canonicalize_name(d.metadata["Name"] or "") for d in metadata.distributions()} & TENSORFLOW_BUILDS
+    )
     assert len(installed) <= 1, (
         f"{' and '.join(installed)} are both installed and share the tensorflow/ package; "
-        f"start again: pip uninstall -y {' '.join(installed)} && pip install -e \".[test]\"")
+        f'start again: pip uninstall -y {" ".join(installed)} && pip install -e ".[test]"'
+    )
 
 
 def test_ci_installs_as_readme_says_then_runs_pip_check():
@@ -244,7 +286,8 @@ def test_ci_installs_as_readme_says_then_runs_pip_check():
     install = re.search(r"pip install [^&\n]*", ci).group(0).strip()
     assert install in read("README.md"), install
     assert re.search(r"pip install [^\n]*\n(.*\n)*.*\bpip check\b", ci) or re.search(
-        r"pip install [^&\n]*&&[^\n]*\bpip check\b", ci), ci
+        r"pip install [^&\n]*&&[^\n]*\bpip check\b", ci
+    ), ci
     # The README's test command after the install (lint, format check, pytest) is what CI runs.
     tests = ci.split("pip check && ", 1)[1].strip()
     readme_command = next(line for line in read("README.md").splitlines() if ".[test]" in line and "pytest" in line)

@@ -38,7 +38,9 @@ def setup(tmp_path_factory):
     model = colour_model(logit_scale=5.0)
     check = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     version = export.export_saved_model(model, CLASSES, str(run / "export"), check)
-    checkpoint.write_json(str(run / "classes.json"), {"class_names": CLASSES, "backbone": "MobileNetV2", "image_size": RUN_IMAGE_SIZE})
+    checkpoint.write_json(
+        str(run / "classes.json"), {"class_names": CLASSES, "backbone": "MobileNetV2", "image_size": RUN_IMAGE_SIZE}
+    )
 
     images = root / "images"
     (images / "nested" / "deeper").mkdir(parents=True)
@@ -144,7 +146,9 @@ def test_table_with_defaults(setup):
 def test_nothing_decodable_exits_1(setup, tmp_path):
     _, run, _, images, _ = setup
     (tmp_path / "empty.jpg").write_bytes(b"")
-    result = run_predict(f"--export_dir={run / 'export'}", str(images / "nested" / "broken.png"), str(tmp_path / "empty.jpg"))
+    result = run_predict(
+        f"--export_dir={run / 'export'}", str(images / "nested" / "broken.png"), str(tmp_path / "empty.jpg")
+    )
     assert result.returncode == 1, result.stderr
     lines = error_lines(result.stderr)
     assert len([line for line in lines if line.startswith("error: ")]) == 2
@@ -170,7 +174,8 @@ def test_image_size_is_the_models_own(setup, tmp_path):
     assert error_lines(result.stderr) == [
         f"kft.predict: error: --image_size=16: the model at {version} was trained at {RUN_IMAGE_SIZE} px and "
         f"resizes every image to {RUN_IMAGE_SIZE}; files resized to 16 first would be resized twice and get "
-        "other probabilities than served ones (leave --image_size out)"]
+        "other probabilities than served ones (leave --image_size out)"
+    ]
     # An export that records no size, away from its run: refused without --image_size.
     check = np.random.default_rng(1).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
     lone = export.export_saved_model(model, CLASSES, str(tmp_path / "export"), check)

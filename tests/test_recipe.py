@@ -14,13 +14,13 @@ FLAGS = flags.FLAGS
 @pytest.mark.parametrize(
     "num_train, batch, steps",
     [
-        (25, 8, 500),          # 5 per class: batch 8, 3 steps per pass, 500 steps
-        (45, 8, 500),          # the few-shot folder: was 6 steps in all
-        (250, 32, 500),        # nearest power of two to 250/8 = 31
-        (5_000, 64, 500),      # 78 steps per pass: 500 steps are 6.4 passes
-        (19_999, 64, 1_872),   # 6 passes are more than BiT's 500 steps
+        (25, 8, 500),  # 5 per class: batch 8, 3 steps per pass, 500 steps
+        (45, 8, 500),  # the few-shot folder: was 6 steps in all
+        (250, 32, 500),  # nearest power of two to 250/8 = 31
+        (5_000, 64, 500),  # 78 steps per pass: 500 steps are 6.4 passes
+        (19_999, 64, 1_872),  # 6 passes are more than BiT's 500 steps
         (50_000, 64, 10_000),  # CIFAR-10: 12.8 passes, more than the old 6
-        (600_000, 64, 56_250), # 6 passes of a large set beat BiT's 20k steps
+        (600_000, 64, 56_250),  # 6 passes of a large set beat BiT's 20k steps
     ],
 )
 def test_batch_and_steps_follow_the_set_size(num_train, batch, steps):
@@ -105,7 +105,7 @@ def _bars(num_per_class, seed=0):
     labels = np.repeat([0, 1], num_per_class)
     for image, label in zip(images, labels):
         column = rng.integers(1, 7) if label == 0 else rng.integers(17, 23)
-        image[:, column - 1:column + 1] = 250
+        image[:, column - 1 : column + 1] = 250
     return images, labels
 
 
@@ -116,7 +116,7 @@ def _colour_blobs(num_per_class, seed=0):
     labels = np.repeat([0, 1, 2], num_per_class)
     for image, label in zip(images, labels):
         y, x = rng.integers(0, 16, size=2)
-        image[y:y + 8, x:x + 8, label] = 250
+        image[y : y + 8, x : x + 8, label] = 250
     return images, labels
 
 
@@ -147,7 +147,7 @@ def test_mirror_check_on_real_images():
         height, width, _ = photo.shape
         for _ in range(12):
             y, x = rng.integers(0, height - 64), rng.integers(half * width // 2, (half + 1) * width // 2 - 64)
-            images.append(photo[y:y + 64, x:x + 64])
+            images.append(photo[y : y + 64, x : x + 64])
             labels.append(label)
     check = recipe.mirror_check(np.stack(images), np.array(labels))
     assert check.mirrored_accuracy < check.accuracy and check.symmetric

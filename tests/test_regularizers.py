@@ -45,9 +45,19 @@ def test_delta_is_zero_at_start_and_matches_numpy_after_change(tiny_splits):
 @pytest.mark.parametrize("kind", ["delta", "bss"])
 def test_regularizer_enters_the_training_loss(tiny_splits, kind):
     classifier = _classifier()
-    config = Config(dataset="x", backbone="MobileNetV2", stages=(), model_dir="", regularizer=kind,
-                    delta_alpha=0.1, bss_eta=0.1, l2sp_beta=0.0)
-    penalty, feature_regularizer = trainer.make_regularizers(config, classifier, l2sp.anchor_arrays(classifier.backbone))
+    config = Config(
+        dataset="x",
+        backbone="MobileNetV2",
+        stages=(),
+        model_dir="",
+        regularizer=kind,
+        delta_alpha=0.1,
+        bss_eta=0.1,
+        l2sp_beta=0.0,
+    )
+    penalty, feature_regularizer = trainer.make_regularizers(
+        config, classifier, l2sp.anchor_arrays(classifier.backbone)
+    )
     assert penalty is None  # alpha of L2-SP is off when another regularizer is chosen
     blocks = backbones.blocks(classifier.spec, classifier.backbone)
     trainer.apply_stage(classifier, blocks, schedule.parse_stages("all:1@1e-2")[0])
@@ -118,9 +128,20 @@ def test_loss_increase_matches_zeroing_each_feature_map_channel(tiny_splits):
 
 
 def _delta_config(model_dir):
-    return Config(dataset="unused", backbone="VGG16", weights=None, image_size=32, batch_size=8,
-                  stages=schedule.parse_stages("head:1@1e-2,all:1@1e-4"), model_dir=str(model_dir),
-                  regularizer="delta", delta_alpha=1.0, delta_attention_batches=2, augment=(), verbose=0)
+    return Config(
+        dataset="unused",
+        backbone="VGG16",
+        weights=None,
+        image_size=32,
+        batch_size=8,
+        stages=schedule.parse_stages("head:1@1e-2,all:1@1e-4"),
+        model_dir=str(model_dir),
+        regularizer="delta",
+        delta_alpha=1.0,
+        delta_attention_batches=2,
+        augment=(),
+        verbose=0,
+    )
 
 
 def test_train_computes_delta_attention_when_the_backbone_unfreezes(tmp_path, tiny_splits, monkeypatch):
@@ -161,10 +182,20 @@ def test_source_task_and_scratch_baseline_train_unregularized(kind):
     L2-SP alpha term nor a feature regularizer pulls them toward their own random init."""
     from kft import experiment
 
-    config = Config(dataset="folder:/t", backbone="MobileNetV2", stages=schedule.parse_stages("all:1@1e-3"),
-                    model_dir="/run", regularizer=kind, l2sp_alpha=0.5, delta_alpha=0.1, bss_eta=0.1,
-                    l2sp_beta=0.0, pretrain_dataset="folder:/s",
-                    pretrain_stages=schedule.parse_stages("all:2@1e-3:bn=train"), compare_scratch=True)
+    config = Config(
+        dataset="folder:/t",
+        backbone="MobileNetV2",
+        stages=schedule.parse_stages("all:1@1e-3"),
+        model_dir="/run",
+        regularizer=kind,
+        l2sp_alpha=0.5,
+        delta_alpha=0.1,
+        bss_eta=0.1,
+        l2sp_beta=0.0,
+        pretrain_dataset="folder:/s",
+        pretrain_stages=schedule.parse_stages("all:2@1e-3:bn=train"),
+        compare_scratch=True,
+    )
     classifier = _classifier()
     anchors = l2sp.anchor_arrays(classifier.backbone)
     assert trainer.make_regularizers(config, classifier, anchors) != (None, None)  # the fine-tune is

@@ -20,8 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _start(args):
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
     return subprocess.Popen(
-        [sys.executable, "-m", "kft.train", *args], cwd=ROOT, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "kft.train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -72,9 +76,16 @@ def test_sigkill_at_every_point_then_resume(tmp_path):
     checkpoint.save_backbone_weights(classifier.backbone, "MobileNetV2", 32, str(start_weights))
     model_dir = tmp_path / "run"
     args = [
-        f"--model_dir={model_dir}", "--dataset=digits:0-1", "--train_limit_per_class=48", "--backbone=MobileNetV2",
-        f"--weights={start_weights}", "--image_size=32", "--batch_size=16", "--stages=head:2@1e-3,top2:2@1e-4",
-        "--augment=flip", "--verbose=0",
+        f"--model_dir={model_dir}",
+        "--dataset=digits:0-1",
+        "--train_limit_per_class=48",
+        "--backbone=MobileNetV2",
+        f"--weights={start_weights}",
+        "--image_size=32",
+        "--batch_size=16",
+        "--stages=head:2@1e-3,top2:2@1e-4",
+        "--augment=flip",
+        "--verbose=0",
     ]
     ckpt = model_dir / "ckpt"
     kill_points = {
@@ -110,9 +121,18 @@ def test_sigkill_at_every_point_then_resume(tmp_path):
 
 def _tiny_config(tmp_path, stages, **overrides):
     fields = dict(
-        dataset="digits:0-2", backbone="MobileNetV2", weights=None, image_size=32, batch_size=16,
-        stages=schedule.parse_stages(stages), model_dir=str(tmp_path), train_limit_per_class=32,
-        verbose=0, augment=("crop", "flip"), seed=3, deterministic=True,
+        dataset="digits:0-2",
+        backbone="MobileNetV2",
+        weights=None,
+        image_size=32,
+        batch_size=16,
+        stages=schedule.parse_stages(stages),
+        model_dir=str(tmp_path),
+        train_limit_per_class=32,
+        verbose=0,
+        augment=("crop", "flip"),
+        seed=3,
+        deterministic=True,
     )
     fields.update(overrides)
     return Config(**fields)
@@ -133,11 +153,20 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp
 
 
 def test_divergence_exit_code_from_the_command_line(tmp_path):
-    process = _start([
-        f"--model_dir={tmp_path}", "--dataset=digits:0-2", "--train_limit_per_class=32", "--backbone=MobileNetV2",
-        "--weights=none", "--image_size=32", "--batch_size=16", "--stages=all:2@1e9", "--optimizer=sgd",
-        "--verbose=0",
-    ])
+    process = _start(
+        [
+            f"--model_dir={tmp_path}",
+            "--dataset=digits:0-2",
+            "--train_limit_per_class=32",
+            "--backbone=MobileNetV2",
+            "--weights=none",
+            "--image_size=32",
+            "--batch_size=16",
+            "--stages=all:2@1e9",
+            "--optimizer=sgd",
+            "--verbose=0",
+        ]
+    )
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 3, output[-2000:]
     assert "error: loss became" in output and "lower --lr_scale" in output

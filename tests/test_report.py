@@ -40,7 +40,11 @@ def test_classification_report_by_hand():
         {"class": "cow", "precision": 3 / 4, "recall": 3 / 4, "support": 4},
     ]
     for got, expected in zip(result["per_class"], want, strict=True):
-        assert got == {**expected, "precision": pytest.approx(expected["precision"]), "recall": pytest.approx(expected["recall"])}
+        assert got == {
+            **expected,
+            "precision": pytest.approx(expected["precision"]),
+            "recall": pytest.approx(expected["recall"]),
+        }
     json.dumps(result, allow_nan=False)  # Plain JSON types only.
 
 

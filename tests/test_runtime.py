@@ -39,7 +39,11 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, precision):
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
     result = subprocess.run(
         [sys.executable, "-c", _MIRRORED_SCRIPT, str(tmp_path), precision],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     output = json.loads(result.stdout.strip().splitlines()[-1])
@@ -72,13 +76,16 @@ def test_jit_compile_auto_is_off_without_an_accelerator():
     assert runtime.resolve_jit_compile("false") is False
 
 
-@pytest.mark.parametrize("capability,expected", [((9, 0), "bfloat16"), ((8, 0), "bfloat16"),
-                                                 ((7, 5), "float16"), ((7, 0), "float16"), ((6, 1), "none")])
+@pytest.mark.parametrize(
+    "capability,expected",
+    [((9, 0), "bfloat16"), ((8, 0), "bfloat16"), ((7, 5), "float16"), ((7, 0), "float16"), ((6, 1), "none")],
+)
 def test_auto_precision_on_a_gpu_follows_compute_capability(monkeypatch, capability, expected):
     gpu = object()
     monkeypatch.setattr(runtime.tf.config, "list_physical_devices", lambda kind=None: [gpu] if kind == "GPU" else [])
-    monkeypatch.setattr(runtime.tf.config.experimental, "get_device_details",
-                        lambda device: {"compute_capability": capability})
+    monkeypatch.setattr(
+        runtime.tf.config.experimental, "get_device_details", lambda device: {"compute_capability": capability}
+    )
     decision = runtime.precision_decision("auto", "MobileNetV2", 224)
     assert decision.precision == expected
     assert f"{capability[0]}.{capability[1]}" in decision.reason

@@ -21,15 +21,30 @@ from kft import checkpoint, rundir
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 
-TINY = ["--backbone=MobileNetV2", "--weights=none", "--image_size=32", "--stages=head:1@1e-3", "--batch_size=8",
-        "--train_limit_per_class=8", "--verbose=0", "--augment=none"]
+TINY = [
+    "--backbone=MobileNetV2",
+    "--weights=none",
+    "--image_size=32",
+    "--stages=head:1@1e-3",
+    "--batch_size=8",
+    "--train_limit_per_class=8",
+    "--verbose=0",
+    "--augment=none",
+]
 
 
 def run_module(module, *args, timeout=300, cwd=ROOT, umask=None):
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
     preexec = (lambda: os.umask(umask)) if umask is not None else None
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, preexec_fn=preexec)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=preexec,
+    )
 
 
 def one_error_line(result, status=2):
@@ -91,8 +106,9 @@ def test_overwrite_removes_only_kft_runs_and_only_after_every_check(tmp_path):
     assert (run / rundir.MARKER).exists()
     before = snapshot(run)
     # A stage the backbone does not have: refused before anything is removed.
-    line = one_error_line(run_module("kft.train", f"--model_dir={run}", *common, "--overwrite",
-                                     "--stages=from=conv9_block1:1@1e-3"))
+    line = one_error_line(
+        run_module("kft.train", f"--model_dir={run}", *common, "--overwrite", "--stages=from=conv9_block1:1@1e-3")
+    )
     assert "conv9_block1" in line
     assert snapshot(run) == before
     # --overwrite read from a flagfile (a copied or tool-written file) deletes nothing.
@@ -176,16 +192,27 @@ def test_a_moved_dataset_is_the_same_data_only_with_the_same_files(tmp_path):
 
 def test_one_process_per_directory_and_kill_9_leaves_no_stuck_lock(tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[2]); from kft import rundir; "
-        "rundir.DirLock(sys.argv[1], 'x'); print('locked', flush=True); time.sleep(600)"), str(run), ROOT],
-        stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time; sys.path.insert(0, sys.argv[2]); from kft import rundir; "
+                "rundir.DirLock(sys.argv[1], 'x'); print('locked', flush=True); time.sleep(600)"
+            ),
+            str(run),
+            ROOT,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(rundir.Busy, match=rf"x is in use by another kft process \(pid {holder.pid}\)"):
             rundir.DirLock(str(run), "x")
-        line = one_error_line(run_module("kft.train", f"--model_dir={run}", *TINY, "--dataset=digits:0-1",
-                                         "--export_dir=none"))
+        line = one_error_line(
+            run_module("kft.train", f"--model_dir={run}", *TINY, "--dataset=digits:0-1", "--export_dir=none")
+        )
         assert f"--model_dir={run} is in use by another kft process" in line
         # kft.lr_find takes the same lock: a sweep never shares a run directory with a run.
         line = one_error_line(run_module("kft.lr_find", f"--model_dir={run}", *TINY, "--dataset=digits:0-1"))
@@ -247,9 +274,19 @@ def test_files_and_exports_follow_the_umask(tmp_path):
 # 2. Everything checked before work starts.
 
 
-@pytest.mark.parametrize("flag", ["--ema_decay=nan", "--lr_scale=inf", "--l2sp_alpha=inf", "--layer_lr_decay=nan",
-                                  "--dropout=nan", "--val_fraction=nan", "--image_size=100000",
-                                  "--cache_gb=1e9"])
+@pytest.mark.parametrize(
+    "flag",
+    [
+        "--ema_decay=nan",
+        "--lr_scale=inf",
+        "--l2sp_alpha=inf",
+        "--layer_lr_decay=nan",
+        "--dropout=nan",
+        "--val_fraction=nan",
+        "--image_size=100000",
+        "--cache_gb=1e9",
+    ],
+)
 def test_every_train_float_flag_is_finite_and_in_range(flag):
     from kft import flags as kft_flags  # noqa: F401  (registers kft.train's flags)
 
@@ -261,11 +298,14 @@ def test_every_train_float_flag_is_finite_and_in_range(flag):
         FLAGS.unparse_flags()
 
 
-@pytest.mark.parametrize("module, args, named", [
-    ("kft.tune", ["--tune_dir=t", "--lr_scale_max=nan"], "--lr_scale_max=nan"),
-    ("kft.evaluate", ["--model_dir=m", "--dataset=digits", "--val_fraction=nan"], "--val_fraction=nan"),
-    ("kft.lr_find", ["--model_dir=m", "--max_lr=inf"], "--max_lr=inf"),
-])
+@pytest.mark.parametrize(
+    "module, args, named",
+    [
+        ("kft.tune", ["--tune_dir=t", "--lr_scale_max=nan"], "--lr_scale_max=nan"),
+        ("kft.evaluate", ["--model_dir=m", "--dataset=digits", "--val_fraction=nan"], "--val_fraction=nan"),
+        ("kft.lr_find", ["--model_dir=m", "--max_lr=inf"], "--max_lr=inf"),
+    ],
+)
 def test_other_entry_points_refuse_non_finite_numbers(tmp_path, module, args, named):
     line = one_error_line(run_module(module, *args, timeout=120, cwd=tmp_path))
     assert named in line and "finite" in line
@@ -280,11 +320,15 @@ def test_outputs_are_checked_before_training(tmp_path):
     assert f"--export_dir={blocker} is a file" in line
     data_dir = tmp_path / "data"
     write_png_folder(data_dir, ["a", "b\nc"])
-    line = one_error_line(run_module("kft.train", f"--model_dir={tmp_path / 'b'}", *TINY,
-                                     f"--dataset=folder:{data_dir}"))
+    line = one_error_line(
+        run_module("kft.train", f"--model_dir={tmp_path / 'b'}", *TINY, f"--dataset=folder:{data_dir}")
+    )
     assert "class name 'b\\nc' cannot be exported" in line
-    line = one_error_line(run_module("kft.train", f"--model_dir={data_dir / 'run'}", *TINY,
-                                     f"--dataset=folder:{data_dir}", "--export_dir=none"))
+    line = one_error_line(
+        run_module(
+            "kft.train", f"--model_dir={data_dir / 'run'}", *TINY, f"--dataset=folder:{data_dir}", "--export_dir=none"
+        )
+    )
     assert "is inside --dataset" in line
     assert sorted(os.listdir(tmp_path)) == ["data", "file"]
 
@@ -316,13 +360,22 @@ def test_fifos_and_devices_are_never_read(tmp_path):
 
 def test_tfds_without_network_fails_fast_in_one_line(tmp_path):
     started = time.time()
-    line = one_error_line(run_module("kft.train", f"--model_dir={tmp_path / 'run'}", *TINY, "--dataset=tfds:cifar10",
-                                     f"--data_dir={tmp_path / 'tfds'}", timeout=120))
+    line = one_error_line(
+        run_module(
+            "kft.train",
+            f"--model_dir={tmp_path / 'run'}",
+            *TINY,
+            "--dataset=tfds:cifar10",
+            f"--data_dir={tmp_path / 'tfds'}",
+            timeout=120,
+        )
+    )
     if "cannot be downloaded" not in line:
         pytest.skip("this machine reaches TFDS's servers")
     assert "--data_dir" in line and time.time() - started < 60
-    line = one_error_line(run_module("kft.train", f"--model_dir={tmp_path / 'run'}", *TINY, "--dataset=tfds:cifarr10",
-                                     timeout=120))
+    line = one_error_line(
+        run_module("kft.train", f"--model_dir={tmp_path / 'run'}", *TINY, "--dataset=tfds:cifarr10", timeout=120)
+    )
     assert "tfds:cifarr10: no TFDS dataset of that name" in line
 
 
@@ -351,8 +404,14 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_so_in_one_line(tmp_path):
     run = tmp_path / "run"
     args = [f"--model_dir={run}", *TINY, "--dataset=digits:0-1", "--export_dir=none", "--stages=head:50@1e-3"]
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    process = subprocess.Popen([sys.executable, "-m", "kft.train", *args], cwd=ROOT, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kft.train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 240
     # Any checkpoint: kft keeps the newest two, so epoch-1 may be gone by the time we look.
     while not list((run / "ckpt").glob("epoch-*")) and time.time() < deadline and process.poll() is None:
@@ -374,9 +433,23 @@ def test_a_full_disk_is_one_line(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, "-m", "kft.train", f"--model_dir={tmp_path / 'run'}", *TINY,
-                             "--dataset=digits:0-1", "--export_dir=none"], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=300, preexec_fn=limit)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kft.train",
+            f"--model_dir={tmp_path / 'run'}",
+            *TINY,
+            "--dataset=digits:0-1",
+            "--export_dir=none",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+    )
     line = one_error_line(result, status=1)
     assert "File too large" in line and "rerun the same command to resume" in line
 
@@ -393,16 +466,18 @@ def test_a_full_disk_while_rewriting_h5_keeps_the_old_file(tmp_path):
         "import sys, h5py, keras\n"
         "from kft import checkpoint, cli\n"
         "def full(*args, **kwargs):\n"
-        "    raise OSError(\"Unable to synchronously create dataset (file write failed: time = Mon, filename = "
+        '    raise OSError("Unable to synchronously create dataset (file write failed: time = Mon, filename = '
         "'x', file descriptor = 5, errno = 28, error message = 'No space left on device', buf = 0x1)\")\n"
         "def main(argv):\n"
         "    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])\n"
         "    h5py.Group.create_dataset = full\n"
         "    checkpoint.save_backbone_weights(model, 'Dense', 2, sys.argv[1])\n"
-        "cli.run(main)\n")
+        "cli.run(main)\n"
+    )
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    result = subprocess.run([sys.executable, "-c", script, str(path)], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     line = one_error_line(result, status=1)
     assert f"No space left on device writing {path};" in line
     assert path.read_bytes() == old and sorted(os.listdir(tmp_path)) == ["backbone.weights.h5"]

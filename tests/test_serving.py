@@ -49,8 +49,9 @@ def photo(height: int, width: int, channel: int, seed: int) -> np.ndarray:
 
 def run_module(module, *args):
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=180)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +99,7 @@ def test_serving_predict_and_evaluate_agree_on_large_photos(setup, tmp_path):
     assert export.load_serving(version).image_size == SIZE  # Recorded in the export.
 
     # kft.evaluate's pipeline, in process: the Keras model on the files as kft.data loads them.
-    dataset, names, skipped = data.load_eval(f"folder:{test_dir}", image_size=SIZE, batch_size=4,
-                                             class_names=CLASSES)
+    dataset, names, skipped = data.load_eval(f"folder:{test_dir}", image_size=SIZE, batch_size=4, class_names=CLASSES)
     assert names == tuple(CLASSES) and skipped == 0
     pipeline = np.concatenate([np.asarray(classifier(images, training=False)) for images, _ in dataset])
     np.testing.assert_allclose(pipeline, serving, atol=ATOL, rtol=0)
@@ -107,16 +107,22 @@ def test_serving_predict_and_evaluate_agree_on_large_photos(setup, tmp_path):
 
     # kft.evaluate on the export (its --model_dir path feeds the same pipeline to the Keras
     # model, as above): the numbers of whole-image serving.
-    result = run_module("kft.evaluate", f"--export_dir={version}", f"--dataset=folder:{test_dir}",
-                        f"--output_dir={tmp_path}", "--batch_size=4")
+    result = run_module(
+        "kft.evaluate",
+        f"--export_dir={version}",
+        f"--dataset=folder:{test_dir}",
+        f"--output_dir={tmp_path}",
+        "--batch_size=4",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["image_size"] == SIZE
     nll = float(np.mean(-np.log(np.clip(serving[np.arange(len(labels)), labels], 1e-12, 1))))
     assert report["log_loss"] == pytest.approx(nll, abs=ATOL)
     predicted = np.argmax(serving, axis=-1)
-    assert report["confusion_matrix"] == [[int(np.sum((labels == t) & (predicted == p))) for p in range(3)]
-                                          for t in range(3)]
+    assert report["confusion_matrix"] == [
+        [int(np.sum((labels == t) & (predicted == p))) for p in range(3)] for t in range(3)
+    ]
 
     # kft.predict: every class's probability, per file.
     result = run_module("kft.predict", f"--export_dir={version}", str(test_dir), "--json", "--top_k=3")
@@ -140,8 +146,11 @@ def test_the_one_resize_is_antialiased_and_the_same_everywhere():
     aliased = tf.image.resize(stripes, [SIZE, SIZE], method="bilinear").numpy()
     assert np.std(aliased) > 50  # What the old in-graph resize made of them: moire.
 
-    unknown = tf.function(lambda x: data.resize_images(x, SIZE), autograph=False,
-                          input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)])
+    unknown = tf.function(
+        lambda x: data.resize_images(x, SIZE),
+        autograph=False,
+        input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)],
+    )
     for height, width in ((375, 500), (20, 24), (SIZE, SIZE), (12, 300)):
         image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         eager = data.resize_images(image, SIZE).numpy()

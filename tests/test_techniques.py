@@ -83,9 +83,17 @@ def test_ema_is_the_warmed_up_average_of_the_weights(tiny_splits):
 
 def test_train_with_ema_and_layer_decay_saves_the_averaged_model(tmp_path, tiny_splits):
     config = Config(
-        dataset="unused", backbone="MobileNetV2", weights=None, image_size=32, batch_size=8,
-        stages=schedule.parse_stages("head:1@1e-2,all:2@1e-3"), model_dir=str(tmp_path),
-        ema_decay=0.9, layer_lr_decay=0.7, verbose=0, l2sp_alpha=0.0,
+        dataset="unused",
+        backbone="MobileNetV2",
+        weights=None,
+        image_size=32,
+        batch_size=8,
+        stages=schedule.parse_stages("head:1@1e-2,all:2@1e-3"),
+        model_dir=str(tmp_path),
+        ema_decay=0.9,
+        layer_lr_decay=0.7,
+        verbose=0,
+        l2sp_alpha=0.0,
     )
     metrics = trainer.train(config, tiny_splits)
     assert [s["epochs"] for s in metrics["stages"]] == [1, 2]
@@ -101,9 +109,11 @@ def test_cached_features_step_equals_image_step(tiny_splits):
     on_features, _ = _tuner(seed=1)
     on_features.classifier.set_weights(on_images.classifier.get_weights())
     for tuner in (on_images, on_features):
-        trainer.apply_stage(tuner.classifier, blocks if tuner is on_images else
-                            backbones.blocks(tuner.classifier.spec, tuner.classifier.backbone),
-                            schedule.parse_stages("head:1@1e-2")[0])
+        trainer.apply_stage(
+            tuner.classifier,
+            blocks if tuner is on_images else backbones.blocks(tuner.classifier.spec, tuner.classifier.backbone),
+            schedule.parse_stages("head:1@1e-2")[0],
+        )
         tuner.compile(optimizer=trainer.make_optimizer("adam", 1e-2, "none"), jit_compile=False)
     on_features.on_features = True
     features = on_features.classifier.features(images, training=False)
@@ -115,9 +125,16 @@ def test_cached_features_step_equals_image_step(tiny_splits):
 
 def test_train_with_cached_features_keeps_backbone_and_trains_head(tmp_path, tiny_splits):
     config = Config(
-        dataset="unused", backbone="MobileNetV2", weights=None, image_size=32, batch_size=8,
-        stages=schedule.parse_stages("head:3@1e-2"), model_dir=str(tmp_path), cache_features=True,
-        augment=("flip",), verbose=0,
+        dataset="unused",
+        backbone="MobileNetV2",
+        weights=None,
+        image_size=32,
+        batch_size=8,
+        stages=schedule.parse_stages("head:3@1e-2"),
+        model_dir=str(tmp_path),
+        cache_features=True,
+        augment=("flip",),
+        verbose=0,
     )
     tf.keras.utils.set_random_seed(config.seed)  # trainer.train builds the same initial model
     start = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(3))

@@ -57,7 +57,9 @@ def test_the_classifier_is_not_constant(exported):
 
 def test_files_and_report(exported):
     _, out, _, labels, report = exported
-    assert sorted(os.listdir(out)) == sorted([tflite.FLOAT32_FILE, tflite.INT8_DYNAMIC_FILE, "labels.txt", "tflite.json"])
+    assert sorted(os.listdir(out)) == sorted(
+        [tflite.FLOAT32_FILE, tflite.INT8_DYNAMIC_FILE, "labels.txt", "tflite.json"]
+    )
     with open(os.path.join(out, "tflite.json")) as f:
         assert json.load(f) == json.loads(json.dumps(report))
     with open(os.path.join(out, "labels.txt")) as f:

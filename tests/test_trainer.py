@@ -43,8 +43,13 @@ def test_top_blocks_stage_changes_only_those_blocks(tiny_splits, bn):
     tuner, blocks, names = _tuner_for(f"top2:1@1e-2:bn={bn}")
     assert names == [b.name for b in blocks[-2:]]
     before = {b.name: _snapshot(b.layers) for b in blocks}
-    norm_paths = {w.path for b in blocks for layer in b.layers if isinstance(layer, keras.layers.BatchNormalization)
-                  for w in layer.weights}
+    norm_paths = {
+        w.path
+        for b in blocks
+        for layer in b.layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+        for w in layer.weights
+    }
     tuner.fit(tiny_splits.train, epochs=1, verbose=0)
     for block in blocks:
         after = _snapshot(block.layers)
@@ -134,7 +139,9 @@ def test_resume_continues_at_same_stage_and_epoch(tmp_path, tiny_splits, monkeyp
     monkeypatch.setattr(checkpoint.ResumeCheckpoints, "save", real_save)
     resumed = trainer.train(config, tiny_splits)
     assert [s["epochs"] for s in resumed["stages"]] == [s["epochs"] for s in reference["stages"]] == [1, 2]
-    history = json.load(open(tmp_path / "run" / "ckpt" / "latest".replace("latest", "epoch-3") / "state.json"))["history"]
+    history = json.load(open(tmp_path / "run" / "ckpt" / "latest".replace("latest", "epoch-3") / "state.json"))[
+        "history"
+    ]
     ref_history = json.load(open(tmp_path / "ref" / "run" / "ckpt" / "epoch-3" / "state.json"))["history"]
     # The optimizer's step counter came back: the learning rate continues exactly.
     assert [h["learning_rate"] for h in history] == pytest.approx([h["learning_rate"] for h in ref_history])
@@ -179,8 +186,7 @@ def test_validation_step_is_traced_once_for_all_stages(tmp_path, tiny_splits, mo
 
 def test_probe_head_is_the_start_and_the_kept_model_when_nothing_else_trains(tmp_path, tiny_splits):
     # A random ResNet50's features vary with the input (a random MobileNetV2's are ~1e-12).
-    config = _config(tmp_path, backbone="ResNet50", stages=schedule.parse_stages("probe"),
-                     checkpoint_selection="best")
+    config = _config(tmp_path, backbone="ResNet50", stages=schedule.parse_stages("probe"), checkpoint_selection="best")
     metrics = trainer.train(config, tiny_splits)
     assert metrics["probe_val_accuracy"] is not None and metrics["stages"][0]["epochs"] == 0
     # The kept model is the probe: its validation accuracy, recomputed from the saved weights.

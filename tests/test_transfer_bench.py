@@ -32,8 +32,7 @@ tb = _load_tool()
 
 def _run(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, TOOL, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    return subprocess.run([sys.executable, TOOL, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
 def _hashes(folder: str) -> tuple[set, set]:

@@ -27,13 +27,28 @@ FLAGS = flags.FLAGS
 KT_ENV = ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT")
 
 # Real trials as cheap as kft gets: one 1-epoch head stage on 16 digit images.
-TINY = ["--dataset=digits:0-1", "--backbone=MobileNet", "--weights=none", "--image_size=32",
-        "--batch_size=32", "--stages=head:1@1e-3", "--train_limit_per_class=8", "--augment=none",
-        "--verbose=0"]
+TINY = [
+    "--dataset=digits:0-1",
+    "--backbone=MobileNet",
+    "--weights=none",
+    "--image_size=32",
+    "--batch_size=32",
+    "--stages=head:1@1e-3",
+    "--train_limit_per_class=8",
+    "--augment=none",
+    "--verbose=0",
+]
 # For the fake trainer: a two-stage schedule whose last stage Hyperband can shorten.
-FAKE = ["--dataset=digits:0-2", "--backbone=MobileNet", "--weights=none", "--image_size=32",
-        "--batch_size=32", "--stages=head:1@1e-3,top1:2@1e-4", "--train_limit_per_class=4",
-        "--verbose=0"]
+FAKE = [
+    "--dataset=digits:0-2",
+    "--backbone=MobileNet",
+    "--weights=none",
+    "--image_size=32",
+    "--batch_size=32",
+    "--stages=head:1@1e-3,top1:2@1e-4",
+    "--train_limit_per_class=4",
+    "--verbose=0",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +91,9 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
     for name in KT_ENV:
         if name not in (env or {}):
             full_env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 class FakeTrain:
@@ -214,11 +230,13 @@ def test_best_cfg_holds_the_best_trial_and_parses_as_kft_train_flags(tmp_path, f
         assert call["config"].export_dir == "none" and call["config"].verbose == 0
     best = max(rows, key=lambda r: float(r["objective"]))
     assert float(best["objective"]) == pytest.approx(
-        1 / (1 + abs(math.log10(float(best["lr_scale"])))) * (1.0 if float(best["l2sp_alpha"]) else 0.9))
+        1 / (1 + abs(math.log10(float(best["lr_scale"])))) * (1.0 if float(best["l2sp_alpha"]) else 0.9)
+    )
     base = config_of([*FAKE])
     tuned = best_cfg_config(tune_dir)
-    assert tuned == dataclasses.replace(base, lr_scale=float(best["lr_scale"]), l2sp_alpha=float(best["l2sp_alpha"]),
-                                        model_dir=str(tune_dir / "best"))
+    assert tuned == dataclasses.replace(
+        base, lr_scale=float(best["lr_scale"]), l2sp_alpha=float(best["l2sp_alpha"]), model_dir=str(tune_dir / "best")
+    )
 
 
 def test_delta_search_sets_delta_alpha_in_trials_csv_table_and_best_cfg(tmp_path, fake_train, capsys):
@@ -232,11 +250,14 @@ def test_delta_search_sets_delta_alpha_in_trials_csv_table_and_best_cfg(tmp_path
         assert float(row["delta_alpha"]) == config.delta_alpha
         assert config.delta_alpha == 0 or 1e-4 <= config.delta_alpha <= 1e-1
         assert (config.regularizer, config.l2sp_alpha, config.bss_eta) == ("delta", base.l2sp_alpha, base.bss_eta)
-    assert any(line.split()[:3] == ["trial", "lr_scale", "delta_alpha"] for line in capsys.readouterr().out.splitlines())
+    assert any(
+        line.split()[:3] == ["trial", "lr_scale", "delta_alpha"] for line in capsys.readouterr().out.splitlines()
+    )
     best = max(rows, key=lambda r: float(r["objective"]))
     tuned = best_cfg_config(tune_dir)
-    assert tuned == dataclasses.replace(base, lr_scale=float(best["lr_scale"]), delta_alpha=float(best["delta_alpha"]),
-                                        model_dir=str(tune_dir / "best"))
+    assert tuned == dataclasses.replace(
+        base, lr_scale=float(best["lr_scale"]), delta_alpha=float(best["delta_alpha"]), model_dir=str(tune_dir / "best")
+    )
 
 
 def test_regularizer_none_searches_lr_scale_alone(tmp_path, fake_train):
@@ -247,14 +268,30 @@ def test_regularizer_none_searches_lr_scale_alone(tmp_path, fake_train):
     base = config_of([*FAKE, "--regularizer=none"])
     for call in fake_train.calls:  # Only lr_scale and the trial's output settings differ from the flags.
         config = call["config"]
-        assert dataclasses.replace(config, lr_scale=base.lr_scale, model_dir=base.model_dir,
-                                   export_dir=base.export_dir, verbose=base.verbose) == base
+        assert (
+            dataclasses.replace(
+                config,
+                lr_scale=base.lr_scale,
+                model_dir=base.model_dir,
+                export_dir=base.export_dir,
+                verbose=base.verbose,
+            )
+            == base
+        )
     best = max(rows, key=lambda r: float(r["objective"]))
     tuned = best_cfg_config(tune_dir)
     assert tuned == dataclasses.replace(base, lr_scale=float(best["lr_scale"]), model_dir=str(tune_dir / "best"))
     # The strength range is unused, so changing it is no other search.
-    run_tune([*FAKE, f"--tune_dir={tune_dir}", "--regularizer=none", "--tuner=random", "--max_trials=3",
-              "--strength_max=0.5"])
+    run_tune(
+        [
+            *FAKE,
+            f"--tune_dir={tune_dir}",
+            "--regularizer=none",
+            "--tuner=random",
+            "--max_trials=3",
+            "--strength_max=0.5",
+        ]
+    )
     assert len(fake_train.calls) == 3
 
 
@@ -326,8 +363,10 @@ def test_diverged_trials_fail_without_stopping_the_search_until_three_in_a_row(t
     rows = read_rows(tune_dir)
     assert [r["status"] for r in rows] == ["COMPLETED", "FAILED", "COMPLETED"]
     assert rows[1]["objective"] == "" and "trial 1: failed, loss became nan" in capsys.readouterr().out
-    assert f"The best trial ({max(rows[0::2], key=lambda r: float(r['objective']))['trial_id']})" in (
-        tune_dir / "best.cfg").read_text()
+    assert (
+        f"The best trial ({max(rows[0::2], key=lambda r: float(r['objective']))['trial_id']})"
+        in (tune_dir / "best.cfg").read_text()
+    )
 
     # KerasTuner ends a search after 3 consecutive failed trials: exit 1, the table still written.
     monkeypatch.setattr(trainer, "train", FakeTrain(diverge_at=(-1,)))
@@ -342,8 +381,14 @@ def test_diverged_trials_fail_without_stopping_the_search_until_three_in_a_row(t
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["--lr_scale_min=2", "--lr_scale_max=1"], "--lr_scale_min=2 must be < --lr_scale_max=1 (the range is inverted)"),
-        (["--strength_min=0.01", "--strength_max=0.01"], "--strength_min=0.01 must be < --strength_max=0.01 (the range is empty)"),
+        (
+            ["--lr_scale_min=2", "--lr_scale_max=1"],
+            "--lr_scale_min=2 must be < --lr_scale_max=1 (the range is inverted)",
+        ),
+        (
+            ["--strength_min=0.01", "--strength_max=0.01"],
+            "--strength_min=0.01 must be < --strength_max=0.01 (the range is empty)",
+        ),
         (["--lr_scale_min=0"], "--lr_scale_min=0 must be a finite number > 0"),
         (["--tune_dir="], "--tune_dir is required"),
     ],
@@ -356,8 +401,9 @@ def test_bad_ranges_are_one_line_usage_errors(tmp_path, fake_train, args, fragme
     assert not tune_dir.exists() and fake_train.calls == []
 
 
-@pytest.mark.parametrize("args, fragment", [(["--max_trials=0"], "--max_trials=0"),
-                                            (["--hyperband_factor=1"], "--hyperband_factor=1")])
+@pytest.mark.parametrize(
+    "args, fragment", [(["--max_trials=0"], "--max_trials=0"), (["--hyperband_factor=1"], "--hyperband_factor=1")]
+)
 def test_bad_flag_values_are_refused_by_the_parser(args, fragment):
     with pytest.raises(flags.Error, match=fragment):
         parse([*FAKE, "--tune_dir=/nonexistent", *args])
@@ -395,7 +441,8 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path):
     result = run_module("kft.tune", *FAKE, f"--tune_dir={tmp_path / 't'}", "--lr_scale_min=30")
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines() == [
-        "kft.tune: error: --lr_scale_min=30 must be < --lr_scale_max=10 (the range is inverted)"]
+        "kft.tune: error: --lr_scale_min=30 must be < --lr_scale_max=10 (the range is inverted)"
+    ]
     assert not (tmp_path / "t").exists()
 
 
@@ -434,8 +481,11 @@ def test_smoke_config_searches_end_to_end_and_a_rerun_keeps_it(tmp_path, monkeyp
     first_round = rows[:3]
     promoted = rows[3]
     top = max(float(r["objective"]) for r in first_round)
-    assert any((r["lr_scale"], r["l2sp_alpha"]) == (promoted["lr_scale"], promoted["l2sp_alpha"])
-               and float(r["objective"]) == top for r in first_round)
+    assert any(
+        (r["lr_scale"], r["l2sp_alpha"]) == (promoted["lr_scale"], promoted["l2sp_alpha"])
+        and float(r["objective"]) == top
+        for r in first_round
+    )
     for row in rows:
         assert 0.0 <= float(row["objective"]) <= 1.0 and float(row["wall_seconds"]) > 0
         trial_dir = tune_dir / "trials" / row["trial_id"]
@@ -448,8 +498,9 @@ def test_smoke_config_searches_end_to_end_and_a_rerun_keeps_it(tmp_path, monkeyp
     best = max(rows, key=lambda r: (float(r["objective"]), int(r["epochs"]), -int(r["trial_id"])))
     base = config_of(["--flagfile=configs/smoke/tune.cfg"])
     tuned = best_cfg_config(tune_dir)
-    assert tuned == dataclasses.replace(base, lr_scale=float(best["lr_scale"]), l2sp_alpha=float(best["l2sp_alpha"]),
-                                        model_dir=str(tune_dir / "best"))
+    assert tuned == dataclasses.replace(
+        base, lr_scale=float(best["lr_scale"]), l2sp_alpha=float(best["l2sp_alpha"]), model_dir=str(tune_dir / "best")
+    )
     assert f"The best trial ({best['trial_id']})" in (tune_dir / "best.cfg").read_text()
 
     # TensorBoard HParams: the experiment at tb/, one session per trial with its objective.
@@ -493,8 +544,17 @@ def _hparams_names(logdir) -> list[str]:
 def test_bss_search_trains_each_trial_with_its_bss_eta(tmp_path, monkeypatch):
     calls = _record_train_calls(monkeypatch)
     tune_dir = tmp_path / "tune"
-    run_tune([*TINY, f"--tune_dir={tune_dir}", "--regularizer=bss", "--tuner=random", "--max_trials=2",
-              "--strength_min=1e-3", "--strength_max=1e-2"])
+    run_tune(
+        [
+            *TINY,
+            f"--tune_dir={tune_dir}",
+            "--regularizer=bss",
+            "--tuner=random",
+            "--max_trials=2",
+            "--strength_min=1e-3",
+            "--strength_max=1e-2",
+        ]
+    )
     rows = read_rows(tune_dir)
     assert [r["status"] for r in rows] == ["COMPLETED"] * 2 and len(calls) == 2
     for row, config in zip(rows, calls):
@@ -540,14 +600,19 @@ def test_distributed_chief_and_two_workers_run_each_trial_once(tmp_path):
     tune_dir = tmp_path / "tune"
     argv = [sys.executable, "-m", "kft.tune", *TINY, f"--tune_dir={tune_dir}", "--tuner=random", "--max_trials=4"]
     base_env = {k: v for k, v in os.environ.items() if k not in KT_ENV}
-    base_env.update(PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3", KERASTUNER_ORACLE_IP="127.0.0.1",
-                    KERASTUNER_ORACLE_PORT=str(_free_port()))
+    base_env.update(
+        PYTHONPATH=ROOT,
+        TF_CPP_MIN_LOG_LEVEL="3",
+        KERASTUNER_ORACLE_IP="127.0.0.1",
+        KERASTUNER_ORACLE_PORT=str(_free_port()),
+    )
     procs = {}
     try:
         for tuner_id in ("chief", "tuner0", "tuner1"):
             log = open(tmp_path / f"{tuner_id}.log", "w")
-            procs[tuner_id] = subprocess.Popen(argv, cwd=ROOT, env={**base_env, "KERASTUNER_TUNER_ID": tuner_id},
-                                               stdout=log, stderr=subprocess.STDOUT)
+            procs[tuner_id] = subprocess.Popen(
+                argv, cwd=ROOT, env={**base_env, "KERASTUNER_TUNER_ID": tuner_id}, stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.time() + 300
         for proc in procs.values():
             proc.wait(timeout=max(1, deadline - time.time()))
@@ -562,8 +627,11 @@ def test_distributed_chief_and_two_workers_run_each_trial_once(tmp_path):
 
     started = []
     for tuner_id in ("tuner0", "tuner1"):
-        started += [line.split(":")[0].split()[1] for line in logs[tuner_id].splitlines()
-                    if line.startswith("trial ") and "lr_scale=" in line]
+        started += [
+            line.split(":")[0].split()[1]
+            for line in logs[tuner_id].splitlines()
+            if line.startswith("trial ") and "lr_scale=" in line
+        ]
         assert f"worker {tuner_id} done" in logs[tuner_id]
     assert sorted(started) == ["0", "1", "2", "3"], started  # Every trial ran exactly once.
     assert not [line for line in logs["chief"].splitlines() if "lr_scale=" in line]  # It trains nothing.
@@ -588,8 +656,7 @@ def test_a_search_record_compares_data_by_what_it_names(tmp_path):
     tune = search.TuneConfig(tune_dir=str(tmp_path / "tune"))
 
     def record(spec):
-        config = Config(dataset=spec, backbone="MobileNetV2", stages=schedule.parse_stages("head:1@1e-3"),
-                        model_dir="")
+        config = Config(dataset=spec, backbone="MobileNetV2", stages=schedule.parse_stages("head:1@1e-3"), model_dir="")
         return search.fingerprint(config, tune)
 
     saved = record(f"folder:{folder}")

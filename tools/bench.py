@@ -104,8 +104,11 @@ def _cpuinfo() -> dict:
             text = f.read()
     except OSError:
         return info
-    for key, pattern in (("model", r"^model name\s*:\s*(.+)$"), ("mhz", r"^cpu MHz\s*:\s*(.+)$"),
-                         ("flags", r"^flags\s*:\s*(.+)$")):
+    for key, pattern in (
+        ("model", r"^model name\s*:\s*(.+)$"),
+        ("mhz", r"^cpu MHz\s*:\s*(.+)$"),
+        ("flags", r"^flags\s*:\s*(.+)$"),
+    ):
         match = re.search(pattern, text, re.M)
         if match:
             info[key] = match.group(1).strip()
@@ -125,10 +128,12 @@ def _memory_gib() -> float:
 
 def _commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -187,7 +192,8 @@ def forward_flops(classifier: model.Classifier, blocks: list, image_size: int) -
     convolution counts 2 x MACs). Each op is attributed to the layer named in its scope.
     """
     fn = tf.function(lambda x: classifier(x, training=False)).get_concrete_function(
-        tf.TensorSpec([1, image_size, image_size, 3], tf.uint8))
+        tf.TensorSpec([1, image_size, image_size, 3], tf.uint8)
+    )
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
     profile = tf.compat.v1.profiler.profile(graph=fn.graph, options=options)
@@ -266,8 +272,9 @@ def _train_dataset(batch_size: int, image_size: int, seed: int = 0) -> tf.data.D
     return dataset.batch(batch_size, drop_remainder=True).cache().repeat().prefetch(2)
 
 
-def _start(runner: Runner, keras_model: keras.Model, dataset: tf.data.Dataset, warmup_steps: int,
-           eval_trace: bool = False) -> Runner:
+def _start(
+    runner: Runner, keras_model: keras.Model, dataset: tf.data.Dataset, warmup_steps: int, eval_trace: bool = False
+) -> Runner:
     """Warms `keras_model` up the way training starts (fit traces the step), then hands the
     runner a step on a persistent iterator."""
     started = time.perf_counter()
@@ -286,8 +293,7 @@ def _start(runner: Runner, keras_model: keras.Model, dataset: tf.data.Dataset, w
     return runner
 
 
-def baseline_runner(backbone: str, image_size: int, batch_size: int, stage: str,
-                    warmup_steps: int) -> Runner:
+def baseline_runner(backbone: str, image_size: int, batch_size: int, stage: str, warmup_steps: int) -> Runner:
     """The plain Keras fine-tune: keras.applications base + pooling + dropout + dense head.
 
     stage "head": base.trainable = False. "all-guide": everything trainable, written as the
@@ -313,13 +319,21 @@ def baseline_runner(backbone: str, image_size: int, batch_size: int, stage: str,
     outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax")(x)
     keras_model = keras.Model(inputs, outputs)
     # compile's default jit_compile="auto": Keras turns XLA on where a GPU is, off on CPU.
-    keras_model.compile(optimizer=keras.optimizers.Adam(1e-4),
-                        loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    name = {"head": "baseline head", "all": "baseline all (BN frozen)",
-            "all-guide": "baseline all (as guide)"}[stage]
-    runner = Runner(name, {"impl": "baseline" if stage != "all-guide" else "baseline_guide",
-                           "stage": "head" if stage == "head" else "all", "precision": "float32",
-                           "jit_compile": bool(keras_model.jit_compile), "augment": "", "l2sp": False})
+    keras_model.compile(
+        optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    name = {"head": "baseline head", "all": "baseline all (BN frozen)", "all-guide": "baseline all (as guide)"}[stage]
+    runner = Runner(
+        name,
+        {
+            "impl": "baseline" if stage != "all-guide" else "baseline_guide",
+            "stage": "head" if stage == "head" else "all",
+            "precision": "float32",
+            "jit_compile": bool(keras_model.jit_compile),
+            "augment": "",
+            "l2sp": False,
+        },
+    )
     return _start(runner, keras_model, _train_dataset(batch_size, image_size), warmup_steps)
 
 
@@ -330,8 +344,14 @@ class KftBuild:
     tuner: trainer.FineTuner
 
 
-def build_kft(backbone: str, image_size: int, precision: str, augment_ops: tuple,
-              alpha: float = L2SP_ALPHA, beta: float = L2SP_BETA) -> KftBuild:
+def build_kft(
+    backbone: str,
+    image_size: int,
+    precision: str,
+    augment_ops: tuple,
+    alpha: float = L2SP_ALPHA,
+    beta: float = L2SP_BETA,
+) -> KftBuild:
     """The FineTuner as kft.trainer.train builds it (weights=None instead of imagenet)."""
     runtime.set_precision(precision)
     try:
@@ -351,10 +371,19 @@ def build_kft(backbone: str, image_size: int, precision: str, augment_ops: tuple
     return KftBuild(classifier, blocks, tuner)
 
 
-def kft_stage_runners(backbone: str, image_size: int, batch_size: int, stages: list[tuple[str, bool]],
-                      *, precision: str = "none", augment_ops: tuple = (), alpha: float = L2SP_ALPHA,
-                      warmup_steps: int = 1, eval_trace: bool = False,
-                      share: "KftBuild | None" = None) -> tuple[list[Runner], KftBuild]:
+def kft_stage_runners(
+    backbone: str,
+    image_size: int,
+    batch_size: int,
+    stages: list[tuple[str, bool]],
+    *,
+    precision: str = "none",
+    augment_ops: tuple = (),
+    alpha: float = L2SP_ALPHA,
+    warmup_steps: int = 1,
+    eval_trace: bool = False,
+    share: "KftBuild | None" = None,
+) -> tuple[list[Runner], KftBuild]:
     """kft's step for each stage, one FineTuner going through the stages as trainer.train does.
 
     For each (stage spec, jit_compile): apply_stage, a new optimizer with the stage's schedule,
@@ -369,10 +398,13 @@ def kft_stage_runners(backbone: str, image_size: int, batch_size: int, stages: l
     else:
         penalty = None
         if alpha or L2SP_BETA:
-            penalty = l2sp.L2SP(share.classifier.backbone,
-                                [layer.kernel for layer in share.classifier.head_layers],
-                                {k: v.numpy() for k, v in share.tuner.penalty.anchors.items()},
-                                alpha, L2SP_BETA)
+            penalty = l2sp.L2SP(
+                share.classifier.backbone,
+                [layer.kernel for layer in share.classifier.head_layers],
+                {k: v.numpy() for k, v in share.tuner.penalty.anchors.items()},
+                alpha,
+                L2SP_BETA,
+            )
         augmenter = augment.Augmenter(augment_ops, seed=0) if augment_ops else None
         tuner = trainer.FineTuner(share.classifier, augmenter, penalty, 0.0, name="finetuner")
         built = KftBuild(share.classifier, share.blocks, tuner)
@@ -392,10 +424,17 @@ def kft_stage_runners(backbone: str, image_size: int, batch_size: int, stages: l
         what = stage_spec.split(":")[0]
         l2sp_on = bool(alpha) and what != "head"
         name = f"kft {what}" + (" L2-SP" if l2sp_on else " alpha=0" if what != "head" else "")
-        runner = Runner(name, {"impl": "kft", "stage": what,
-                               "precision": POLICY[precision],
-                               "jit_compile": jit_compile, "augment": ",".join(augment_ops),
-                               "l2sp": l2sp_on})
+        runner = Runner(
+            name,
+            {
+                "impl": "kft",
+                "stage": what,
+                "precision": POLICY[precision],
+                "jit_compile": jit_compile,
+                "augment": ",".join(augment_ops),
+                "l2sp": l2sp_on,
+            },
+        )
         runner.setup_s = setup_s
         _start(runner, built.tuner, dataset, warmup_steps, eval_trace and index == 0)
         runners.append(runner)
@@ -406,9 +445,17 @@ def features_runner(built: KftBuild, image_size: int, batch_size: int) -> Runner
     """The frozen backbone's forward pass, as a --cache_features pass would run it."""
     features = tf.function(lambda x: built.classifier.features(x, training=False))
     iterator = iter(_train_dataset(batch_size, image_size).map(lambda x, y: x))
-    runner = Runner("features (forward)", {"impl": "feature_cache", "stage": "extract",
-                                           "precision": "float32", "jit_compile": False,
-                                           "augment": "", "l2sp": False})
+    runner = Runner(
+        "features (forward)",
+        {
+            "impl": "feature_cache",
+            "stage": "extract",
+            "precision": "float32",
+            "jit_compile": False,
+            "augment": "",
+            "l2sp": False,
+        },
+    )
     started = time.perf_counter()
     _sync(features(next(iterator)))
     runner.first_step_s = time.perf_counter() - started
@@ -422,17 +469,29 @@ def head_on_features_runner(num_features: int, batch_size: int, warmup_steps: in
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((4 * batch_size, num_features)).astype(np.float32)
     labels = rng.integers(0, NUM_CLASSES, 4 * batch_size).astype(np.int32)
-    dataset = tf.data.Dataset.from_tensor_slices((feats, labels)).batch(
-        batch_size, drop_remainder=True).cache().repeat().prefetch(2)
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((feats, labels))
+        .batch(batch_size, drop_remainder=True)
+        .cache()
+        .repeat()
+        .prefetch(2)
+    )
     inputs = keras.Input((num_features,))
     x = keras.layers.Dropout(DROPOUT)(inputs)
     outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax")(x)
     head = keras.Model(inputs, outputs)
-    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
-                 metrics=["accuracy"])
-    runner = Runner("head on cached features", {"impl": "feature_cache", "stage": "head",
-                                                "precision": "float32", "jit_compile": False,
-                                                "augment": "", "l2sp": False})
+    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    runner = Runner(
+        "head on cached features",
+        {
+            "impl": "feature_cache",
+            "stage": "head",
+            "precision": "float32",
+            "jit_compile": False,
+            "augment": "",
+            "l2sp": False,
+        },
+    )
     return _start(runner, head, dataset, warmup_steps)
 
 
@@ -487,8 +546,13 @@ def group_plans(args) -> list[tuple[str, int, Plan]]:
             else:
                 plan = Plan(
                     guide_baseline=last and size == smallest and not args.quick,
-                    bf16=(("head", "all") if first and size == largest and not args.quick
-                          else ("head",) if size == largest or auto_bf16 else ()),
+                    bf16=(
+                        ("head", "all")
+                        if first and size == largest and not args.quick
+                        else ("head",)
+                        if size == largest or auto_bf16
+                        else ()
+                    ),
                     xla=("head",) if first and size == smallest else (),
                     xla_bf16=False,
                     augment=last and size == smallest and not args.quick,
@@ -498,8 +562,7 @@ def group_plans(args) -> list[tuple[str, int, Plan]]:
     return plans
 
 
-def bench_group(backbone: str, image_size: int, args, plan: Plan, machine: dict,
-                log: Callable[[str], None]) -> dict:
+def bench_group(backbone: str, image_size: int, args, plan: Plan, machine: dict, log: Callable[[str], None]) -> dict:
     """All rows of one (backbone, image size) group."""
     bs, warm = args.batch_size, args.warmup_steps
     top = f"top{TOP_BLOCKS}"
@@ -510,8 +573,7 @@ def bench_group(backbone: str, image_size: int, args, plan: Plan, machine: dict,
     # float32, the defaults: head -> top2 -> all as a staged run goes, XLA rows after them.
     stages = [(specs["head"], False), (specs[top], False), (specs["all"], False)]
     stages += [(specs[what], True) for what in plan.xla]
-    fp32, fp32_build = kft_stage_runners(backbone, image_size, bs, stages, warmup_steps=warm,
-                                         eval_trace=True)
+    fp32, fp32_build = kft_stage_runners(backbone, image_size, bs, stages, warmup_steps=warm, eval_trace=True)
     kft_head, kft_top, kft_all, *kft_xla = fp32
     # Rows compared with each other sit next to each other (see `measure`).
     runners = [base_all, kft_all, kft_head, base_head, kft_top]
@@ -520,18 +582,18 @@ def bench_group(backbone: str, image_size: int, args, plan: Plan, machine: dict,
     if plan.bf16:
         stages = [(specs[what], False) for what in plan.bf16]
         stages += [(specs[what], True) for what in plan.xla if plan.xla_bf16]
-        runners += kft_stage_runners(backbone, image_size, bs, stages, precision="bfloat16",
-                                     warmup_steps=warm)[0]
+        runners += kft_stage_runners(backbone, image_size, bs, stages, precision="bfloat16", warmup_steps=warm)[0]
     runners += kft_xla
     if plan.augment:
-        runners += kft_stage_runners(backbone, image_size, bs, [(specs["all"], False)],
-                                     augment_ops=AUGMENT, warmup_steps=warm, share=fp32_build)[0]
+        runners += kft_stage_runners(
+            backbone, image_size, bs, [(specs["all"], False)], augment_ops=AUGMENT, warmup_steps=warm, share=fp32_build
+        )[0]
     if plan.no_l2sp:
-        runners += kft_stage_runners(backbone, image_size, bs, [(specs["all"], False)], alpha=0.0,
-                                     warmup_steps=warm, share=fp32_build)[0]
+        runners += kft_stage_runners(
+            backbone, image_size, bs, [(specs["all"], False)], alpha=0.0, warmup_steps=warm, share=fp32_build
+        )[0]
     runners.append(features_runner(fp32_build, image_size, bs))
-    num_features = int(fp32_build.classifier.pool.compute_output_shape(
-        fp32_build.classifier.backbone.output.shape)[-1])
+    num_features = int(fp32_build.classifier.pool.compute_output_shape(fp32_build.classifier.backbone.output.shape)[-1])
     runners.append(head_on_features_runner(num_features, bs, warm))
     log(f"[{backbone} {image_size}px] timing {len(runners)} rows x {args.steps} interleaved steps")
     measure(runners, args.steps)
@@ -539,9 +601,11 @@ def bench_group(backbone: str, image_size: int, args, plan: Plan, machine: dict,
     forward = forward_flops(fp32_build.classifier, fp32_build.blocks, image_size)
     block_names = [b.name for b in fp32_build.blocks]
     trainable = {"head": [], top: block_names[-TOP_BLOCKS:], "all": block_names}
-    flops = {"forward_per_image": forward["total"],
-             "forward_per_image_by_block": forward["per_block"],
-             "train_per_image": {k: train_flops(forward, v) for k, v in trainable.items()}}
+    flops = {
+        "forward_per_image": forward["total"],
+        "forward_per_image_by_block": forward["per_block"],
+        "train_per_image": {k: train_flops(forward, v) for k, v in trainable.items()},
+    }
     flops["train_per_image"]["extract"] = forward["total"]
     flops["train_per_image"]["head_on_features"] = 3 * forward["per_block"].get("head", 0)
 
@@ -553,20 +617,28 @@ def bench_group(backbone: str, image_size: int, args, plan: Plan, machine: dict,
         images_per_s = bs / runner.median
         bf16 = runner.meta["precision"] != "float32"
         peak = machine["peak_bf16_flops"] if bf16 else machine["peak_fp32_flops"]
-        rows.append({
-            "backbone": backbone, "image_size": image_size, "batch_size": bs, "row": runner.name,
-            **runner.meta,
-            "step_s_median": runner.median, "step_s_min": min(runner.times),
-            "step_s": runner.times, "cpu_s_median": statistics.median(runner.cpu_times),
-            "cpu_s": runner.cpu_times,
-            "images_per_s": images_per_s,
-            "flops_per_image": per_image,
-            "achieved_flops": per_image * images_per_s,
-            "peak_flops": peak,
-            "peak_fraction": per_image * images_per_s / peak,
-            "setup_s": runner.setup_s, "first_step_s": runner.first_step_s,
-            "first_eval_s": runner.first_eval_s,
-        })
+        rows.append(
+            {
+                "backbone": backbone,
+                "image_size": image_size,
+                "batch_size": bs,
+                "row": runner.name,
+                **runner.meta,
+                "step_s_median": runner.median,
+                "step_s_min": min(runner.times),
+                "step_s": runner.times,
+                "cpu_s_median": statistics.median(runner.cpu_times),
+                "cpu_s": runner.cpu_times,
+                "images_per_s": images_per_s,
+                "flops_per_image": per_image,
+                "achieved_flops": per_image * images_per_s,
+                "peak_flops": peak,
+                "peak_fraction": per_image * images_per_s / peak,
+                "setup_s": runner.setup_s,
+                "first_step_s": runner.first_step_s,
+                "first_eval_s": runner.first_eval_s,
+            }
+        )
     return {"rows": rows, "flops": flops}
 
 
@@ -580,8 +652,9 @@ def _row(rows, **match) -> dict | None:
 def _main_row(rows, impl, stage) -> dict | None:
     """The float32 row of `impl` and `stage`: XLA off for kft; the baseline as Keras compiles it."""
     xla = {"jit_compile": False} if impl == "kft" else {}
-    return _row(rows, impl=impl, stage=stage, precision="float32", augment="",
-                l2sp=(impl == "kft" and stage != "head"), **xla)
+    return _row(
+        rows, impl=impl, stage=stage, precision="float32", augment="", l2sp=(impl == "kft" and stage != "head"), **xla
+    )
 
 
 def paired_speedup(row: dict, reference: dict) -> float:
@@ -600,16 +673,22 @@ def feature_cache_estimate(rows: list[dict], batch_size: int) -> dict:
     head_step = _main_row(rows, "kft", "head")["step_s_median"]
     extract_step = _row(rows, impl="feature_cache", stage="extract")["step_s_median"]
     cached_step = _row(rows, impl="feature_cache", stage="head")["step_s_median"]
-    epoch = {"all_blocks": steps * all_step, "head_only": steps * head_step,
-             "extract_features_once": steps * extract_step,
-             "head_on_cached_features": steps * cached_step}
+    epoch = {
+        "all_blocks": steps * all_step,
+        "head_only": steps * head_step,
+        "extract_features_once": steps * extract_step,
+        "head_on_cached_features": steps * cached_step,
+    }
     return {
-        "backbone": rows[0]["backbone"], "image_size": rows[0]["image_size"],
-        "images": CIFAR_TRAIN_IMAGES, "batch_size": batch_size, "epoch_s": epoch,
+        "backbone": rows[0]["backbone"],
+        "image_size": rows[0]["image_size"],
+        "images": CIFAR_TRAIN_IMAGES,
+        "batch_size": batch_size,
+        "epoch_s": epoch,
         "head_vs_all": all_step / head_step,
         "cached_later_epochs_vs_all": epoch["all_blocks"] / epoch["head_on_cached_features"],
-        "cached_first_epoch_vs_all": epoch["all_blocks"] / (
-            epoch["extract_features_once"] + epoch["head_on_cached_features"]),
+        "cached_first_epoch_vs_all": epoch["all_blocks"]
+        / (epoch["extract_features_once"] + epoch["head_on_cached_features"]),
         "cached_later_epochs_vs_head_only": epoch["head_only"] / epoch["head_on_cached_features"],
     }
 
@@ -626,14 +705,23 @@ def stage_change_rows(rows: list[dict], batch_size: int) -> list[dict]:
         eval_s = first_eval_s if stage == "head" else 0.0
         change = row["setup_s"] + max(0.0, row["first_step_s"] - step) + eval_s
         epochs = CIFAR_STAGE_EPOCHS[re.sub(r"\d+$", "", stage)]
-        out.append({
-            "backbone": row["backbone"], "image_size": row["image_size"], "stage": stage,
-            "setup_s": row["setup_s"], "first_step_s": row["first_step_s"],
-            "first_eval_s": eval_s, "steady_step_s": step, "change_s": change,
-            "epoch_s": steps * step, "epochs": epochs, "stage_s": steps * epochs * step,
-            "fraction_of_stage": change / (steps * epochs * step),
-            "fraction_of_one_epoch": change / (steps * step),
-        })
+        out.append(
+            {
+                "backbone": row["backbone"],
+                "image_size": row["image_size"],
+                "stage": stage,
+                "setup_s": row["setup_s"],
+                "first_step_s": row["first_step_s"],
+                "first_eval_s": eval_s,
+                "steady_step_s": step,
+                "change_s": change,
+                "epoch_s": steps * step,
+                "epochs": epochs,
+                "stage_s": steps * epochs * step,
+                "fraction_of_stage": change / (steps * epochs * step),
+                "fraction_of_one_epoch": change / (steps * step),
+            }
+        )
     return out
 
 
@@ -646,8 +734,12 @@ def precision_xla_rows(rows: list[dict]) -> list[dict]:
     for stage in ("head", "all"):
         variants = {}
         for row in rows:
-            if row["impl"] == "kft" and row["stage"] == stage and not row["augment"] and (
-                    row["l2sp"] or stage == "head"):
+            if (
+                row["impl"] == "kft"
+                and row["stage"] == stage
+                and not row["augment"]
+                and (row["l2sp"] or stage == "head")
+            ):
                 key = f"{row['precision']}{' + XLA' if row['jit_compile'] else ''}"
                 variants[key] = row["images_per_s"]
         if len(variants) < 2:
@@ -656,12 +748,18 @@ def precision_xla_rows(rows: list[dict]) -> list[dict]:
         if default_key not in variants:
             continue
         fastest = max(variants, key=variants.get)
-        out.append({
-            "backbone": rows[0]["backbone"], "image_size": rows[0]["image_size"], "stage": stage,
-            "images_per_s": variants, "fastest": fastest, "default": default_key,
-            "default_images_per_s": variants.get(default_key, 0.0),
-            "fastest_vs_default": variants[fastest] / variants[default_key],
-        })
+        out.append(
+            {
+                "backbone": rows[0]["backbone"],
+                "image_size": rows[0]["image_size"],
+                "stage": stage,
+                "images_per_s": variants,
+                "fastest": fastest,
+                "default": default_key,
+                "default_images_per_s": variants.get(default_key, 0.0),
+                "fastest_vs_default": variants[fastest] / variants[default_key],
+            }
+        )
     return out
 
 
@@ -679,8 +777,7 @@ def _write_folder(root: str, fmt: str, count: int) -> None:
         folder = os.path.join(root, f"class{label}")
         os.makedirs(folder, exist_ok=True)
         small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(small).resize((FOLDER_SOURCE_SIZE, FOLDER_SOURCE_SIZE),
-                                              Image.BICUBIC)
+        image = Image.fromarray(small).resize((FOLDER_SOURCE_SIZE, FOLDER_SOURCE_SIZE), Image.BICUBIC)
         noisy = np.asarray(image, np.int16) + rng.integers(-8, 9, (FOLDER_SOURCE_SIZE,) * 2 + (3,))
         image = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
         if fmt == "jpeg":
@@ -700,8 +797,7 @@ def _passes(dataset: tf.data.Dataset, passes: int = 2) -> list[float]:
     return rates
 
 
-def bench_pipelines(image_sizes: list[int], batch_size: int, num_images: int,
-                    log: Callable[[str], None]) -> list[dict]:
+def bench_pipelines(image_sizes: list[int], batch_size: int, num_images: int, log: Callable[[str], None]) -> list[dict]:
     """Images/s of kft.data's train pipeline: first pass (decode) and a cached pass."""
     import tensorflow_datasets as tfds
 
@@ -715,7 +811,8 @@ def bench_pipelines(image_sizes: list[int], batch_size: int, num_images: int,
             log(f"[pipeline {size}px]")
             with tfds.testing.mock_data(num_examples=num_images):
                 source = tfds.builder("cifar10").as_dataset(
-                    split="train", decoders={"image": tfds.decode.SkipDecoding()})
+                    split="train", decoders={"image": tfds.decode.SkipDecoding()}
+                )
                 started = time.perf_counter()
                 count = sum(1 for _ in source)
                 source_rate = count / (time.perf_counter() - started)
@@ -723,22 +820,34 @@ def bench_pipelines(image_sizes: list[int], batch_size: int, num_images: int,
                 splits = data.load("tfds:cifar10", image_size=size, batch_size=batch_size)
                 load_s = time.perf_counter() - started
                 first, cached = _passes(splits.train)
-            rows.append({"source": "tfds:cifar10 (mock_data)", "image_size": size,
-                         "images": splits.num_train, "load_s": load_s,
-                         "first_pass_images_per_s": first, "cached_pass_images_per_s": cached,
-                         "source_alone_images_per_s": source_rate,
-                         "note": "first pass includes tfds mock_data generating and PNG-encoding "
-                                 "each example in Python"})
+            rows.append(
+                {
+                    "source": "tfds:cifar10 (mock_data)",
+                    "image_size": size,
+                    "images": splits.num_train,
+                    "load_s": load_s,
+                    "first_pass_images_per_s": first,
+                    "cached_pass_images_per_s": cached,
+                    "source_alone_images_per_s": source_rate,
+                    "note": "first pass includes tfds mock_data generating and PNG-encoding each example in Python",
+                }
+            )
             for fmt in ("jpeg", "png"):
                 started = time.perf_counter()
-                splits = data.load(f"folder:{os.path.join(tmp, fmt)}", image_size=size,
-                                   batch_size=batch_size)
+                splits = data.load(f"folder:{os.path.join(tmp, fmt)}", image_size=size, batch_size=batch_size)
                 load_s = time.perf_counter() - started
                 first, cached = _passes(splits.train)
-                rows.append({"source": f"folder: {fmt.upper()} {FOLDER_SOURCE_SIZE}px",
-                             "image_size": size, "images": splits.num_train, "load_s": load_s,
-                             "first_pass_images_per_s": first, "cached_pass_images_per_s": cached,
-                             "note": "load_s includes kft.data probing (decoding) every file once"})
+                rows.append(
+                    {
+                        "source": f"folder: {fmt.upper()} {FOLDER_SOURCE_SIZE}px",
+                        "image_size": size,
+                        "images": splits.num_train,
+                        "load_s": load_s,
+                        "first_pass_images_per_s": first,
+                        "cached_pass_images_per_s": cached,
+                        "note": "load_s includes kft.data probing (decoding) every file once",
+                    }
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
@@ -747,8 +856,15 @@ def bench_pipelines(image_sizes: list[int], batch_size: int, num_images: int,
 def pipeline_ratios(pipelines: list[dict], train_rows: list[dict]) -> None:
     """Adds, per pipeline row, its rate over the fastest-consuming kft float32 step at that size."""
     for row in pipelines:
-        consumers = [r for r in train_rows if r["impl"] == "kft" and r["image_size"] == row["image_size"]
-                     and r["precision"] == "float32" and not r["jit_compile"] and not r["augment"]]
+        consumers = [
+            r
+            for r in train_rows
+            if r["impl"] == "kft"
+            and r["image_size"] == row["image_size"]
+            and r["precision"] == "float32"
+            and not r["jit_compile"]
+            and not r["augment"]
+        ]
         if not consumers:
             continue
         fastest = max(consumers, key=lambda r: r["images_per_s"])
@@ -772,8 +888,17 @@ def evaluate_targets(result: dict) -> list[dict]:
     def add(tid, name, values, threshold, detail, higher=True):
         worst = min(values.values()) if higher else max(values.values())
         met = worst >= threshold if higher else worst < threshold
-        targets.append({"id": tid, "target": name, "threshold": threshold, "worst": worst,
-                        "met": bool(met), "values": values, "detail": detail})
+        targets.append(
+            {
+                "id": tid,
+                "target": name,
+                "threshold": threshold,
+                "worst": worst,
+                "met": bool(met),
+                "values": values,
+                "detail": detail,
+            }
+        )
 
     ratio, ratio_cpu, guide, head_all, head_all_cpu = {}, {}, {}, {}, {}
     for backbone, size in groups:
@@ -788,43 +913,95 @@ def evaluate_targets(result: dict) -> list[dict]:
             guide[key] = round(paired_speedup(kft_all, as_written), 3)
         head_all[key] = paired_speedup(kft_head, kft_all)
         head_all_cpu[key] = kft_all["cpu_s_median"] / kft_head["cpu_s_median"]
-    add("1", "kft all-blocks with L2-SP vs plain Keras all-trainable, BN frozen (throughput ratio)",
-        ratio, TARGET_L2SP_VS_BASELINE, "median over rounds of baseline step / kft step (wall); "
+    add(
+        "1",
+        "kft all-blocks with L2-SP vs plain Keras all-trainable, BN frozen (throughput ratio)",
+        ratio,
+        TARGET_L2SP_VS_BASELINE,
+        "median over rounds of baseline step / kft step (wall); "
         f"by median CPU time per step: { {k: round(v, 3) for k, v in ratio_cpu.items()} }; "
-        f"vs the baseline as the guide writes it (BatchNorm training): {guide}")
-    add("2a", "kft head-only vs kft all-blocks (throughput ratio)", head_all, TARGET_HEAD_VS_ALL,
+        f"vs the baseline as the guide writes it (BatchNorm training): {guide}",
+    )
+    add(
+        "2a",
+        "kft head-only vs kft all-blocks (throughput ratio)",
+        head_all,
+        TARGET_HEAD_VS_ALL,
         "median over rounds of kft all step / kft head step (wall); by median CPU time: "
-        f"{ {k: round(v, 3) for k, v in head_all_cpu.items()} }")
-    add("2b", "head-only epochs on cached features vs an all-blocks epoch",
-        {f"{c['backbone']}@{c['image_size']}": c["cached_later_epochs_vs_all"]
-         for c in result["feature_cache"]}, TARGET_CACHED_HEAD_VS_ALL,
-        "estimated, --cache_features not built: all-blocks epoch / head-on-features epoch")
+        f"{ {k: round(v, 3) for k, v in head_all_cpu.items()} }",
+    )
+    add(
+        "2b",
+        "head-only epochs on cached features vs an all-blocks epoch",
+        {f"{c['backbone']}@{c['image_size']}": c["cached_later_epochs_vs_all"] for c in result["feature_cache"]},
+        TARGET_CACHED_HEAD_VS_ALL,
+        "estimated, --cache_features not built: all-blocks epoch / head-on-features epoch",
+    )
     if result["pipeline"]:
-        cached = {f"{p['source']}@{p['image_size']}": p["cached_pass_vs_step"]
-                  for p in result["pipeline"] if "cached_pass_vs_step" in p}
-        first = {f"{p['source']}@{p['image_size']}": p["first_pass_vs_step"]
-                 for p in result["pipeline"] if "first_pass_vs_step" in p}
+        cached = {
+            f"{p['source']}@{p['image_size']}": p["cached_pass_vs_step"]
+            for p in result["pipeline"]
+            if "cached_pass_vs_step" in p
+        }
+        first = {
+            f"{p['source']}@{p['image_size']}": p["first_pass_vs_step"]
+            for p in result["pipeline"]
+            if "first_pass_vs_step" in p
+        }
         if cached:
-            add("3", "input pipeline (cached epochs) vs the fastest kft step's consumption", cached,
-                TARGET_PIPELINE_VS_STEP, "pipeline img/s / fastest kft float32 step img/s")
-            add("3-first", "input pipeline (first, decoding epoch) vs the fastest kft step", first,
-                TARGET_PIPELINE_VS_STEP, "pipeline img/s / fastest kft float32 step img/s")
+            add(
+                "3",
+                "input pipeline (cached epochs) vs the fastest kft step's consumption",
+                cached,
+                TARGET_PIPELINE_VS_STEP,
+                "pipeline img/s / fastest kft float32 step img/s",
+            )
+            add(
+                "3-first",
+                "input pipeline (first, decoding epoch) vs the fastest kft step",
+                first,
+                TARGET_PIPELINE_VS_STEP,
+                "pipeline img/s / fastest kft float32 step img/s",
+            )
     if result["precision_xla"]:
-        add("4", "defaults (jit_compile=auto, mixed_precision=auto) are the fastest variant (fastest/default)",
-            {f"{p['backbone']}@{p['image_size']} {p['stage']}": p["fastest_vs_default"]
-             for p in result["precision_xla"]}, 1.0 + NOISE,
-            f"met when no variant beats the default by more than {NOISE:.0%} (noise)", higher=False)
-    add("5", "stage change vs the stage's time (CIFAR-10: 50k images, epochs of "
-        "configs/cifar10_resnet50.cfg)",
-        {f"{s['backbone']}@{s['image_size']} {s['stage']}": s["fraction_of_stage"]
-         for s in result["stage_change"] if s["stage"] != "head"}, TARGET_STAGE_CHANGE_FRACTION,
+        add(
+            "4",
+            "defaults (jit_compile=auto, mixed_precision=auto) are the fastest variant (fastest/default)",
+            {
+                f"{p['backbone']}@{p['image_size']} {p['stage']}": p["fastest_vs_default"]
+                for p in result["precision_xla"]
+            },
+            1.0 + NOISE,
+            f"met when no variant beats the default by more than {NOISE:.0%} (noise)",
+            higher=False,
+        )
+    add(
+        "5",
+        "stage change vs the stage's time (CIFAR-10: 50k images, epochs of configs/cifar10_resnet50.cfg)",
+        {
+            f"{s['backbone']}@{s['image_size']} {s['stage']}": s["fraction_of_stage"]
+            for s in result["stage_change"]
+            if s["stage"] != "head"
+        },
+        TARGET_STAGE_CHANGE_FRACTION,
         "(setup + first-step trace) / (steps x epochs x step time); the first (head) stage's "
-        "initial compile, with the validation trace: " + str(
-            {f"{s['backbone']}@{s['image_size']}": round(s["fraction_of_stage"], 4)
-             for s in result["stage_change"] if s["stage"] == "head"}) + "; for a 1-epoch stage: " + str(
-            {f"{s['backbone']}@{s['image_size']} {s['stage']}": round(s["fraction_of_one_epoch"], 4)
-             for s in result["stage_change"]}),
-        higher=False)
+        "initial compile, with the validation trace: "
+        + str(
+            {
+                f"{s['backbone']}@{s['image_size']}": round(s["fraction_of_stage"], 4)
+                for s in result["stage_change"]
+                if s["stage"] == "head"
+            }
+        )
+        + "; for a 1-epoch stage: "
+        + str(
+            {
+                f"{s['backbone']}@{s['image_size']} {s['stage']}": round(s["fraction_of_one_epoch"], 4)
+                for s in result["stage_change"]
+            }
+        ),
+        higher=False,
+    )
     return targets
 
 
@@ -834,54 +1011,70 @@ def evaluate_targets(result: dict) -> list[dict]:
 
 def print_report(result: dict) -> None:
     m = result["machine"]
-    print(f"\n{m['cpu_model']}, {m['cores']} cores @ {m['clock_ghz']} GHz, {m['memory_gib']} GiB; "
-          f"TF {m['tensorflow']}, Keras {m['keras']}, commit {m['commit']}")
+    print(
+        f"\n{m['cpu_model']}, {m['cores']} cores @ {m['clock_ghz']} GHz, {m['memory_gib']} GiB; "
+        f"TF {m['tensorflow']}, Keras {m['keras']}, commit {m['commit']}"
+    )
     print(f"peak fp32 {m['peak_fp32_flops'] / 1e9:.0f} GFLOP/s = {m['fp32_formula']}")
     print(f"peak bf16 {m['peak_bf16_flops'] / 1e9:.0f} GFLOP/s = {m['bf16_formula']}\n")
     print("x base: paired median step-time ratio against the float32 baseline of the same stage")
-    header = (f"{'backbone':<12} {'px':>3} {'row':<26} {'prec':<5} {'XLA':<3} {'img/s':>8} "
-              f"{'step ms':>8} {'x base':>6} {'GFLOP/img':>9} {'GFLOP/s':>8} {'%peak':>6}")
+    header = (
+        f"{'backbone':<12} {'px':>3} {'row':<26} {'prec':<5} {'XLA':<3} {'img/s':>8} "
+        f"{'step ms':>8} {'x base':>6} {'GFLOP/img':>9} {'GFLOP/s':>8} {'%peak':>6}"
+    )
     print(header)
     print("-" * len(header))
     for row in result["train"]:
-        group = [r for r in result["train"]
-                 if (r["backbone"], r["image_size"]) == (row["backbone"], row["image_size"])]
-        base = (_main_row(group, "baseline", row["stage"])
-                if row["impl"] != "feature_cache" and row["stage"] in ("head", "all") else None)
+        group = [r for r in result["train"] if (r["backbone"], r["image_size"]) == (row["backbone"], row["image_size"])]
+        base = (
+            _main_row(group, "baseline", row["stage"])
+            if row["impl"] != "feature_cache" and row["stage"] in ("head", "all")
+            else None
+        )
         vs = f"{paired_speedup(row, base):.2f}" if base else ""
         name = row["row"] + (f" +{row['augment']}" if row["augment"] else "")
         name = name.replace("baseline all (BN frozen)", "baseline all BN-frozen")
-        print(f"{row['backbone']:<12} {row['image_size']:>3} {name:<26} "
-              f"{'bf16' if row['precision'] != 'float32' else 'fp32':<5} "
-              f"{'on' if row['jit_compile'] else 'off':<3} {row['images_per_s']:>8.1f} "
-              f"{1e3 * row['step_s_median']:>8.1f} {vs:>6} {row['flops_per_image'] / 1e9:>9.3f} "
-              f"{row['achieved_flops'] / 1e9:>8.1f} {100 * row['peak_fraction']:>5.1f}%")
+        print(
+            f"{row['backbone']:<12} {row['image_size']:>3} {name:<26} "
+            f"{'bf16' if row['precision'] != 'float32' else 'fp32':<5} "
+            f"{'on' if row['jit_compile'] else 'off':<3} {row['images_per_s']:>8.1f} "
+            f"{1e3 * row['step_s_median']:>8.1f} {vs:>6} {row['flops_per_image'] / 1e9:>9.3f} "
+            f"{row['achieved_flops'] / 1e9:>8.1f} {100 * row['peak_fraction']:>5.1f}%"
+        )
     print("\nfeature cache (estimated for --cache_features, CIFAR-10 epoch of 50k images):")
     for c in result["feature_cache"]:
         e = c["epoch_s"]
-        print(f"  {c['backbone']} {c['image_size']}px: all-blocks epoch {e['all_blocks']:.0f}s, "
-              f"head-only {e['head_only']:.0f}s, extract once {e['extract_features_once']:.0f}s, "
-              f"head on cached {e['head_on_cached_features']:.1f}s -> later epochs "
-              f"{c['cached_later_epochs_vs_all']:.0f}x, first {c['cached_first_epoch_vs_all']:.1f}x")
+        print(
+            f"  {c['backbone']} {c['image_size']}px: all-blocks epoch {e['all_blocks']:.0f}s, "
+            f"head-only {e['head_only']:.0f}s, extract once {e['extract_features_once']:.0f}s, "
+            f"head on cached {e['head_on_cached_features']:.1f}s -> later epochs "
+            f"{c['cached_later_epochs_vs_all']:.0f}x, first {c['cached_first_epoch_vs_all']:.1f}x"
+        )
     print("\nstage change (apply_stage + optimizer + compile + first train/eval trace):")
     for s in result["stage_change"]:
-        print(f"  {s['backbone']} {s['image_size']}px {s['stage']:<5}: {s['change_s']:.1f}s "
-              f"= {100 * s['fraction_of_stage']:.2f}% of {s['epochs']} epochs ({s['stage_s']:.0f}s), "
-              f"{100 * s['fraction_of_one_epoch']:.2f}% of one")
+        print(
+            f"  {s['backbone']} {s['image_size']}px {s['stage']:<5}: {s['change_s']:.1f}s "
+            f"= {100 * s['fraction_of_stage']:.2f}% of {s['epochs']} epochs ({s['stage_s']:.0f}s), "
+            f"{100 * s['fraction_of_one_epoch']:.2f}% of one"
+        )
     print("\ninput pipeline alone (images/s; x = over the fastest kft step at that size):")
     for p in result["pipeline"]:
-        print(f"  {p['source']:<28} {p['image_size']:>3}px: first pass "
-              f"{p['first_pass_images_per_s']:>8.0f} ({p.get('first_pass_vs_step', 0):.1f}x), "
-              f"cached {p['cached_pass_images_per_s']:>8.0f} ({p.get('cached_pass_vs_step', 0):.1f}x), "
-              f"load {p['load_s']:.1f}s")
+        print(
+            f"  {p['source']:<28} {p['image_size']:>3}px: first pass "
+            f"{p['first_pass_images_per_s']:>8.0f} ({p.get('first_pass_vs_step', 0):.1f}x), "
+            f"cached {p['cached_pass_images_per_s']:>8.0f} ({p.get('cached_pass_vs_step', 0):.1f}x), "
+            f"load {p['load_s']:.1f}s"
+        )
     print("\nprecision / XLA (images/s):")
     for p in result["precision_xla"]:
         variants = ", ".join(f"{k} {v:.0f}" for k, v in p["images_per_s"].items())
         print(f"  {p['backbone']} {p['image_size']}px {p['stage']}: {variants}; fastest {p['fastest']}")
     print("\ntargets:")
     for t in result["targets"]:
-        print(f"  {t['id']:<7} {'MET' if t['met'] else 'NOT MET':<7} worst {t['worst']:.3g} "
-              f"(threshold {t['threshold']}): {t['target']}")
+        print(
+            f"  {t['id']:<7} {'MET' if t['met'] else 'NOT MET':<7} worst {t['worst']:.3g} "
+            f"(threshold {t['threshold']}): {t['target']}"
+        )
     print(f"\nwall time {result['wall_s']:.0f}s; JSON: {result['settings']['out']}")
 
 
@@ -889,8 +1082,14 @@ def print_report(result: dict) -> None:
 # GPU check (--gpu; tools/gpu_check.sh): kft's defaults on one GPU, as ratios, in one run.
 
 # Host-transfer instructions in HLO: any of these in the train step means a round trip.
-HOST_TRANSFER = {"send": r"\bsend\(", "recv": r"\brecv\(", "infeed": r"\binfeed\(", "outfeed": r"\boutfeed\(",
-                 "host_transfer_flag": r"is_host_transfer=true", "host_custom_call": r'custom_call_target="[^"]*[Hh]ost'}
+HOST_TRANSFER = {
+    "send": r"\bsend\(",
+    "recv": r"\brecv\(",
+    "infeed": r"\binfeed\(",
+    "outfeed": r"\boutfeed\(",
+    "host_transfer_flag": r"is_host_transfer=true",
+    "host_custom_call": r'custom_call_target="[^"]*[Hh]ost',
+}
 
 
 def device_info() -> dict:
@@ -899,11 +1098,20 @@ def device_info() -> dict:
     for device in tf.config.list_physical_devices("GPU"):
         details = tf.config.experimental.get_device_details(device)
         capability = details.get("compute_capability")
-        gpus.append({"device": device.name, "name": details.get("device_name", "unknown"),
-                     "compute_capability": ".".join(map(str, capability)) if capability else None})
+        gpus.append(
+            {
+                "device": device.name,
+                "name": details.get("device_name", "unknown"),
+                "compute_capability": ".".join(map(str, capability)) if capability else None,
+            }
+        )
     build = dict(tf.sysconfig.get_build_info())
-    return {"gpus": gpus, "built_with_cuda": tf.test.is_built_with_cuda(),
-            "cuda_version": build.get("cuda_version"), "cudnn_version": build.get("cudnn_version")}
+    return {
+        "gpus": gpus,
+        "built_with_cuda": tf.test.is_built_with_cuda(),
+        "cuda_version": build.get("cuda_version"),
+        "cudnn_version": build.get("cudnn_version"),
+    }
 
 
 def augment_hlo_check(tuner: trainer.FineTuner, image_size: int, batch_size: int, device: str) -> dict:
@@ -934,13 +1142,27 @@ def analyse_hlo(hlo: str) -> dict:
     in_augmenter = [n for n in names if re.search(r"(^|/)augmenter[^/]*/", n)]
     ops = {op: sum(1 for n in in_augmenter if re.search(rf"/{op}(_\d+)?/", n)) for op in augment.OPS}
     host = {name: len(re.findall(pattern, hlo)) for name, pattern in HOST_TRANSFER.items()}
-    return {"instructions_with_op_name": len(names), "augmenter_instructions": len(in_augmenter),
-            "instructions_per_op": ops, "all_ops_in_hlo": all(ops.values()),
-            "host_transfers": host, "no_host_round_trip": not any(host.values())}
+    return {
+        "instructions_with_op_name": len(names),
+        "augmenter_instructions": len(in_augmenter),
+        "instructions_per_op": ops,
+        "all_ops_in_hlo": all(ops.values()),
+        "host_transfers": host,
+        "no_host_round_trip": not any(host.values()),
+    }
 
 
-def gpu_check_rows(backbone: str, size: int, bs: int, warm: int, steps: int, auto_precision: str,
-                   auto_jit: bool, device: str, log: Callable[[str], None]) -> tuple[dict, dict]:
+def gpu_check_rows(
+    backbone: str,
+    size: int,
+    bs: int,
+    warm: int,
+    steps: int,
+    auto_precision: str,
+    auto_jit: bool,
+    device: str,
+    log: Callable[[str], None],
+) -> tuple[dict, dict]:
     """Builds and times every row of the GPU check (all-blocks stage, L2-SP on, as kft's defaults).
 
     Returns the runners by name and the augmentation HLO check.
@@ -955,14 +1177,22 @@ def gpu_check_rows(backbone: str, size: int, bs: int, warm: int, steps: int, aut
         # baseline comparison); the third precision at auto's XLA setting only.
         jits = [auto_jit, not auto_jit] if precision in (auto_precision, "none") else [auto_jit]
         log(f"[gpu check] kft {POLICY[precision]}, XLA {jits}")
-        made, builds[precision] = kft_stage_runners(backbone, size, bs, [(spec, j) for j in jits],
-                                                    precision=precision, warmup_steps=warm)
+        made, builds[precision] = kft_stage_runners(
+            backbone, size, bs, [(spec, j) for j in jits], precision=precision, warmup_steps=warm
+        )
         for jit, runner in zip(jits, made):
             runners[f"{POLICY[precision]}{' + XLA' if jit else ''}"] = runner
     log(f"[gpu check] kft {POLICY[auto_precision]} + every augmentation op ({','.join(augment.OPS)})")
-    (aug,), aug_build = kft_stage_runners(backbone, size, bs, [(spec, auto_jit)], precision=auto_precision,
-                                          augment_ops=augment.OPS, warmup_steps=warm,
-                                          share=builds[auto_precision])
+    (aug,), aug_build = kft_stage_runners(
+        backbone,
+        size,
+        bs,
+        [(spec, auto_jit)],
+        precision=auto_precision,
+        augment_ops=augment.OPS,
+        warmup_steps=warm,
+        share=builds[auto_precision],
+    )
     runners["augment"] = aug
     log("[gpu check] lowering the XLA train step with every augmentation op to HLO")
     hlo = augment_hlo_check(aug_build.tuner, size, bs, device)
@@ -979,18 +1209,24 @@ def gpu_check(args, log: Callable[[str], None]) -> tuple[dict, int]:
     """
     info = device_info()
     if not info["gpus"] and not args.smoke:
-        print("gpu_check: error: no GPU found: tf.config.list_physical_devices('GPU') is empty "
-              f"(TensorFlow {tf.__version__}, built with CUDA: {info['built_with_cuda']}); "
-              "run it on a GPU machine, or pass --smoke for the tiny CPU run", file=sys.stderr)
+        print(
+            "gpu_check: error: no GPU found: tf.config.list_physical_devices('GPU') is empty "
+            f"(TensorFlow {tf.__version__}, built with CUDA: {info['built_with_cuda']}); "
+            "run it on a GPU machine, or pass --smoke for the tiny CPU run",
+            file=sys.stderr,
+        )
         return {"device": info, "error": "no GPU found"}, 2
     backbone, size, bs = args.backbones[0], args.image_sizes[0], args.batch_size
     device = "/device:GPU:0" if info["gpus"] else "/device:CPU:0"
     decision = runtime.precision_decision("auto", backbone, size)
     auto_precision, auto_jit = decision.precision, runtime.resolve_jit_compile("auto")
-    log(f"[gpu check] {backbone} {size}px batch {bs} on {device}: --mixed_precision=auto -> "
-        f"{auto_precision} ({decision.reason}); --jit_compile=auto -> {auto_jit}")
-    runners, hlo = gpu_check_rows(backbone, size, bs, args.warmup_steps, args.steps, auto_precision,
-                                  auto_jit, device, log)
+    log(
+        f"[gpu check] {backbone} {size}px batch {bs} on {device}: --mixed_precision=auto -> "
+        f"{auto_precision} ({decision.reason}); --jit_compile=auto -> {auto_jit}"
+    )
+    runners, hlo = gpu_check_rows(
+        backbone, size, bs, args.warmup_steps, args.steps, auto_precision, auto_jit, device, log
+    )
     auto_name = f"{POLICY[auto_precision]}{' + XLA' if auto_jit else ''}"
     xla = " + XLA" if auto_jit else ""
     auto, fp32 = runners[auto_name], runners[f"float32{xla}"]
@@ -998,46 +1234,71 @@ def gpu_check(args, log: Callable[[str], None]) -> tuple[dict, int]:
     base = runners["baseline"]
     base_jit = base.meta["jit_compile"]
     fp32_like_base = runners[f"float32{' + XLA' if base_jit else ''}"]
-    precisions = {POLICY[p]: paired_speedup(_as_row(runners[f"{POLICY[p]}{xla}"]), _as_row(fp32))
-                  for p in ("none", "bfloat16", "float16")}
+    precisions = {
+        POLICY[p]: paired_speedup(_as_row(runners[f"{POLICY[p]}{xla}"]), _as_row(fp32))
+        for p in ("none", "bfloat16", "float16")
+    }
     fastest = max(precisions, key=precisions.get)
     ratios = {
         "mixed_precision_auto": {
-            "choice": auto_precision, "policy": POLICY[auto_precision], "reason": decision.reason,
+            "choice": auto_precision,
+            "policy": POLICY[auto_precision],
+            "reason": decision.reason,
             "auto_vs_float32": precisions[POLICY[auto_precision]],
-            "each_vs_float32": precisions, "fastest": fastest,
+            "each_vs_float32": precisions,
+            "fastest": fastest,
             "auto_is_fastest": precisions[fastest] <= precisions[POLICY[auto_precision]] * (1 + NOISE),
             "xla": auto_jit,
         },
         "jit_compile_auto": {
-            "choice": auto_jit, "reason": runtime.jit_compile_reason("auto"),
+            "choice": auto_jit,
+            "reason": runtime.jit_compile_reason("auto"),
             "auto_vs_other": paired_speedup(_as_row(auto), _as_row(other_jit)),
             "precision": POLICY[auto_precision],
         },
         "kft_vs_keras_baseline": {
             "baseline": "keras-io transfer-learning guide, all layers trainable, BatchNorm frozen, float32, "
-                        f"compile's default jit_compile (here XLA {'on' if base_jit else 'off'})",
+            f"compile's default jit_compile (here XLA {'on' if base_jit else 'off'})",
             "baseline_jit_compile": base_jit,
             "kft_defaults_vs_baseline": paired_speedup(_as_row(auto), _as_row(base)),
             "kft_float32_same_xla_vs_baseline": paired_speedup(_as_row(fp32_like_base), _as_row(base)),
         },
         "augmentation_on_device": {
-            "ops": list(augment.OPS), "all_ops_in_hlo": hlo["all_ops_in_hlo"],
+            "ops": list(augment.OPS),
+            "all_ops_in_hlo": hlo["all_ops_in_hlo"],
             "no_host_round_trip": hlo["no_host_round_trip"],
             "augmented_vs_plain_step": paired_speedup(_as_row(runners["augment"]), _as_row(auto)),
         },
     }
     rows = []
     for name, runner in runners.items():
-        rows.append({"row": name, "precision": runner.meta["precision"], "jit_compile": runner.meta["jit_compile"],
-                     "augment": runner.meta["augment"], "impl": runner.meta["impl"],
-                     "step_s_median": runner.median, "step_s": runner.times,
-                     "images_per_s": bs / runner.median, "first_step_s": runner.first_step_s,
-                     "setup_s": runner.setup_s})
-    result = {"device": info, "backbone": backbone, "image_size": size, "batch_size": bs,
-              "steps": args.steps, "warmup_steps": args.warmup_steps, "smoke": args.smoke,
-              "stage": "all blocks, L2-SP alpha=beta=0.01, BatchNorm frozen (kft's defaults)",
-              "ratios": ratios, "hlo": hlo, "rows": rows}
+        rows.append(
+            {
+                "row": name,
+                "precision": runner.meta["precision"],
+                "jit_compile": runner.meta["jit_compile"],
+                "augment": runner.meta["augment"],
+                "impl": runner.meta["impl"],
+                "step_s_median": runner.median,
+                "step_s": runner.times,
+                "images_per_s": bs / runner.median,
+                "first_step_s": runner.first_step_s,
+                "setup_s": runner.setup_s,
+            }
+        )
+    result = {
+        "device": info,
+        "backbone": backbone,
+        "image_size": size,
+        "batch_size": bs,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "smoke": args.smoke,
+        "stage": "all blocks, L2-SP alpha=beta=0.01, BatchNorm frozen (kft's defaults)",
+        "ratios": ratios,
+        "hlo": hlo,
+        "rows": rows,
+    }
     ok = hlo["all_ops_in_hlo"] and hlo["no_host_round_trip"]
     return result, 0 if ok else 1
 
@@ -1049,10 +1310,16 @@ def _as_row(runner: Runner) -> dict:
 def gpu_check_markdown(result: dict) -> str:
     """The GPU check as the tables BENCHMARKS.md takes."""
     r, m = result["ratios"], result["machine"]
-    gpus = ", ".join(f"{g['name']} (compute capability {g['compute_capability']})"
-                     for g in result["device"]["gpus"]) or "no GPU (smoke run)"
-    prec, jit, base, aug = (r["mixed_precision_auto"], r["jit_compile_auto"], r["kft_vs_keras_baseline"],
-                            r["augmentation_on_device"])
+    gpus = (
+        ", ".join(f"{g['name']} (compute capability {g['compute_capability']})" for g in result["device"]["gpus"])
+        or "no GPU (smoke run)"
+    )
+    prec, jit, base, aug = (
+        r["mixed_precision_auto"],
+        r["jit_compile_auto"],
+        r["kft_vs_keras_baseline"],
+        r["augmentation_on_device"],
+    )
     hlo = result["hlo"]
     lines = [
         f"GPU check: {gpus}; {m['cpu_model']}, {m['cores']} cores; TF {m['tensorflow']}, Keras {m['keras']}, "
@@ -1081,9 +1348,11 @@ def gpu_check_markdown(result: dict) -> str:
         "|---|---|---|---|---:|---:|---:|",
     ]
     for row in result["rows"]:
-        lines.append(f"| {row['row']} | {row['precision']} | {'on' if row['jit_compile'] else 'off'} | "
-                     f"{'all six' if row['augment'] else ''} | {row['images_per_s']:.0f} | "
-                     f"{1e3 * row['step_s_median']:.1f} | {row['first_step_s']:.1f} |")
+        lines.append(
+            f"| {row['row']} | {row['precision']} | {'on' if row['jit_compile'] else 'off'} | "
+            f"{'all six' if row['augment'] else ''} | {row['images_per_s']:.0f} | "
+            f"{1e3 * row['step_s_median']:.1f} | {row['first_step_s']:.1f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -1092,47 +1361,74 @@ def gpu_check_markdown(result: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbones", default=None,
-                        help="comma list of keras.applications names (default ResNet50,MobileNetV2; "
-                             "VGG16 with --quick)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--backbones",
+        default=None,
+        help="comma list of keras.applications names (default ResNet50,MobileNetV2; VGG16 with --quick)",
+    )
     parser.add_argument("--image_sizes", default=None, help="comma list of sizes (default 32,96)")
     parser.add_argument("--batch_size", type=int, default=None, help="default 64")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per row, interleaved across rows (default 3)")
-    parser.add_argument("--warmup_steps", type=int, default=None,
-                        help="untimed steps per row, the first through fit (traces) (default 1)")
-    parser.add_argument("--pipeline_images", type=int, default=None,
-                        help="images per pipeline source (default 512)")
-    parser.add_argument("--extended", action="store_true",
-                        help="every variant in every group: the as-written guide baseline, "
-                             "bfloat16 and XLA (float32 and bfloat16) for head and all blocks, "
-                             "crop,flip, alpha=0 (XLA compiles take ~1 min each here)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: VGG16, 32 px, batch 8, 2 steps, 64 pipeline images")
-    parser.add_argument("--gpu", action="store_true",
-                        help="the GPU check instead (tools/gpu_check.sh): one backbone, all blocks, "
-                             "kft's auto precision and XLA against the alternatives and plain Keras, "
-                             "the augmented XLA step's HLO; JSON to --out and a markdown table beside it "
-                             "(default ResNet50, 224 px, batch 64, 20 steps); exits 2 without a GPU")
-    parser.add_argument("--smoke", action="store_true",
-                        help="with --gpu: tiny sizes (VGG16, 32 px, batch 4, 2 steps) on whatever "
-                             "device there is, CPU included (tests/test_bench.py)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps per row, interleaved across rows (default 3)"
+    )
+    parser.add_argument(
+        "--warmup_steps",
+        type=int,
+        default=None,
+        help="untimed steps per row, the first through fit (traces) (default 1)",
+    )
+    parser.add_argument("--pipeline_images", type=int, default=None, help="images per pipeline source (default 512)")
+    parser.add_argument(
+        "--extended",
+        action="store_true",
+        help="every variant in every group: the as-written guide baseline, "
+        "bfloat16 and XLA (float32 and bfloat16) for head and all blocks, "
+        "crop,flip, alpha=0 (XLA compiles take ~1 min each here)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: VGG16, 32 px, batch 8, 2 steps, 64 pipeline images"
+    )
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help="the GPU check instead (tools/gpu_check.sh): one backbone, all blocks, "
+        "kft's auto precision and XLA against the alternatives and plain Keras, "
+        "the augmented XLA step's HLO; JSON to --out and a markdown table beside it "
+        "(default ResNet50, 224 px, batch 64, 20 steps); exits 2 without a GPU",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="with --gpu: tiny sizes (VGG16, 32 px, batch 4, 2 steps) on whatever "
+        "device there is, CPU included (tests/test_bench.py)",
+    )
     parser.add_argument("--out", default=None, help="JSON output path (default bench.json, gpu_check.json)")
     args = parser.parse_args(argv)
     if args.smoke and not args.gpu:
         parser.error("--smoke goes with --gpu (the benchmark's smoke run is --quick)")
     quick = args.quick
-    defaults = dict(backbones="VGG16" if quick else "ResNet50,MobileNetV2",
-                    image_sizes="32" if quick else "32,96", batch_size=8 if quick else 64,
-                    steps=2 if quick else 3, warmup_steps=1, pipeline_images=64 if quick else 512,
-                    out="bench.json")
+    defaults = dict(
+        backbones="VGG16" if quick else "ResNet50,MobileNetV2",
+        image_sizes="32" if quick else "32,96",
+        batch_size=8 if quick else 64,
+        steps=2 if quick else 3,
+        warmup_steps=1,
+        pipeline_images=64 if quick else 512,
+        out="bench.json",
+    )
     if args.gpu:
         smoke = args.smoke
-        defaults.update(backbones="VGG16" if smoke else "ResNet50", image_sizes="32" if smoke else "224",
-                        batch_size=4 if smoke else 64, steps=2 if smoke else 20,
-                        warmup_steps=1 if smoke else 3, out="gpu_check.json")
+        defaults.update(
+            backbones="VGG16" if smoke else "ResNet50",
+            image_sizes="32" if smoke else "224",
+            batch_size=4 if smoke else 64,
+            steps=2 if smoke else 20,
+            warmup_steps=1 if smoke else 3,
+            out="gpu_check.json",
+        )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -1167,13 +1463,25 @@ def main(argv=None) -> dict:
     result = {
         "machine": machine,
         "command": " ".join(["python", "tools/bench.py", *(argv if argv is not None else sys.argv[1:])]),
-        "settings": {"backbones": args.backbones, "image_sizes": args.image_sizes,
-                     "batch_size": args.batch_size, "steps": args.steps,
-                     "warmup_steps": args.warmup_steps, "pipeline_images": args.pipeline_images,
-                     "extended": args.extended, "quick": args.quick,
-                     "num_classes": NUM_CLASSES, "l2sp_alpha": L2SP_ALPHA, "l2sp_beta": L2SP_BETA,
-                     "out": args.out},
-        "flops": {}, "train": [], "feature_cache": [], "stage_change": [], "precision_xla": [],
+        "settings": {
+            "backbones": args.backbones,
+            "image_sizes": args.image_sizes,
+            "batch_size": args.batch_size,
+            "steps": args.steps,
+            "warmup_steps": args.warmup_steps,
+            "pipeline_images": args.pipeline_images,
+            "extended": args.extended,
+            "quick": args.quick,
+            "num_classes": NUM_CLASSES,
+            "l2sp_alpha": L2SP_ALPHA,
+            "l2sp_beta": L2SP_BETA,
+            "out": args.out,
+        },
+        "flops": {},
+        "train": [],
+        "feature_cache": [],
+        "stage_change": [],
+        "precision_xla": [],
         "pipeline": [],
     }
     for backbone, size, plan in group_plans(args):
@@ -1226,8 +1534,11 @@ def run_gpu_check(args, argv) -> dict:
     print(table)
     print(f"wall time {result['wall_s']:.0f}s; JSON: {args.out}; markdown: {markdown}")
     if status:
-        print("gpu_check: error: the augmentation is not all inside the compiled step, or it moves "
-              f"data to the host: {result['hlo']}", file=sys.stderr)
+        print(
+            "gpu_check: error: the augmentation is not all inside the compiled step, or it moves "
+            f"data to the host: {result['hlo']}",
+            file=sys.stderr,
+        )
         sys.exit(status)
     return result
 

@@ -114,13 +114,22 @@ TEST_FRACTION = 0.5
 # bundled in scikit-image's wheel) the source task.
 TEXTURE_CLASSES = ("brick", "grass", "gravel")
 PHOTO_CLASSES = ("astronaut", "camera", "cell", "chelsea", "coffee", "hubble_deep_field", "retina", "rocket")
-PHOTO_FILES = {"hubble_deep_field": "hubble_deep_field.jpg", "retina": "retina.jpg",
-               "rocket": "rocket.jpg"}  # the others are NAME.png
+PHOTO_FILES = {
+    "hubble_deep_field": "hubble_deep_field.jpg",
+    "retina": "retina.jpg",
+    "rocket": "rocket.jpg",
+}  # the others are NAME.png
 PHOTO_PATCHES = 150  # random patches per photograph (source task)
 PHOTO_SHORT_SIDE = 256  # photographs are downscaled to this short side before cropping
 # Bump a recipe's number when its code changes what it computes: its cached results are redone.
-RECIPE_VERSIONS = {"linear_probe": 1, "keras_guide": 1, "seed_head_only": 1, "seed_all_sgd": 2,
-                   "kft_default": 1, "kft_tune": 1}
+RECIPE_VERSIONS = {
+    "linear_probe": 1,
+    "keras_guide": 1,
+    "seed_head_only": 1,
+    "seed_all_sgd": 2,
+    "kft_default": 1,
+    "kft_tune": 1,
+}
 # torch.nn.BatchNorm2d's default momentum (weight of the new batch in the running statistics).
 TORCH_BN_MOMENTUM = 0.1
 
@@ -148,17 +157,31 @@ class Settings:
 
     def for_method(self, method: str) -> dict:
         """The settings a method's result depends on (part of its cache fingerprint)."""
-        prefixes = {"keras_guide": ("guide_",), "seed_head_only": ("seed_",),
-                    "seed_all_sgd": ("seed_",), "linear_probe": ("probe_",),
-                    "kft_default": ("kft_",), "kft_tune": ("tune_", "kft_")}[method]
+        prefixes = {
+            "keras_guide": ("guide_",),
+            "seed_head_only": ("seed_",),
+            "seed_all_sgd": ("seed_",),
+            "linear_probe": ("probe_",),
+            "kft_default": ("kft_",),
+            "kft_tune": ("tune_", "kft_"),
+        }[method]
         return {k: v for k, v in dataclasses.asdict(self).items() if k.startswith(prefixes)}
 
 
 # --quick: seconds per recipe, for the smoke test. kft's defaults train hundreds of steps, so
 # the kft methods get one head-only epoch instead.
-QUICK = Settings(pretrain_epochs=1, pretrain_batch=40, pretrain_limit_per_class=8,
-                 guide_head_epochs=1, guide_all_epochs=1, seed_epochs=1, probe_cs=(0.01, 1.0),
-                 probe_folds=2, tune_trials=1, kft_flags=("--stages=head:1@1e-3",))
+QUICK = Settings(
+    pretrain_epochs=1,
+    pretrain_batch=40,
+    pretrain_limit_per_class=8,
+    guide_head_epochs=1,
+    guide_all_epochs=1,
+    seed_epochs=1,
+    probe_cs=(0.01, 1.0),
+    probe_folds=2,
+    tune_trials=1,
+    kft_flags=("--stages=head:1@1e-3",),
+)
 # The quick backbone: VGG16's train step traces in ~4 s of CPU here, MobileNetV2's in ~18 s and
 # ResNet50's in ~37 s (every all-trainable model pays it once), which would dominate a smoke run.
 QUICK_BACKBONE = "VGG16"
@@ -186,17 +209,18 @@ def machine_info() -> dict:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu_model": model, "cores": cores, "python": platform.python_version(),
-            "platform": platform.platform()}
+    return {"cpu_model": model, "cores": cores, "python": platform.python_version(), "platform": platform.platform()}
 
 
 def git_state() -> dict:
     """`git rev-parse HEAD` and whether tracked files differ from it."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
         return {"commit": head, "dirty": bool(dirty)}
     except (OSError, subprocess.CalledProcessError):
         return {"commit": "unknown", "dirty": None}
@@ -250,16 +274,21 @@ def _photo(name: str) -> np.ndarray:
     folder = os.path.join(os.path.dirname(spec.origin), "data") if spec and spec.origin else ""
     path = os.path.join(folder, PHOTO_FILES.get(name, f"{name}.png"))
     if not os.path.isfile(path):
-        raise SystemExit(f"transfer_bench: error: the textures task reads {path!r}, an image "
-                         "bundled in scikit-image's wheel; install it: pip install -e '.[bench]'")
+        raise SystemExit(
+            f"transfer_bench: error: the textures task reads {path!r}, an image "
+            "bundled in scikit-image's wheel; install it: pip install -e '.[bench]'"
+        )
     with Image.open(path) as image:
         return np.asarray(image.convert("L"))
 
 
 def _grid_patches(image: np.ndarray, rows: range, size: int = IMAGE_SIZE) -> list:
     """Non-overlapping size x size patches whose top rows are in `rows`, left to right."""
-    return [(f"r{r:03d}c{c:03d}", image[r:r + size, c:c + size])
-            for r in rows for c in range(0, image.shape[1] - size + 1, size)]
+    return [
+        (f"r{r:03d}c{c:03d}", image[r : r + size, c : c + size])
+        for r in rows
+        for c in range(0, image.shape[1] - size + 1, size)
+    ]
 
 
 def _textures_images() -> dict:
@@ -279,12 +308,13 @@ def _textures_images() -> dict:
     for name in PHOTO_CLASSES:
         image = Image.fromarray(_photo(name))
         scale = PHOTO_SHORT_SIDE / min(image.size)
-        image = np.asarray(image.resize((round(image.width * scale), round(image.height * scale)),
-                                        Image.BILINEAR))
+        image = np.asarray(image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR))
         tops = rng.integers(0, image.shape[0] - IMAGE_SIZE + 1, PHOTO_PATCHES)
         lefts = rng.integers(0, image.shape[1] - IMAGE_SIZE + 1, PHOTO_PATCHES)
-        source[name] = [(f"p{i:03d}", image[top:top + IMAGE_SIZE, left:left + IMAGE_SIZE])
-                        for i, (top, left) in enumerate(zip(tops, lefts))]
+        source[name] = [
+            (f"p{i:03d}", image[top : top + IMAGE_SIZE, left : left + IMAGE_SIZE])
+            for i, (top, left) in enumerate(zip(tops, lefts))
+        ]
     return {"source": source, "target_pool": target_pool, "target_test": target_test}
 
 
@@ -332,14 +362,15 @@ def build_task(task: str, data_dir: str) -> dict:
     elif task == "textures":
         images = _textures_images()
         # Held out in space (bottom halves); the pool is shuffled so sizes are random subsets.
-        pool = {name: _shuffled(items, index)
-                for index, (name, items) in enumerate(sorted(images["target_pool"].items()))}
+        pool = {
+            name: _shuffled(items, index) for index, (name, items) in enumerate(sorted(images["target_pool"].items()))
+        }
         test = images["target_test"]
     else:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     folders = {"source": images["source"], "test": test}
     for size in SIZES:
-        folders[f"train_{size}"] = {k: v[:_size_count(size)] for k, v in pool.items()}
+        folders[f"train_{size}"] = {k: v[: _size_count(size)] for k, v in pool.items()}
     counts, hashes = {}, {}
     for folder, classes in folders.items():
         for name, items in classes.items():
@@ -351,10 +382,16 @@ def build_task(task: str, data_dir: str) -> dict:
     train_hashes = set().union(*(hashes[f"train_{s}"] for s in SIZES))
     if train_hashes & set(hashes["test"]):  # A split bug must never reach the numbers.
         raise RuntimeError(f"{task}: a test image is also in a train folder")
-    manifest = {"version": DATA_VERSION, "task": task, "counts": counts,
-                "target_classes": sorted(test), "source_classes": sorted(images["source"]),
-                "data_hash": hashlib.sha256("".join(sorted(train_hashes | set(hashes["test"]) | set(
-                    hashes["source"]))).encode()).hexdigest()[:16]}
+    manifest = {
+        "version": DATA_VERSION,
+        "task": task,
+        "counts": counts,
+        "target_classes": sorted(test),
+        "source_classes": sorted(images["source"]),
+        "data_hash": hashlib.sha256(
+            "".join(sorted(train_hashes | set(hashes["test"]) | set(hashes["source"]))).encode()
+        ).hexdigest()[:16],
+    }
     with open(manifest_path, "w") as f:
         json.dump(manifest, f, indent=1)
     return manifest
@@ -376,13 +413,11 @@ def run_cli(args: list[str], log_path: str) -> None:
     with open(log_path, "a") as out:
         out.write("$ python -m " + " ".join(args) + "\n")
         out.flush()
-        proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=out,
-                              stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         with open(log_path) as f:
             tail = f.read()[-2000:]
-        raise RuntimeError(f"python -m {' '.join(args[:1])} failed ({proc.returncode}); "
-                           f"log {log_path}:\n{tail}")
+        raise RuntimeError(f"python -m {' '.join(args[:1])} failed ({proc.returncode}); log {log_path}:\n{tail}")
 
 
 def pretrain(task: str, backbone: str, work_dir: str, settings: Settings) -> dict:
@@ -390,16 +425,25 @@ def pretrain(task: str, backbone: str, work_dir: str, settings: Settings) -> dic
     {"weights", "sha", "val_accuracy", "wall_s", "cpu_s", "command"}."""
     run_dir = os.path.join(work_dir, "pretrain", task, backbone)
     weights = os.path.join(run_dir, "backbone.weights.h5")
-    args = ["kft.train", f"--dataset=folder:{os.path.join(work_dir, 'data', task, 'source')}",
-            f"--backbone={backbone}", "--weights=none", f"--image_size={IMAGE_SIZE}",
-            f"--stages=all:{settings.pretrain_epochs}@1e-3:bn=train",
-            f"--batch_size={settings.pretrain_batch}",
-            f"--train_limit_per_class={settings.pretrain_limit_per_class}",
-            # L2-SP would pull toward the random init; float32 so the weights reproduce on any
-            # CPU; no flips (mirrored digits are other glyphs).
-            "--l2sp_alpha=0", "--mixed_precision=none", "--augment=crop", "--export_dir=none",
-            "--seed=0",
-            "--verbose=2", f"--model_dir={run_dir}"]
+    args = [
+        "kft.train",
+        f"--dataset=folder:{os.path.join(work_dir, 'data', task, 'source')}",
+        f"--backbone={backbone}",
+        "--weights=none",
+        f"--image_size={IMAGE_SIZE}",
+        f"--stages=all:{settings.pretrain_epochs}@1e-3:bn=train",
+        f"--batch_size={settings.pretrain_batch}",
+        f"--train_limit_per_class={settings.pretrain_limit_per_class}",
+        # L2-SP would pull toward the random init; float32 so the weights reproduce on any
+        # CPU; no flips (mirrored digits are other glyphs).
+        "--l2sp_alpha=0",
+        "--mixed_precision=none",
+        "--augment=crop",
+        "--export_dir=none",
+        "--seed=0",
+        "--verbose=2",
+        f"--model_dir={run_dir}",
+    ]
     info_path = os.path.join(run_dir, "pretrain.json")
     if os.path.isfile(info_path) and os.path.isfile(weights):
         with open(info_path) as f:
@@ -412,13 +456,17 @@ def pretrain(task: str, backbone: str, work_dir: str, settings: Settings) -> dic
     run_cli(args, os.path.join(work_dir, "logs", f"pretrain-{task}-{backbone}.log"))
     with open(os.path.join(run_dir, "metrics.json")) as f:
         metrics = json.load(f)
-    info = {"weights": weights, "sha": _sha256(weights), "command": args,
-            "val_accuracy": metrics["best_val_accuracy"], "wall_s": time.time() - wall,
-            "cpu_s": _child_cpu_s() - cpu}
+    info = {
+        "weights": weights,
+        "sha": _sha256(weights),
+        "command": args,
+        "val_accuracy": metrics["best_val_accuracy"],
+        "wall_s": time.time() - wall,
+        "cpu_s": _child_cpu_s() - cpu,
+    }
     with open(info_path, "w") as f:
         json.dump(info, f, indent=1)
-    log(f"pretrained {backbone} on {task}: source val accuracy {info['val_accuracy']:.3f} "
-        f"({info['wall_s']:.0f}s)")
+    log(f"pretrained {backbone} on {task}: source val accuracy {info['val_accuracy']:.3f} ({info['wall_s']:.0f}s)")
     return info
 
 
@@ -440,9 +488,17 @@ def run_kft_default(job: "Job") -> dict:
     """kft.train with its defaults (plus --export_dir=none), then kft.evaluate on the test folder."""
     _fresh(job)
     log_path = job.run_dir + ".log"  # beside it: kft.train wants an empty or kft-made dir
-    args = ["kft.train", f"--dataset=folder:{job.train_dir}", f"--backbone={job.backbone}",
-            f"--weights={job.weights}", f"--image_size={IMAGE_SIZE}", f"--model_dir={job.run_dir}",
-            f"--seed={job.seed}", "--export_dir=none", *job.settings.kft_flags]
+    args = [
+        "kft.train",
+        f"--dataset=folder:{job.train_dir}",
+        f"--backbone={job.backbone}",
+        f"--weights={job.weights}",
+        f"--image_size={IMAGE_SIZE}",
+        f"--model_dir={job.run_dir}",
+        f"--seed={job.seed}",
+        "--export_dir=none",
+        *job.settings.kft_flags,
+    ]
     run_cli(args, log_path)
     result = kft_evaluate(job.run_dir, job.test_dir, log_path)
     return {"accuracy": result["accuracy"], "num_test": result["num_examples"], "commands": [args]}
@@ -454,17 +510,27 @@ def run_kft_tune(job: "Job") -> dict:
     tune_dir = os.path.join(job.run_dir, "tune")
     model_dir = os.path.join(job.run_dir, "best")
     log_path = job.run_dir + ".log"  # beside it: kft.train wants an empty or kft-made dir
-    tune = ["kft.tune", f"--dataset=folder:{job.train_dir}", f"--backbone={job.backbone}",
-            f"--weights={job.weights}", f"--image_size={IMAGE_SIZE}", f"--seed={job.seed}",
-            f"--tune_dir={tune_dir}", f"--max_trials={job.settings.tune_trials}",
-            *job.settings.kft_flags]
-    train = ["kft.train", f"--flagfile={os.path.join(tune_dir, 'best.cfg')}",
-             f"--model_dir={model_dir}", "--export_dir=none"]
+    tune = [
+        "kft.tune",
+        f"--dataset=folder:{job.train_dir}",
+        f"--backbone={job.backbone}",
+        f"--weights={job.weights}",
+        f"--image_size={IMAGE_SIZE}",
+        f"--seed={job.seed}",
+        f"--tune_dir={tune_dir}",
+        f"--max_trials={job.settings.tune_trials}",
+        *job.settings.kft_flags,
+    ]
+    train = [
+        "kft.train",
+        f"--flagfile={os.path.join(tune_dir, 'best.cfg')}",
+        f"--model_dir={model_dir}",
+        "--export_dir=none",
+    ]
     run_cli(tune, log_path)
     run_cli(train, log_path)
     result = kft_evaluate(model_dir, job.test_dir, log_path)
-    return {"accuracy": result["accuracy"], "num_test": result["num_examples"],
-            "commands": [tune, train]}
+    return {"accuracy": result["accuracy"], "num_test": result["num_examples"], "commands": [tune, train]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -481,8 +547,15 @@ def load_folder(path: str, batch_size: int, shuffle: bool, seed: int):
     """A class folder as a user loads it: uint8-valued float32 images and int labels."""
     keras = _keras()
     return keras.utils.image_dataset_from_directory(
-        path, labels="inferred", label_mode="int", image_size=(IMAGE_SIZE, IMAGE_SIZE),
-        batch_size=batch_size, shuffle=shuffle, seed=seed, verbose=False)
+        path,
+        labels="inferred",
+        label_mode="int",
+        image_size=(IMAGE_SIZE, IMAGE_SIZE),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        verbose=False,
+    )
 
 
 def pretrained_base(backbone: str, weights: str):
@@ -537,12 +610,17 @@ def run_linear_probe(job: "Job") -> dict:
         # 1280-2048 dimensional features (lbfgs took 200+ iterations at mid-range C).
         make_pipeline(StandardScaler(), LogisticRegression(solver="newton-cg", max_iter=1000)),
         {"logisticregression__C": list(job.settings.probe_cs)},
-        cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=job.seed), n_jobs=1)
+        cv=StratifiedKFold(n_splits=folds, shuffle=True, random_state=job.seed),
+        n_jobs=1,
+    )
     search.fit(x_train, y_train)
     accuracy = float(np.mean(search.predict(x_test) == y_test))
-    return {"accuracy": accuracy, "num_test": int(len(y_test)),
-            "chosen_c": float(search.best_params_["logisticregression__C"]),
-            "cv_accuracy": float(search.best_score_)}
+    return {
+        "accuracy": accuracy,
+        "num_test": int(len(y_test)),
+        "chosen_c": float(search.best_params_["logisticregression__C"]),
+        "cv_accuracy": float(search.best_score_),
+    }
 
 
 def run_keras_guide(job: "Job") -> dict:
@@ -553,8 +631,7 @@ def run_keras_guide(job: "Job") -> dict:
     batch = min(job.settings.guide_batch, _num_images(job.train_dir))
     # Reshuffled every epoch; 32 px PNGs decode faster than a step, so no cache.
     train = load_folder(job.train_dir, batch, shuffle=True, seed=job.seed).prefetch(10)
-    augmentation = keras.Sequential([keras.layers.RandomFlip("horizontal"),
-                                     keras.layers.RandomRotation(0.1)])
+    augmentation = keras.Sequential([keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.1)])
     base.trainable = False
     inputs = keras.Input((IMAGE_SIZE, IMAGE_SIZE, 3))
     x = preprocess(augmentation(inputs))
@@ -571,11 +648,12 @@ def run_keras_guide(job: "Job") -> dict:
     for layer in base.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
-    model.compile(optimizer=keras.optimizers.Adam(1e-5), loss=loss, metrics=["accuracy"])  # Recompile: trainable changed.
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-5), loss=loss, metrics=["accuracy"]
+    )  # Recompile: trainable changed.
     history = model.fit(train, epochs=job.settings.guide_all_epochs, verbose=0)
     accuracy, num_test = _test_accuracy(model, job.test_dir)
-    return {"accuracy": accuracy, "num_test": num_test,
-            "final_train_loss": float(history.history["loss"][-1])}
+    return {"accuracy": accuracy, "num_test": num_test, "final_train_loss": float(history.history["loss"][-1])}
 
 
 def _torch_augment(image, label):
@@ -604,11 +682,11 @@ def _tutorial_model(job: "Job", head_only: bool):
         # Traced as written (see _run_tutorial); `training` is a Python bool here.
         @tf.autograph.experimental.do_not_convert
         def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-            loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                        training=training)
+            loss = super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training)
             if weight_decay and training:
                 loss = loss + 0.5 * weight_decay * ops.sum(
-                    ops.stack([ops.sum(ops.square(v)) for v in self.trainable_variables]))
+                    ops.stack([ops.sum(ops.square(v)) for v in self.trainable_variables])
+                )
             return loss
 
     base, preprocess = pretrained_base(job.backbone, job.weights)
@@ -624,9 +702,11 @@ def _tutorial_model(job: "Job", head_only: bool):
     x = base(preprocess(inputs))  # torch's model.train(): BatchNorm trains when it is trainable.
     x = keras.layers.GlobalAveragePooling2D()(x)
     model = CoupledL2(inputs, keras.layers.Dense(job.num_classes)(x))
-    model.compile(optimizer=keras.optimizers.SGD(settings.seed_lr, momentum=settings.seed_momentum),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.SGD(settings.seed_lr, momentum=settings.seed_momentum),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
     return model
 
 
@@ -645,8 +725,7 @@ def _run_tutorial(job: "Job", head_only: bool) -> dict:
     train = train.map(augment, num_parallel_calls=tf.data.AUTOTUNE).batch(batch)
     history = model.fit(train, epochs=job.settings.seed_epochs, verbose=0)
     accuracy, num_test = _test_accuracy(model, job.test_dir)
-    return {"accuracy": accuracy, "num_test": num_test,
-            "final_train_loss": float(history.history["loss"][-1])}
+    return {"accuracy": accuracy, "num_test": num_test, "final_train_loss": float(history.history["loss"][-1])}
 
 
 def run_seed_head_only(job: "Job") -> dict:
@@ -659,9 +738,14 @@ def run_seed_all_sgd(job: "Job") -> dict:
     return _run_tutorial(job, head_only=False)
 
 
-RUNNERS = {"kft_default": run_kft_default, "kft_tune": run_kft_tune,
-           "linear_probe": run_linear_probe, "keras_guide": run_keras_guide,
-           "seed_head_only": run_seed_head_only, "seed_all_sgd": run_seed_all_sgd}
+RUNNERS = {
+    "kft_default": run_kft_default,
+    "kft_tune": run_kft_tune,
+    "linear_probe": run_linear_probe,
+    "keras_guide": run_keras_guide,
+    "seed_head_only": run_seed_head_only,
+    "seed_all_sgd": run_seed_all_sgd,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -696,15 +780,17 @@ class Job:
 
     @property
     def run_dir(self) -> str:
-        return os.path.join(self.work_dir, "runs", self.task, self.size, self.backbone,
-                            self.method, f"seed{self.seed}")
+        return os.path.join(self.work_dir, "runs", self.task, self.size, self.backbone, self.method, f"seed{self.seed}")
 
 
 def fingerprint(job: Job, weights_sha: str, data_hash: str) -> dict:
     """What a cached result depends on, besides kft's code (see --rerun)."""
-    fields = {"recipe_version": RECIPE_VERSIONS[job.method],
-              "settings": job.settings.for_method(job.method), "weights_sha": weights_sha[:16],
-              "data_hash": data_hash}
+    fields = {
+        "recipe_version": RECIPE_VERSIONS[job.method],
+        "settings": job.settings.for_method(job.method),
+        "weights_sha": weights_sha[:16],
+        "data_hash": data_hash,
+    }
     return json.loads(json.dumps(fields))  # As the cache file holds it (tuples become lists).
 
 
@@ -752,18 +838,27 @@ def run_job(job: Job, cache: Cache, expected: dict, rerun: set) -> dict | None:
     try:
         result = RUNNERS[job.method](job)
     except Exception as e:  # noqa: BLE001 -- reported and counted; main() exits 1.
-        log(f"{job.task}/{job.size}/{job.backbone} {job.method} seed {job.seed}: FAILED: "
-            f"{type(e).__name__}: {str(e).strip()[-1500:]}")
+        log(
+            f"{job.task}/{job.size}/{job.backbone} {job.method} seed {job.seed}: FAILED: "
+            f"{type(e).__name__}: {str(e).strip()[-1500:]}"
+        )
         return None
-    entry = {**result, "wall_s": round(time.time() - wall, 2),
-             "cpu_s": round(time.process_time() + _child_cpu_s() - cpu, 2),
-             "fingerprint": expected, "commit": git_state(), "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    entry = {
+        **result,
+        "wall_s": round(time.time() - wall, 2),
+        "cpu_s": round(time.process_time() + _child_cpu_s() - cpu, 2),
+        "fingerprint": expected,
+        "commit": git_state(),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     cache.put(job.key, entry)
     if job.method not in KFT_METHODS:
         _keras().backend.clear_session()  # Each hand-written run builds a new model.
         gc.collect()
-    log(f"{job.task}/{job.size}/{job.backbone} {job.method} seed {job.seed}: test accuracy "
-        f"{entry['accuracy']:.3f} ({entry['wall_s']:.1f}s wall, {entry['cpu_s']:.1f}s CPU)")
+    log(
+        f"{job.task}/{job.size}/{job.backbone} {job.method} seed {job.seed}: test accuracy "
+        f"{entry['accuracy']:.3f} ({entry['wall_s']:.1f}s wall, {entry['cpu_s']:.1f}s CPU)"
+    )
     return entry
 
 
@@ -785,8 +880,10 @@ def summarize(entries: dict, methods: list[str]) -> list[dict]:
             row["methods"][method] = {
                 "mean": statistics.fmean(accuracies),
                 "std": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
-                "n": len(accuracies), "accuracies": accuracies,
-                "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs)}
+                "n": len(accuracies),
+                "accuracies": accuracies,
+                "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs),
+            }
         baselines = {m: v["mean"] for m, v in row["methods"].items() if m in BASELINES}
         if "kft_default" in row["methods"] and baselines:
             best = max(baselines, key=baselines.get)
@@ -824,10 +921,20 @@ def timing_summary(entries: dict, methods: list[str]) -> dict:
         if method in methods:
             runs = out.setdefault(method, {}).setdefault(backbone, {}).setdefault(size, [])
             runs.append((entry["wall_s"], entry["cpu_s"]))
-    return {m: {b: {s: {"runs": len(v), "wall_s_mean": round(statistics.fmean(w for w, _ in v), 1),
-                        "cpu_s_mean": round(statistics.fmean(c for _, c in v), 1)}
-                    for s, v in by_size.items()} for b, by_size in by_backbone.items()}
-            for m, by_backbone in out.items()}
+    return {
+        m: {
+            b: {
+                s: {
+                    "runs": len(v),
+                    "wall_s_mean": round(statistics.fmean(w for w, _ in v), 1),
+                    "cpu_s_mean": round(statistics.fmean(c for _, c in v), 1),
+                }
+                for s, v in by_size.items()
+            }
+            for b, by_size in by_backbone.items()
+        }
+        for m, by_backbone in out.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -843,22 +950,32 @@ def _list(value: str, allowed, what: str) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: digits, size 5, VGG16, 1 seed, 1 epoch per recipe "
-                             "(kft: --stages=head:1@1e-3), pretraining 1 step, no kft_tune")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: digits, size 5, VGG16, 1 seed, 1 epoch per recipe "
+        "(kft: --stages=head:1@1e-3), pretraining 1 step, no kft_tune",
+    )
     parser.add_argument("--out", default="transfer_bench.json", help="summary JSON path")
-    parser.add_argument("--work_dir", default=None,
-                        help="data, pretrained weights, runs and the results cache "
-                             "(default runs/transfer_bench, runs/transfer_bench_quick with --quick)")
+    parser.add_argument(
+        "--work_dir",
+        default=None,
+        help="data, pretrained weights, runs and the results cache "
+        "(default runs/transfer_bench, runs/transfer_bench_quick with --quick)",
+    )
     parser.add_argument("--tasks", default=None, help=f"comma list of {', '.join(TASKS)}")
     parser.add_argument("--sizes", default=None, help="comma list of 5, 10, 50, full (images per class)")
     parser.add_argument("--backbones", default=None, help=f"keras.applications names (default {','.join(BACKBONES)})")
     parser.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per method (default 3)")
-    parser.add_argument("--rerun", default="", help="methods to recompute even if cached "
-                        "(e.g. kft_default after kft's defaults changed), or all")
+    parser.add_argument(
+        "--rerun",
+        default="",
+        help="methods to recompute even if cached (e.g. kft_default after kft's defaults changed), or all",
+    )
     parser.add_argument("--tune_trials", type=int, default=None, help="kft_tune's --max_trials (default 4)")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -867,11 +984,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.backbones = _list(args.backbones or (QUICK_BACKBONE if quick else ",".join(BACKBONES)), None, "backbones")
     default_methods = [m for m in METHODS if not (quick and m == "kft_tune")]
     args.methods = _list(args.methods or ",".join(default_methods), METHODS, "methods")
-    args.rerun = set(METHODS) if args.rerun == "all" else set(
-        _list(args.rerun, METHODS, "rerun") if args.rerun else [])
+    args.rerun = set(METHODS) if args.rerun == "all" else set(_list(args.rerun, METHODS, "rerun") if args.rerun else [])
     args.seeds = args.seeds or (1 if quick else 3)
-    args.work_dir = os.path.abspath(args.work_dir or os.path.join(
-        REPO, "runs", "transfer_bench_quick" if quick else "transfer_bench"))
+    args.work_dir = os.path.abspath(
+        args.work_dir or os.path.join(REPO, "runs", "transfer_bench_quick" if quick else "transfer_bench")
+    )
     settings = QUICK if quick else Settings()
     if args.tune_trials:
         settings = dataclasses.replace(settings, tune_trials=args.tune_trials)
@@ -888,21 +1005,34 @@ def main(argv=None) -> dict:
     os.makedirs(args.work_dir, exist_ok=True)
     cache = Cache(os.path.join(args.work_dir, "results.json"))
     machine, git = machine_info(), git_state()
-    log(f"work dir {args.work_dir}; {machine['cpu_model']}, {machine['cores']} cores; "
-        f"commit {git['commit'][:12]}{' (dirty)' if git['dirty'] else ''}")
+    log(
+        f"work dir {args.work_dir}; {machine['cpu_model']}, {machine['cores']} cores; "
+        f"commit {git['commit'][:12]}{' (dirty)' if git['dirty'] else ''}"
+    )
     pretrained, selected, failed = {}, {}, []
     for task in args.tasks:
         manifest = build_task(task, os.path.join(args.work_dir, "data", task))
-        log(f"{task}: target {manifest['counts']['test']} test images per class, "
-            f"train sizes {[sum(manifest['counts'][f'train_{s}'].values()) for s in args.sizes]}")
+        log(
+            f"{task}: target {manifest['counts']['test']} test images per class, "
+            f"train sizes {[sum(manifest['counts'][f'train_{s}'].values()) for s in args.sizes]}"
+        )
         for backbone in args.backbones:
             info = pretrain(task, backbone, args.work_dir, args.settings)
             pretrained[f"{task}/{backbone}"] = info
             for size in args.sizes:
                 for method in args.methods:
                     for seed in range(args.seeds):
-                        job = Job(task, size, backbone, method, seed, args.work_dir, info["weights"],
-                                  len(manifest["target_classes"]), args.settings)
+                        job = Job(
+                            task,
+                            size,
+                            backbone,
+                            method,
+                            seed,
+                            args.work_dir,
+                            info["weights"],
+                            len(manifest["target_classes"]),
+                            args.settings,
+                        )
                         expected = fingerprint(job, info["sha"], manifest["data_hash"])
                         entry = run_job(job, cache, expected, args.rerun)
                         if entry is None:
@@ -912,19 +1042,30 @@ def main(argv=None) -> dict:
     rows = summarize(selected, args.methods)
     table = format_table(rows, args.methods)
     result = {
-        "machine": machine, "git": git,
+        "machine": machine,
+        "git": git,
         "command": " ".join(["python", "tools/transfer_bench.py", *(argv if argv is not None else sys.argv[1:])]),
-        "settings": {"quick": args.quick, "tasks": args.tasks, "sizes": args.sizes,
-                     "backbones": args.backbones, "methods": args.methods, "seeds": args.seeds,
-                     "work_dir": args.work_dir, "image_size": IMAGE_SIZE,
-                     "recipes": dataclasses.asdict(args.settings)},
-        "pretrain": pretrained, "rows": rows, "timing": timing_summary(selected, args.methods),
-        "runs": selected, "failed": failed, "wall_s": time.time() - _STARTED,
+        "settings": {
+            "quick": args.quick,
+            "tasks": args.tasks,
+            "sizes": args.sizes,
+            "backbones": args.backbones,
+            "methods": args.methods,
+            "seeds": args.seeds,
+            "work_dir": args.work_dir,
+            "image_size": IMAGE_SIZE,
+            "recipes": dataclasses.asdict(args.settings),
+        },
+        "pretrain": pretrained,
+        "rows": rows,
+        "timing": timing_summary(selected, args.methods),
+        "runs": selected,
+        "failed": failed,
+        "wall_s": time.time() - _STARTED,
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1, default=float)
-    print(f"test accuracy (mean ± std over {args.seeds} seeds) on held-out test folders; "
-          f"work dir {args.work_dir}")
+    print(f"test accuracy (mean ± std over {args.seeds} seeds) on held-out test folders; work dir {args.work_dir}")
     print(table)
     print(f"\nwall time {result['wall_s']:.0f}s; JSON: {args.out}")
     if failed:
