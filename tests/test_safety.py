@@ -404,6 +404,8 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_so_in_one_line(tmp_path):
     run = tmp_path / "run"
     args = [f"--model_dir={run}", *TINY, "--dataset=digits:0-1", "--export_dir=none", "--stages=head:50@1e-3"]
     env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    # As from a terminal: a suite started in the background (`cmd &`) passes SIGINT on ignored,
+    # which Python, and so kft, rightly keeps ignoring.
     process = subprocess.Popen(
         [sys.executable, "-m", "kft.train", *args],
         cwd=ROOT,
@@ -411,6 +413,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_so_in_one_line(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 240
     # Any checkpoint: kft keeps the newest two, so epoch-1 may be gone by the time we look.
