@@ -11,7 +11,7 @@ import re
 import numpy as np
 from absl import flags
 
-from kft import augment, backbones, data, recipe, schedule
+from kft import augment, backbones, data, recipe, rundir, schedule
 from kft.config import Config
 
 FLAGS = flags.FLAGS
@@ -403,7 +403,7 @@ def resolved_flagfile(names: list[str] | None = None) -> str:
         if value is None:
             continue
         if isinstance(value, str):
-            value = absolute_path_value(flag.name, value)
+            value = rundir.absolute_path_value(flag.name, value)
         if isinstance(value, bool):
             lines.append(f"--{flag.name}" if value else f"--no{flag.name}")
         else:
@@ -469,19 +469,11 @@ def resume_conflict(saved_flagfile: str, current_flagfile: str) -> str | None:
     return None
 
 
-def absolute_path_value(name: str, value: str, resolve=os.path.abspath) -> str:
-    """A path-valued flag's value with its path made absolute (`resolve`), so a flags.cfg read
-    from another directory names the same data; other values unchanged."""
-    if name in ("dataset", "pretrain_dataset") and value.startswith("folder:"):
-        return "folder:" + resolve(os.path.expanduser(value[len("folder:") :].strip()))
-    if (name == "weights" and value not in ("imagenet", "none")) or (name == "data_dir" and value):
-        return resolve(os.path.expanduser(value))
-    return value
-
-
 def _same_path_value(name: str, saved: str | None, current: str | None) -> bool:
     """Whether two values of a path-valued flag name the same file or folder (relative or
     absolute, with or without a trailing slash, through a link)."""
     if saved is None or current is None:
         return False
-    return absolute_path_value(name, saved, os.path.realpath) == absolute_path_value(name, current, os.path.realpath)
+    return rundir.absolute_path_value(name, saved, os.path.realpath) == rundir.absolute_path_value(
+        name, current, os.path.realpath
+    )

@@ -289,3 +289,14 @@ def check_writable_dir(path: str, flag: str) -> None:
         raise ValueError(f"{flag} is not writable: {probe} is a file")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} is not writable: no write permission on {probe}")
+
+
+def absolute_path_value(name: str, value: str, resolve=os.path.abspath) -> str:
+    """A path-valued flag's value with its path made absolute (`resolve`), so a flags.cfg read
+    from another directory names the same data; other values unchanged. Used by kft.train's
+    resume check and kft.tune's search record alike."""
+    if name in ("dataset", "pretrain_dataset") and value.startswith("folder:"):
+        return "folder:" + resolve(os.path.expanduser(value[len("folder:") :].strip()))
+    if (name == "weights" and value not in ("imagenet", "none")) or (name == "data_dir" and value):
+        return resolve(os.path.expanduser(value))
+    return value

@@ -321,19 +321,10 @@ def fingerprint_conflict(saved: dict, current: dict) -> str | None:
 def _same_path(key: str, old, new, saved: dict, current: dict) -> bool:
     if key not in _PATH_FIELDS or not isinstance(old, str) or not isinstance(new, str):
         return False
-    if _real_path(old) == _real_path(new):
+    if rundir.absolute_path_value(key, old, os.path.realpath) == rundir.absolute_path_value(key, new, os.path.realpath):
         return True
     saved_id = saved.get("identity", {}).get(key)
     return saved_id is not None and saved_id == current.get("identity", {}).get(key)
-
-
-def _real_path(value: str) -> str:
-    """A `folder:PATH` spec or a file path, resolved; other values (`imagenet`, `tfds:...`) as is."""
-    if value.startswith("folder:"):
-        return "folder:" + os.path.realpath(os.path.expanduser(value[len("folder:") :].strip()))
-    if os.sep in value or value.endswith(".h5"):
-        return os.path.realpath(os.path.expanduser(value))
-    return value
 
 
 def prepare_tune_dir(tune: TuneConfig, current: dict) -> rundir.DirLock:
