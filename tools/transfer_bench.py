@@ -484,21 +484,23 @@ def _fresh(job: "Job") -> None:
         os.remove(job.run_dir + ".log")
 
 
-def run_kft_default(job: "Job") -> dict:
-    """kft.train with its defaults (plus --export_dir=none), then kft.evaluate on the test folder."""
-    _fresh(job)
-    log_path = job.run_dir + ".log"  # beside it: kft.train wants an empty or kft-made dir
-    args = [
-        "kft.train",
+def _kft_job_flags(job: "Job") -> list[str]:
+    """The flags kft.train and kft.tune share for a job: its data, backbone, weights, size, seed."""
+    return [
         f"--dataset=folder:{job.train_dir}",
         f"--backbone={job.backbone}",
         f"--weights={job.weights}",
         f"--image_size={IMAGE_SIZE}",
-        f"--model_dir={job.run_dir}",
         f"--seed={job.seed}",
-        "--export_dir=none",
         *job.settings.kft_flags,
     ]
+
+
+def run_kft_default(job: "Job") -> dict:
+    """kft.train with its defaults (plus --export_dir=none), then kft.evaluate on the test folder."""
+    _fresh(job)
+    log_path = job.run_dir + ".log"  # beside it: kft.train wants an empty or kft-made dir
+    args = ["kft.train", *_kft_job_flags(job), f"--model_dir={job.run_dir}", "--export_dir=none"]
     run_cli(args, log_path)
     result = kft_evaluate(job.run_dir, job.test_dir, log_path)
     return {"accuracy": result["accuracy"], "num_test": result["num_examples"], "commands": [args]}
@@ -510,17 +512,7 @@ def run_kft_tune(job: "Job") -> dict:
     tune_dir = os.path.join(job.run_dir, "tune")
     model_dir = os.path.join(job.run_dir, "best")
     log_path = job.run_dir + ".log"  # beside it: kft.train wants an empty or kft-made dir
-    tune = [
-        "kft.tune",
-        f"--dataset=folder:{job.train_dir}",
-        f"--backbone={job.backbone}",
-        f"--weights={job.weights}",
-        f"--image_size={IMAGE_SIZE}",
-        f"--seed={job.seed}",
-        f"--tune_dir={tune_dir}",
-        f"--max_trials={job.settings.tune_trials}",
-        *job.settings.kft_flags,
-    ]
+    tune = ["kft.tune", *_kft_job_flags(job), f"--tune_dir={tune_dir}", f"--max_trials={job.settings.tune_trials}"]
     train = [
         "kft.train",
         f"--flagfile={os.path.join(tune_dir, 'best.cfg')}",
