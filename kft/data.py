@@ -1042,6 +1042,27 @@ def _digits_arrays(classes: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def digits_outside_training(
+    spec: str, *, val_fraction: float, seed: int, train_limit_per_class: int | None
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """Every image of a `digits` spec that `load` with these arguments keeps out of training.
+
+    That is its validation split plus the training images `train_limit_per_class` leaves out:
+    a test set many times larger than the validation split, for few-shot runs on digits.
+
+    Returns:
+      `(images, labels, class_names)`: uint8 images [N, 8, 8, 1], labels indexing class_names.
+    """
+    parsed = parse_spec(spec)
+    if not isinstance(parsed, DigitsSpec):
+        raise ValueError(f"data spec {spec!r}: digits_outside_training takes digits[:CLASSES] only")
+    images, labels = _digits_arrays(parsed.classes)
+    class_names = tuple(str(c) for c in parsed.classes)
+    train_per_class, _ = _split_per_class(labels, class_names, val_fraction, seed, "digits")
+    outside = np.setdiff1d(np.arange(len(labels)), _limit_train(train_per_class, train_limit_per_class))
+    return images[outside], labels[outside], class_names
+
+
 def _digits_pipeline(
     images: np.ndarray,
     labels: np.ndarray,

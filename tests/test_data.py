@@ -466,3 +466,18 @@ def test_digits_subsets_values_limit_and_seed():
     np.testing.assert_array_equal(eval_x, images)
     with pytest.raises(ValueError, match=r"has classes \['5'.*trained on \['0'"):
         data.load_eval("digits:5-9", class_names=low.class_names, **kwargs)
+
+
+def test_digits_outside_training_is_everything_training_never_sees():
+    splits = data.load("digits:5-9", image_size=8, batch_size=4, seed=2, train_limit_per_class=10)
+    trained, trained_labels = _batches(splits.train_in_order)
+    outside, labels, names = data.digits_outside_training(
+        "digits:5-9", val_fraction=0.1, seed=2, train_limit_per_class=10
+    )
+    assert names == splits.class_names and len(trained) == 50
+    assert len(outside) + len(trained) == 1797 - 901  # The two together are all of digits 5-9.
+    assert np.bincount(labels).min() >= 150  # Far more than the 89 validation images.
+    seen = {image[..., 0].tobytes() for image in trained}
+    assert not seen & {image[..., 0].tobytes() for image in outside}
+    with pytest.raises(ValueError, match=r"takes digits\[:CLASSES\] only"):
+        data.digits_outside_training("folder:/x", val_fraction=0.1, seed=0, train_limit_per_class=None)
