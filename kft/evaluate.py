@@ -110,10 +110,10 @@ def _load_model(export_dir: str | None, model_dir: str | None):
 
     import tensorflow as tf
 
-    from kft import trainer
+    from kft import runfiles
 
     try:
-        classifier, class_names, image_size = trainer.load_classifier(model_dir)
+        classifier, class_names, image_size = runfiles.load_classifier(model_dir)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     predict = tf.function(lambda images: classifier(images, training=False), reduce_retracing=True)

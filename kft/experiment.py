@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 from absl import logging
 
-from kft import checkpoint, export, rundir, schedule, trainer
+from kft import checkpoint, export, finetuner, rundir, runfiles, schedule, trainer
 from kft.config import Config
 
 
@@ -118,7 +118,7 @@ def check_before_work(config: Config, class_names, build_model: bool = False) ->
     if base or config.export_tflite != "off":
         export.check_class_names(class_names)
     if build_model:
-        trainer.check_model(config, len(class_names))
+        finetuner.check_model(config, len(class_names))
 
 
 def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
@@ -141,7 +141,7 @@ def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
     print(f"fine-tuned on {config.dataset}: best val accuracy {metrics['best_val_accuracy']:.4f}")
 
     if config.export_dir != "none" or config.export_tflite != "off":
-        classifier, class_names, image_size = trainer.load_classifier(config.model_dir)
+        classifier, class_names, image_size = runfiles.load_classifier(config.model_dir)
         images, labels = _validation_batch(config)
     if config.export_dir != "none":
         base = export_base(config)

@@ -11,7 +11,7 @@ import re
 import numpy as np
 from absl import flags
 
-from kft import augment, backbones, data, recipe, rundir, schedule
+from kft import augment, backbones, data, recipe, regularizers, rundir, schedule
 from kft.config import Config
 
 FLAGS = flags.FLAGS
@@ -114,7 +114,7 @@ flags.DEFINE_float("l2sp_beta", 0.01, "L2 strength on the new head's kernels.")
 flags.DEFINE_enum(
     "regularizer",
     "l2sp",
-    ["l2sp", "delta", "bss", "none"],
+    list(regularizers.REGISTRY),
     "Regularizer toward the pretrained model: l2sp (weights, --l2sp_alpha), delta (last feature map, --delta_alpha), bss (batch spectral shrinkage of the features, --bss_eta), none. The head's --l2sp_beta applies with all of them.",
 )
 flags.DEFINE_float("delta_alpha", 0.01, "DELTA strength: feature-map distance to the pretrained backbone's.")

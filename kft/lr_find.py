@@ -13,6 +13,7 @@ the run directory's lock `MODEL_DIR/.kft-lock`, as kft.train does, so a sweep an
 work in one directory at once.
 """
 
+import dataclasses
 import math
 import os
 
@@ -67,7 +68,7 @@ def run_sweep(config, stage_index: int, min_lr: float, max_lr: float, steps: int
     """
     import keras
 
-    from kft import augment, backbones, l2sp, model, runtime, trainer
+    from kft import finetuner, l2sp, runtime, trainer
 
     runtime.set_determinism(config.seed, config.deterministic)
     precision = runtime.resolve_precision(config.mixed_precision, config.backbone, config.image_size)
@@ -75,26 +76,25 @@ def run_sweep(config, stage_index: int, min_lr: float, max_lr: float, steps: int
     stage = config.stages[stage_index]
     if splits is None:
         splits = trainer.load_splits(config)
-    head = model.HeadConfig(len(splits.class_names), config.dropout, config.hidden_units)
-    classifier = model.build_classifier(config.backbone, config.image_size, config.weights, head)
-    blocks = backbones.blocks(classifier.spec, classifier.backbone)
-    trainer.apply_stage(classifier, blocks, stage)
-    penalty, feature_regularizer = trainer.make_regularizers(
-        config, classifier, l2sp.anchor_arrays(classifier.backbone)
-    )
-    augmenter = augment.Augmenter(config.augment, seed=config.seed) if config.augment else None
-    tuner = trainer.FineTuner(
-        classifier, augmenter, penalty, config.label_smoothing, feature_regularizer=feature_regularizer
+    classifier, blocks = finetuner.build_classifier(config, len(splits.class_names))
+    # The sweep measures the step as the run takes it, minus the EMA (it does not change the loss).
+    tuner = finetuner.make_finetuner(
+        dataclasses.replace(config, ema_decay=0.0), classifier, l2sp.anchor_arrays(classifier.backbone)
     )
     rates = exponential_rates(min_lr, max_lr, steps)
     schedule = keras.optimizers.schedules.ExponentialDecay(
         min_lr, decay_steps=max(1, steps - 1), decay_rate=max_lr / min_lr
     )
-    tuner.compile(
-        optimizer=trainer.make_optimizer(config.optimizer, schedule, precision),
+    finetuner.prepare_stage(
+        tuner,
+        blocks,
+        stage,
+        schedule,
+        optimizer=config.optimizer,
+        precision=precision,
         jit_compile=runtime.resolve_jit_compile(config.jit_compile),
+        layer_lr_decay=config.layer_lr_decay,
     )
-    tuner.update_scales = trainer.layer_lr_scales(blocks, config.layer_lr_decay)
     losses: list[float] = []
 
     class Record(keras.callbacks.Callback):

@@ -12,6 +12,7 @@ Fine-tuning rules written into the code (keras-io transfer-learning guide):
 import dataclasses
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from kft import backbones, data
@@ -57,7 +58,7 @@ class Preprocess(keras.layers.Layer):
 
 
 class Classifier(keras.Model):
-    """Backbone plus new head. Training logic lives in `kft.trainer.FineTuner`, a subclass."""
+    """Backbone plus new head. Training logic lives in `kft.finetuner.FineTuner`, which wraps it."""
 
     def __init__(
         self, spec: backbones.BackboneSpec, backbone: keras.Model, head: HeadConfig, image_size: int, **kwargs
@@ -68,7 +69,7 @@ class Classifier(keras.Model):
         self.image_size = image_size
         self.preprocess = Preprocess(spec.name, image_size, name="preprocess", dtype="float32")
         self.backbone = backbone
-        # Set per stage by kft.schedule.apply_stage; read when the step function is traced,
+        # Set per stage by kft.finetuner.apply_stage; read when the step function is traced,
         # which is why a stage change recompiles.
         self.backbone_training = False
         self.pool = keras.layers.GlobalAveragePooling2D(name="head_pool")
@@ -137,3 +138,12 @@ def build_classifier(
     classifier = Classifier(spec, backbone, head, image_size, name=f"kft_{spec.name}")
     classifier(tf.zeros((1, image_size, image_size, 3), tf.uint8))
     return classifier
+
+
+def predict_dataset(classifier: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and predicted probabilities over a whole (images, labels) dataset."""
+    labels, probs = [], []
+    for images, batch_labels in dataset:
+        probs.append(np.asarray(classifier(images, training=False)))
+        labels.append(np.asarray(batch_labels))
+    return np.concatenate(labels), np.concatenate(probs)

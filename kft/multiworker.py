@@ -286,7 +286,7 @@ def fit(
     """`Model.fit` for MWMS: the same train step and callbacks (see the module docstring).
 
     Args:
-      tuner: the compiled kft.trainer.FineTuner.
+      tuner: the compiled kft.finetuner.FineTuner.
       worker: this process's Worker.
       data: global batches; finite (one pass per epoch) unless `steps_per_epoch` is given.
       global_batch: the batch size of `data`.

@@ -10,7 +10,6 @@ on the training features: a handful of validation images cannot tell one C from 
 """
 
 import dataclasses
-import math
 import time
 
 import numpy as np
@@ -42,36 +41,6 @@ class Probe:
     c: float
     chosen_by: str
     seconds: float
-
-
-# Images per feature-pass batch at 224 px; the batch grows as the image area shrinks.
-FEATURE_BATCH_AT_224 = 64
-MAX_FEATURE_BATCH = 512
-
-
-def feature_batch_size(image_size: int) -> int:
-    """The feature pass's batch: as many pixels as 64 images at 224 px, a power of two in 8..512.
-
-    Eager calls cost a fixed overhead each: at a training batch of 8, that overhead was most of
-    the probe stage's time (ResNet50, 32 px: 4.9 s for 89 images at batch 8, 1.3 s at 256).
-    """
-    images = FEATURE_BATCH_AT_224 * (224 / max(1, image_size)) ** 2
-    return int(min(MAX_FEATURE_BATCH, max(8, 2 ** math.floor(math.log2(images)))))
-
-
-def features_of(classifier, dataset, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled backbone features (float32, inference mode) and labels of a whole dataset.
-
-    Args:
-      batch_size: rebatch the (batched) dataset to this many images per call, or keep its own.
-    """
-    if batch_size is not None:
-        dataset = dataset.unbatch().batch(batch_size)
-    features, labels = [], []
-    for images, batch_labels in dataset:
-        features.append(np.asarray(classifier.features(images, training=False), np.float32))
-        labels.append(np.asarray(batch_labels))
-    return np.concatenate(features), np.concatenate(labels).astype(np.int64)
 
 
 def fit(

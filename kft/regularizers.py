@@ -26,7 +26,14 @@ the squares of the k smallest singular values of F (k = 1 by default).
 
 Both act only through the backbone: a head-only stage (or cached features) has nothing for
 them to change.
+
+Every `--regularizer` value is a class registered here (`register`, `REGISTRY`): it names the
+Config field holding its strength (what kft.tune searches), whether L2-SP's weight term is on,
+and builds the term the train step adds (`from_config`, `step_penalty`). A new regularizer is
+one registered class.
 """
+
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -35,9 +42,82 @@ import tensorflow as tf
 # TLlib's softmax temperature for DELTA's channel attention.
 ATTENTION_TEMPERATURE = 5.0
 
+# --regularizer value -> its class.
+REGISTRY: dict[str, type["Regularizer"]] = {}
 
-class Delta:
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: makes the class the `--regularizer=NAME` choice."""
+
+    def decorate(cls: type) -> type:
+        if name in REGISTRY:
+            raise ValueError(f"regularizer {name!r} is registered twice ({REGISTRY[name].__name__}, {cls.__name__})")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def get(name: str) -> type["Regularizer"]:
+    """The class registered as `name`.
+
+    Raises:
+      ValueError: an unknown name (one line listing the registered ones).
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"--regularizer={name!r}: unknown; choose from {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def strength_field(name: str) -> str | None:
+    """The Config field holding the strength of `--regularizer=name` (None: it has none)."""
+    return get(name).strength_field
+
+
+class Regularizer:
+    """A `--regularizer` choice. Subclasses set the class attributes and, for a term on the
+    features, `from_config` and `step_penalty`."""
+
+    name = ""
+    # The Config field holding the strength (kft.tune searches it); None: nothing to search.
+    strength_field: str | None = None
+    # Whether L2-SP's alpha term (backbone weights toward the pretrained ones) is on.
+    pulls_weights = False
+
+    @classmethod
+    def from_config(cls, config, backbone: keras.Model, anchors: dict) -> "Regularizer | None":
+        """The feature-space term the train step adds (None: weights only, or nothing)."""
+        del config, backbone, anchors
+        return None
+
+    def step_penalty(self, preprocessed, feature_map, pooled) -> tf.Tensor:
+        """The term's value on one batch's forward pass."""
+        raise NotImplementedError
+
+
+@register("l2sp")
+class L2SPChoice(Regularizer):
+    """L2-SP: the backbone's weights toward the pretrained ones (the penalty is kft.l2sp's)."""
+
+    strength_field = "l2sp_alpha"
+    pulls_weights = True
+
+
+@register("none")
+class NoRegularizer(Regularizer):
+    """Plain fine-tuning (the head's --l2sp_beta still applies)."""
+
+
+@register("delta")
+class Delta(Regularizer):
     """DELTA: channel-weighted squared distance of the last feature map to the pretrained one."""
+
+    strength_field = "delta_alpha"
+
+    @classmethod
+    def from_config(cls, config, backbone, anchors):
+        return cls(backbone, anchors, config.delta_alpha, config.delta_weighting)
 
     def __init__(self, backbone: keras.Model, anchors: dict[str, np.ndarray], alpha: float, weighting: str = "plain"):
         self.alpha = float(alpha)
@@ -64,6 +144,14 @@ class Delta:
         spatial = tf.cast(tf.shape(diff)[1] * tf.shape(diff)[2], tf.float32)
         per_channel = tf.reduce_sum(tf.square(diff), axis=[1, 2]) / spatial  # [B, C]
         return self.alpha * tf.reduce_mean(tf.reduce_sum(per_channel * self.channel_weights, axis=1))
+
+    def step_penalty(self, preprocessed, feature_map, pooled) -> tf.Tensor:
+        return self(preprocessed, feature_map)
+
+    def needs_attention(self) -> bool:
+        """Whether the attention weights are still to be measured (kft.trainer does it when the
+        backbone first unfreezes)."""
+        return self.weighting == "attention" and not self.attention_set
 
 
 def channel_attention(delta: Delta, classifier, batches) -> np.ndarray:
@@ -119,8 +207,15 @@ def attention_from_increase(increase: np.ndarray) -> np.ndarray:
     return (len(increase) * e / e.sum()).astype(np.float32)
 
 
-class BatchSpectralShrinkage:
+@register("bss")
+class BatchSpectralShrinkage(Regularizer):
     """BSS: the k smallest squared singular values of the batch's pooled features."""
+
+    strength_field = "bss_eta"
+
+    @classmethod
+    def from_config(cls, config, backbone, anchors):
+        return cls(config.bss_eta, config.bss_k)
 
     def __init__(self, eta: float, k: int = 1):
         self.eta = float(eta)
@@ -129,3 +224,6 @@ class BatchSpectralShrinkage:
     def __call__(self, features) -> tf.Tensor:
         singular = tf.linalg.svd(tf.cast(features, tf.float32), compute_uv=False)  # descending
         return self.eta * tf.reduce_sum(tf.square(singular[-self.k :]))
+
+    def step_penalty(self, preprocessed, feature_map, pooled) -> tf.Tensor:
+        return self(pooled)

@@ -1,4 +1,5 @@
-"""Classification metrics shared by kft.train (validation) and kft.evaluate: numbers, table, PNG.
+"""Classification metrics shared by kft.train (validation) and kft.evaluate: numbers, table, PNG;
+and kft.train's TensorBoard events (`Summaries`).
 
 Conventions for classes that make a ratio undefined: precision of a class that was never
 predicted is 0.0, and recall of a class with no examples is 0.0 (its support says why), so
@@ -6,14 +7,20 @@ reports stay plain JSON numbers with no NaN.
 """
 
 import io
+import math
+import os
 from typing import Sequence
 
 import numpy as np
+import tensorflow as tf
 
 # The Agg canvas is used directly, not through pyplot: no display is needed, and the global
 # backend of a process that imports kft (a notebook, say) is left alone.
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from kft import augment as augment_lib
+from kft import schedule
 
 # Above this many classes the per-cell counts are unreadable, so only colours are drawn.
 _MAX_ANNOTATED_CLASSES = 20
@@ -156,3 +163,65 @@ def format_table(report: dict) -> str:
         lines.append(f"{row['class']:<{width}}  {row['precision']:>9.4f}  {row['recall']:>6.4f}  {row['support']:>7d}")
     lines.append(f"{'accuracy':<{width}}  {report['accuracy']:>9.4f}  {'':>6}  {report['num_examples']:>7d}")
     return "\n".join(lines)
+
+
+class Summaries:
+    """TensorBoard events: scalars per epoch, stage boundaries, images."""
+
+    def __init__(self, logdir: str):
+        self.train = tf.summary.create_file_writer(os.path.join(logdir, "train"))
+        self.val = tf.summary.create_file_writer(os.path.join(logdir, "validation"))
+
+    def epoch(self, step: int, record: dict, drift: dict[str, float]) -> None:
+        with self.train.as_default(step=step):
+            for key in ("loss", "accuracy", "l2sp", "head_l2", "feature_reg", "learning_rate"):
+                if key in record:
+                    tf.summary.scalar(key, record[key])
+            tf.summary.scalar("stage", record["stage"])
+            for block, value in drift.items():
+                tf.summary.scalar(f"drift/{block}", value)
+        with self.val.as_default(step=step):
+            for key in ("loss", "accuracy"):
+                if f"val_{key}" in record:
+                    tf.summary.scalar(key, record[f"val_{key}"])
+        self.train.flush()
+        self.val.flush()
+
+    def stage_start(self, index: int, stage: schedule.Stage, blocks: list[str], step: int) -> None:
+        with self.train.as_default(step=step):
+            tf.summary.text(
+                "stages",
+                f"stage {index + 1} starts at epoch {step}: {stage.describe()}; trainable blocks: "
+                f"{', '.join(blocks) if blocks else 'none (head only)'}",
+            )
+
+    def augmented_grid(self, dataset: tf.data.Dataset, ops: tuple[str, ...], seed: int, num_classes: int) -> None:
+        images, labels = next(iter(dataset))
+        x = tf.cast(images[:16], tf.float32)
+        if ops:
+            # A separate augmenter, so logging does not advance the training RNG.
+            x, _ = augment_lib.Augmenter(ops, seed=seed + 1)(x, tf.one_hot(labels[:16], num_classes))
+        with self.train.as_default(step=0):
+            tf.summary.image("augmented_training_images", _grid(tf.cast(x, tf.uint8)), step=0)
+
+    def delta_attention(self, step: int, weights: np.ndarray) -> None:
+        with self.train.as_default(step=step):
+            tf.summary.histogram("delta_channel_weights", weights)
+        self.train.flush()
+
+    def confusion(self, step: int, png: bytes) -> None:
+        with self.val.as_default(step=step):
+            tf.summary.image("confusion_matrix", tf.expand_dims(tf.io.decode_png(png, channels=3), 0))
+        self.val.flush()
+
+
+def _grid(images: tf.Tensor, columns: int = 4) -> tf.Tensor:
+    """Tiles [N,H,W,3] images into one [1, rows*H, columns*W, 3] image."""
+    n = int(images.shape[0])
+    rows = math.ceil(n / columns)
+    pad = rows * columns - n
+    images = tf.concat([images, tf.zeros([pad, *images.shape[1:]], images.dtype)], 0)
+    h, w = int(images.shape[1]), int(images.shape[2])
+    grid = tf.reshape(images, [rows, columns, h, w, 3])
+    grid = tf.transpose(grid, [0, 2, 1, 3, 4])
+    return tf.reshape(grid, [1, rows * h, columns * w, 3])

@@ -1,4 +1,5 @@
-"""The staged unfreeze schedule: parse `--stages`, apply a stage, and its learning rate.
+"""The staged unfreeze schedule: parse `--stages`, which blocks a stage trains, and its learning
+rate (kft.finetuner.apply_stage makes them trainable).
 
 Stage syntax (one flag holds the whole schedule, stages separated by commas)::
 

@@ -1,7 +1,7 @@
 """KerasTuner search over `lr_scale` and the strength of the chosen `--regularizer`; every trial
 is one `kft.trainer.train` run.
 
-The strength searched is the Config field of `config.regularizer` (STRENGTH_FIELDS): l2sp ->
+The strength searched is the Config field its registered class names (kft.regularizers): l2sp ->
 l2sp_alpha, delta -> delta_alpha, bss -> bss_eta; with none only lr_scale is searched. The
 search space (ranges from kft.tune's flags), written here for --regularizer=delta:
 
@@ -73,16 +73,13 @@ import tensorflow as tf
 from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
-from kft import checkpoint, data, rundir, runtime, schedule, trainer
+from kft import checkpoint, data, regularizers, rundir, runtime, schedule, trainer
 from kft.config import Config
 
 OBJECTIVE = "best_val_accuracy"
 TUNERS = ("hyperband", "bayesian", "random")
 SEARCH_FILE = "search.json"
 ORACLE_DIR = "oracle"
-
-# The Config field holding each --regularizer's strength; "none" has no strength to search.
-STRENGTH_FIELDS = {"l2sp": "l2sp_alpha", "delta": "delta_alpha", "bss": "bss_eta", "none": None}
 
 # Config fields that do not change what a trial computes, or that each trial sets itself; a
 # rerun may change them without starting a different search. Every strength is one of these:
@@ -93,13 +90,13 @@ _FREE_FIELDS = (
     "verbose",
     "lr_scale",
     "compare_scratch",
-    *(field for field in STRENGTH_FIELDS.values() if field),
+    *(choice.strength_field for choice in regularizers.REGISTRY.values() if choice.strength_field),
 )
 
 
 def searched_fields(regularizer: str) -> tuple[str, ...]:
     """The Config fields each trial sets: lr_scale, then the regularizer's strength if it has one."""
-    field = STRENGTH_FIELDS[regularizer]
+    field = regularizers.strength_field(regularizer)
     return ("lr_scale", field) if field else ("lr_scale",)
 
 
@@ -133,7 +130,7 @@ class SearchSpace:
         """lr_scale, and for a regularizer with a strength its on/off switch and its strength."""
         hp = kt.HyperParameters()
         hp.Float("lr_scale", self.lr_scale_min, self.lr_scale_max, sampling="log")
-        field = STRENGTH_FIELDS[regularizer]
+        field = regularizers.strength_field(regularizer)
         if field:
             hp.Boolean(regularizer, default=True)
             hp.Float(field, self.strength_min, self.strength_max, sampling="log")
@@ -156,7 +153,7 @@ def trial_values(values: dict, regularizer: str) -> dict:
     """The Config values of a trial's hyperparameters, e.g. {"lr_scale": 2.0, "delta_alpha": 0.01};
     the strength is 0 when the regularizer's switch is off."""
     out = {"lr_scale": float(values["lr_scale"])}
-    field = STRENGTH_FIELDS[regularizer]
+    field = regularizers.strength_field(regularizer)
     if field:
         out[field] = float(values[field]) if values.get(regularizer, True) else 0.0
     return out
@@ -285,7 +282,7 @@ def fingerprint(config: Config, tune: TuneConfig) -> dict:
             value = [v.describe() if isinstance(v, schedule.Stage) else v for v in value]
         fields[field.name] = value
     search = {"tuner": tune.tuner, **dataclasses.asdict(tune.space)}
-    if not STRENGTH_FIELDS[config.regularizer]:  # No strength searched: its range is unused.
+    if not regularizers.strength_field(config.regularizer):  # No strength searched: its range is unused.
         del search["strength_min"], search["strength_max"]
     if tune.tuner == "hyperband":
         search["hyperband_factor"] = tune.hyperband_factor
@@ -705,7 +702,7 @@ def write_hparams_config(tune: TuneConfig, config: Config) -> None:
         return
     space = tune.space
     hparams = [hparams_api.HParam("lr_scale", hparams_api.RealInterval(space.lr_scale_min, space.lr_scale_max))]
-    field = STRENGTH_FIELDS[config.regularizer]
+    field = regularizers.strength_field(config.regularizer)
     if field:  # From 0: the regularizer switched off.
         hparams.append(hparams_api.HParam(field, hparams_api.RealInterval(0.0, space.strength_max)))
     epochs = hparams_api.IntInterval(min_budget(config.stages), config.total_epochs)

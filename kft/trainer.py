@@ -1,8 +1,8 @@
-"""The staged fine-tune: the compiled train step, the stage loop, checkpoints and resume.
+"""The staged fine-tune: the stage loop, what it records after every epoch, checkpoints and resume.
 
 A run is a list of stages (kft.schedule). For each stage kft sets what is trainable, builds a
-fresh optimizer with the stage's warmup+cosine schedule and recompiles (Keras only sees a
-`trainable` change after compiling again), then trains for the stage's epochs. After every
+fresh optimizer with the stage's warmup+cosine schedule and recompiles (kft.finetuner, which
+also holds the train step), then trains for the stage's epochs. After every
 epoch it writes a complete resume checkpoint, so rerunning the same command continues at the
 same stage and epoch with its optimizer state.
 
@@ -14,7 +14,10 @@ Files under MODEL_DIR:
   backbone.weights.h5 its backbone, usable as the next run's --weights
   classes.json        class names, image size and backbone, for kft.evaluate / kft.predict
   metrics.json        final and best validation accuracy, per stage, wall time
-  tb/                 TensorBoard events
+  tb/                 TensorBoard events (kft.report.Summaries)
+
+About 540 lines: the loop and its per-epoch bookkeeping (the run state, the recorder, the
+callbacks, the probe stage and the end of the run) share one state and change together.
 """
 
 import contextlib
@@ -28,223 +31,27 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from kft import augment as augment_lib
-from kft import backbones, checkpoint, data, l2sp, model, multiworker, regularizers, report, rundir, runtime, schedule
+from kft import (
+    checkpoint,
+    data,
+    features,
+    l2sp,
+    model,
+    multiworker,
+    regularizers,
+    report,
+    rundir,
+    runfiles,
+    runtime,
+    schedule,
+)
 from kft import probe as probe_lib
 from kft.config import Config
-
-# BatchNorm momentum while a stage updates statistics (bn=train).
-BN_TRAIN_MOMENTUM = 0.9
+from kft.finetuner import FineTuner, build_classifier, make_finetuner, prepare_stage
 
 
 class DivergenceError(RuntimeError):
     """The loss became NaN or Inf."""
-
-
-class FineTuner(keras.Model):
-    """Wraps the classifier with the train step: on-device augmentation, loss, L2-SP penalty,
-    layer-wise learning rates and a weight EMA."""
-
-    def __init__(
-        self,
-        classifier: model.Classifier,
-        augmenter,
-        penalty: l2sp.L2SP | None,
-        label_smoothing: float = 0.0,
-        ema_decay: float = 0.0,
-        feature_regularizer=None,
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.classifier = classifier
-        self.augmenter = augmenter
-        self.penalty = penalty
-        self.label_smoothing = label_smoothing
-        self.num_classes = classifier.head_config.num_classes
-        self.loss_tracker = keras.metrics.Mean(name="loss")
-        self.accuracy_tracker = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
-        self.l2sp_tracker = keras.metrics.Mean(name="l2sp")
-        self.head_l2_tracker = keras.metrics.Mean(name="head_l2")
-        self.feature_reg_tracker = keras.metrics.Mean(name="feature_reg")
-        # DELTA or BSS (kft.regularizers), or None.
-        self.feature_regularizer = feature_regularizer
-        # Per-variable multipliers of the optimizer's update (layer-wise learning rates), set
-        # per stage by set_layer_lr_scales; read when the step is traced.
-        self.update_scales: dict[int, float] = {}
-        # True while a head-only stage trains on cached backbone features (--cache_features):
-        # batches then hold pooled features instead of images.
-        self.on_features = False
-        self.ema_decay = float(ema_decay)
-        # The averaged weights live beside the model's and are saved with it, so a resumed run
-        # continues the same average. BatchNorm statistics are averaged too (as timm does).
-        # Every replica computes the same average from the same weights, so each updates its
-        # own copy (aggregation "none"): "mean" would all-reduce every variable every step.
-        self.ema_weights = [
-            keras.Variable(w.numpy(), trainable=False, name="ema", aggregation="none")
-            for w in (classifier.weights if ema_decay else [])
-        ]
-        # No variables of its own besides those; the classifier arrives built.
-        self.built = True
-
-    def swap_ema(self) -> None:
-        """Exchanges the model's weights with the averaged ones (call twice to undo)."""
-        for weight, average in zip(self.classifier.weights, self.ema_weights):
-            current = weight.numpy()
-            weight.assign(average.numpy())
-            average.assign(current)
-
-    @property
-    def metrics(self):
-        return [
-            self.loss_tracker,
-            self.accuracy_tracker,
-            self.l2sp_tracker,
-            self.head_l2_tracker,
-            self.feature_reg_tracker,
-        ]
-
-    def call(self, images, training=False):
-        return self.classifier(images, training=training)
-
-    def _forward(self, inputs, training):
-        """Probabilities and the feature regularizer's value (0 without one)."""
-        if self.on_features:
-            return self.classifier.head(inputs, training=training), tf.constant(0.0)
-        preprocessed, feature_map, pooled, probs = self.classifier.forward_parts(inputs, training=training)
-        if isinstance(self.feature_regularizer, regularizers.Delta):
-            return probs, self.feature_regularizer(preprocessed, feature_map)
-        if isinstance(self.feature_regularizer, regularizers.BatchSpectralShrinkage):
-            return probs, self.feature_regularizer(pooled)
-        return probs, tf.constant(0.0)
-
-    def train_step(self, batch):
-        inputs, labels = batch[0], batch[1]  # train_on_batch adds a sample-weight slot.
-        labels = tf.cast(labels, tf.int32)
-        x = tf.cast(inputs, tf.float32)
-        y = tf.one_hot(labels, self.num_classes)
-        if self.augmenter is not None and not self.on_features:
-            x, y = self.augmenter(x, y)
-        variables = self.trainable_variables
-        with tf.GradientTape() as tape:
-            probs, feature_reg = self._forward(x, training=True)
-            data_loss = tf.reduce_mean(
-                keras.losses.categorical_crossentropy(y, probs, label_smoothing=self.label_smoothing)
-            )
-            sp, head_l2 = self.penalty.penalty(variables) if self.penalty else (tf.constant(0.0), tf.constant(0.0))
-            loss = data_loss + sp + head_l2 + feature_reg
-            # Each replica holds a slice of the global batch; gradients are summed across them.
-            replicas = tf.distribute.get_strategy().num_replicas_in_sync
-            scaled = self.optimizer.scale_loss(loss / replicas)
-        grads = tape.gradient(scaled, variables)
-        scaled_vars = [(v, self.update_scales[id(v)]) for v in variables if self.update_scales.get(id(v), 1.0) != 1.0]
-        before = [tf.identity(v.value) for v, _ in scaled_vars]
-        self.optimizer.apply(grads, variables)
-        # Layer-wise learning rates without parameter groups: shrink each variable's update
-        # by its block's factor. Exact for any optimizer (Adam's update is invariant to
-        # gradient scale, so scaling gradients instead would do nothing there).
-        for (v, scale), old in zip(scaled_vars, before):
-            v.assign(old + scale * (v.value - old))
-        if self.ema_weights:
-            # TF's ExponentialMovingAverage warmup: early in a stage the average follows the
-            # weights closely instead of remembering the stage's starting point.
-            steps = tf.cast(self.optimizer.iterations, tf.float32)
-            decay = tf.minimum(self.ema_decay, (1.0 + steps) / (10.0 + steps))
-            for weight, average in zip(self.classifier.weights, self.ema_weights):
-                average.assign(decay * average.value + (1.0 - decay) * tf.cast(weight.value, average.dtype))
-        self.loss_tracker.update_state(loss)
-        self.accuracy_tracker.update_state(labels, probs)
-        self.l2sp_tracker.update_state(sp)
-        self.head_l2_tracker.update_state(head_l2)
-        self.feature_reg_tracker.update_state(feature_reg)
-        return {m.name: m.result() for m in self.metrics}
-
-    def test_step(self, batch):
-        inputs, labels = batch[0], batch[1]  # train_on_batch adds a sample-weight slot.
-        labels = tf.cast(labels, tf.int32)
-        # No regularizer here: DELTA's reference pass would double the validation cost.
-        probs = self.classifier.head(inputs) if self.on_features else self.classifier(inputs, training=False)
-        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(labels, probs))
-        self.loss_tracker.update_state(loss)
-        self.accuracy_tracker.update_state(labels, probs)
-        return {"loss": self.loss_tracker.result(), "accuracy": self.accuracy_tracker.result()}
-
-
-def apply_stage(classifier: model.Classifier, blocks: list, stage: schedule.Stage) -> list[str]:
-    """Makes exactly the stage's blocks and the head trainable; sets the BatchNorm policy.
-
-    With bn=frozen the backbone runs in inference mode and every BatchNorm layer stays frozen,
-    moving statistics and gamma/beta alike (Detectron2's and timm's FrozenBatchNorm, the Keras
-    EfficientNet fine-tuning example): a fixed per-channel affine that TF folds into the
-    convolution before it, which made the all-blocks step 4-40% faster than training gamma/beta
-    (BENCHMARKS.md). With bn=train the backbone runs in training mode, and the unfrozen blocks'
-    BatchNorm layers train gamma/beta and update statistics (a BatchNorm layer with
-    trainable=False always runs in inference mode in Keras 3), with momentum BN_TRAIN_MOMENTUM.
-
-    Returns:
-      The names of the trainable blocks.
-    """
-    names = schedule.trainable_block_names(stage, [b.name for b in blocks])
-    chosen = set(names)
-    classifier.backbone.trainable = True
-    for block in blocks:
-        for layer in block.layers:
-            is_norm = isinstance(layer, keras.layers.BatchNormalization)
-            layer.trainable = block.name in chosen and (stage.bn == "train" or not is_norm)
-            if is_norm and stage.bn == "train":
-                # Keras's 0.99 suits ImageNet-length training; a stage of a few hundred steps
-                # would leave the moving statistics far behind the weights they normalize.
-                layer.momentum = BN_TRAIN_MOMENTUM
-    classifier.backbone_training = stage.bn == "train"
-    return names
-
-
-def layer_lr_scales(blocks: list, decay: float) -> dict[int, float]:
-    """Update multipliers for layer-wise learning rates (timm's layer decay).
-
-    The top block (and the head) get the stage's learning rate, each block below `decay`
-    times the one above: block k from the top gets decay**k.
-
-    Returns:
-      id(variable) -> multiplier, for backbone variables whose multiplier is not 1.
-    """
-    scales = {}
-    if decay == 1.0:
-        return scales
-    for depth, block in enumerate(reversed(blocks)):
-        for layer in block.layers:
-            for w in layer.weights:
-                if depth:
-                    scales[id(w)] = decay**depth
-    return scales
-
-
-def make_regularizers(config: Config, classifier: model.Classifier, anchors: dict):
-    """The L2-SP penalty (its alpha term only with --regularizer=l2sp; the head's beta term
-    always) and the feature regularizer (DELTA, BSS or None) that --regularizer selects."""
-    alpha = config.l2sp_alpha if config.regularizer == "l2sp" else 0.0
-    penalty = None
-    if alpha or config.l2sp_beta:
-        head_kernels = [layer.kernel for layer in classifier.head_layers]
-        penalty = l2sp.L2SP(classifier.backbone, head_kernels, anchors, alpha, config.l2sp_beta)
-    feature_regularizer = None
-    if config.regularizer == "delta":
-        feature_regularizer = regularizers.Delta(
-            classifier.backbone, anchors, config.delta_alpha, config.delta_weighting
-        )
-    elif config.regularizer == "bss":
-        feature_regularizer = regularizers.BatchSpectralShrinkage(config.bss_eta, config.bss_k)
-    return penalty, feature_regularizer
-
-
-def make_optimizer(name: str, learning_rate, mixed_precision: str) -> keras.optimizers.Optimizer:
-    """Adam or SGD with Nesterov momentum 0.9; no weight decay (L2-SP takes its place)."""
-    if name == "adam":
-        optimizer = keras.optimizers.Adam(learning_rate)
-    else:
-        optimizer = keras.optimizers.SGD(learning_rate, momentum=0.9, nesterov=True)
-    if mixed_precision == "float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    return optimizer
 
 
 def steps_per_epoch(dataset: tf.data.Dataset, num_examples: int, batch_size: int) -> int:
@@ -385,7 +192,7 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         splits.skipped,
     )
 
-    _check_same_classes(config.model_dir, splits.class_names)
+    runfiles.check_same_classes(config.model_dir, splits.class_names)
     if worker:
         multiworker.check_batch(worker, config.batch_size, splits.num_train)
     select_best = selects_best(config.checkpoint_selection, splits.num_val)
@@ -404,7 +211,7 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         os.path.join(config.model_dir, "classes.json"),
         {"class_names": list(splits.class_names), "backbone": config.backbone, "image_size": config.image_size},
     )
-    summaries = Summaries(os.path.join(config.model_dir, "tb"))
+    summaries = report.Summaries(os.path.join(config.model_dir, "tb"))
     if not saved:
         summaries.augmented_grid(splits.train, config.augment, config.seed, len(splits.class_names))
     recorder = _EpochRecorder(config, tuner, anchors, _block_of_variable(blocks), summaries, state, ckpts, select_best)
@@ -426,16 +233,21 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         tuner.on_features = config.cache_features and stage.what == "head"
         if tuner.on_features:
             if cached is None:
-                cached = cache_features(classifier, splits, config.batch_size, config.seed)
+                cached = features.cache_features(classifier, splits, config.batch_size, config.seed)
             train_data, val_data = cached
         with strategy.scope():
-            trainable_blocks = apply_stage(classifier, blocks, stage)
             lr = schedule.stage_learning_rate(stage, config.lr_scale, steps)
-            optimizer = make_optimizer(config.optimizer, lr, precision)
-            tuner.compile(optimizer=optimizer, jit_compile=jit)
+            trainable_blocks, optimizer = prepare_stage(
+                tuner,
+                blocks,
+                stage,
+                lr,
+                optimizer=config.optimizer,
+                precision=precision,
+                jit_compile=jit,
+                layer_lr_decay=config.layer_lr_decay,
+            )
             tuner.test_function = validation_steps.get(tuner.on_features)
-            optimizer.build(tuner.trainable_variables)
-            tuner.update_scales = layer_lr_scales(blocks, config.layer_lr_decay)
         resumed_mid_stage = saved is not None and state.epoch > 0
         if saved is not None:
             if worker is None or worker.is_chief:
@@ -446,7 +258,11 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
             # The chief's weights, optimizer state and augmentation seed on every worker: what
             # it restored, or what the probe fitted outside the collective step.
             worker.sync_variables(tuner.variables + optimizer.variables)
-        if trainable_blocks and _needs_attention(feature_regularizer):
+        if (
+            trainable_blocks
+            and isinstance(feature_regularizer, regularizers.Delta)
+            and feature_regularizer.needs_attention()
+        ):
             _set_delta_attention(
                 feature_regularizer, classifier, splits.train, config, index, summaries, first_epoch_of[index], worker
             )
@@ -483,34 +299,6 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
     return _finish(config, classifier, splits, state, summaries, started, select_best, worker)
 
 
-def _check_same_classes(model_dir: str, class_names) -> None:
-    """Refuses to resume a run whose data now has other classes, before any file is written
-    (the run's classes.json, read by kft.evaluate and the exports, must stay its own).
-
-    Raises:
-      ValueError: one line naming the classes added or gone.
-    """
-    path = os.path.join(model_dir, "classes.json")
-    if not os.path.exists(path):
-        return
-    saved = checkpoint.read_json_or_fail(path, "the run's class list")
-    before = list(saved.get("class_names", [])) if isinstance(saved, dict) else []
-    if before == list(class_names):
-        return
-    added = [n for n in class_names if n not in before]
-    gone = [n for n in before if n not in class_names]
-    change = (
-        "; ".join(
-            x for x in (f"new: {', '.join(added)}" if added else "", f"gone: {', '.join(gone)}" if gone else "") if x
-        )
-        or "reordered"
-    )
-    raise ValueError(
-        f"--model_dir={model_dir} holds a run on {len(before)} classes, the data now has "
-        f"{len(class_names)} ({change}); pass --overwrite to start over, or use another --model_dir"
-    )
-
-
 def selects_best(selection: str, num_val: int) -> bool:
     """Whether a run keeps its best-validation model (else the end of its schedule)."""
     if selection != "auto":
@@ -535,11 +323,11 @@ def _run_probe(classifier, splits: data.Splits, config: Config, recorder, global
     if classifier.hidden is not None:
         raise ValueError("the probe stage needs --hidden_units=0: it fits the head's only dense layer in closed form")
     started = time.time()
-    batch = probe_lib.feature_batch_size(config.image_size)
-    train_x, train_y = probe_lib.features_of(
+    batch = features.feature_batch_size(config.image_size)
+    train_x, train_y = features.features_of(
         classifier, splits.train if splits.train_in_order is None else splits.train_in_order, batch
     )
-    val_x, val_y = probe_lib.features_of(classifier, splits.val, batch)
+    val_x, val_y = features.features_of(classifier, splits.val, batch)
     rankable = len(val_y) >= schedule.MIN_RANKING_VAL
     fitted = probe_lib.fit(
         train_x,
@@ -557,28 +345,6 @@ def _run_probe(classifier, splits: data.Splits, config: Config, recorder, global
     recorder.probe_done(index, global_epoch, val_accuracy, fitted.c, seconds)
 
 
-def check_model(config: Config, num_classes: int) -> None:
-    """Builds the model once as `train` will (without downloading ImageNet weights: their shapes
-    are the architecture's) and checks the stages, the source task's included, against its
-    blocks and a --weights file against the backbone; writes nothing.
-
-    Raises:
-      ValueError: one line.
-    """
-    weights = config.weights if config.weights not in (None, "imagenet") else None
-    if config.pretrain_dataset:
-        weights = None  # The source task's weights do not exist yet.
-    head = model.HeadConfig(num_classes, config.dropout, config.hidden_units)
-    try:
-        classifier = model.build_classifier(config.backbone, config.image_size, weights, head)
-        names = [b.name for b in backbones.blocks(classifier.spec, classifier.backbone)]
-        schedule.validate_against_blocks(config.stages, names)
-        if config.pretrain_dataset:
-            schedule.validate_against_blocks(config.pretrain_stages, names)
-    finally:
-        keras.backend.clear_session()
-
-
 def _build_tuner(
     config: Config, num_classes: int, flagfile_text: str, share_anchors=None
 ) -> tuple[FineTuner, list, dict]:
@@ -591,9 +357,7 @@ def _build_tuner(
     Returns:
       (tuner, blocks, anchors).
     """
-    head = model.HeadConfig(num_classes, config.dropout, config.hidden_units)
-    classifier = model.build_classifier(config.backbone, config.image_size, config.weights, head)
-    blocks = backbones.blocks(classifier.spec, classifier.backbone)
+    classifier, blocks = build_classifier(config, num_classes)
     schedule.validate_against_blocks(config.stages, [b.name for b in blocks])
     if flagfile_text:
         checkpoint.write_text(os.path.join(config.model_dir, "flags.cfg"), flagfile_text)
@@ -608,12 +372,7 @@ def _build_tuner(
         anchors = share_anchors(anchors)
         if not os.path.exists(anchors_path):
             checkpoint.save_arrays(anchors_path, anchors)
-    penalty, feature_regularizer = make_regularizers(config, classifier, anchors)
-    augmenter = augment_lib.Augmenter(config.augment, seed=config.seed) if config.augment else None
-    tuner = FineTuner(
-        classifier, augmenter, penalty, config.label_smoothing, config.ema_decay, feature_regularizer, name="finetuner"
-    )
-    return tuner, blocks, anchors
+    return make_finetuner(config, classifier, anchors), blocks, anchors
 
 
 class _EpochRecorder:
@@ -685,14 +444,6 @@ class _EpochRecorder:
         self.ckpts.save(epoch + 1, self.tuner, self.optimizer, dataclasses.asdict(state))
 
 
-def _needs_attention(feature_regularizer) -> bool:
-    return (
-        isinstance(feature_regularizer, regularizers.Delta)
-        and feature_regularizer.weighting == "attention"
-        and not feature_regularizer.attention_set
-    )
-
-
 def _set_delta_attention(delta, classifier, train_data, config, stage_index, summaries, step, worker=None) -> None:
     """DELTA's channel attention, computed when the backbone first unfreezes (the head has
     trained by then and the backbone is still the pretrained one), or read back on resume;
@@ -723,48 +474,6 @@ def _set_delta_attention(delta, classifier, train_data, config, stage_index, sum
     summaries.delta_attention(step, weights)
 
 
-def cache_features(
-    classifier: model.Classifier, splits: data.Splits, batch_size: int, seed: int
-) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-    """Pooled backbone features of the train and val sets, computed once (--cache_features).
-
-    A head-only stage with a frozen backbone in inference mode sees the same features every
-    epoch, so the backbone's forward pass need not be repeated. Augmentation cannot apply to
-    cached features: head-only stages then train without it.
-
-    Returns:
-      (train, val) datasets of (float32 features, int32 labels); train reshuffles each epoch
-      and keeps the image pipeline's batch layout.
-    """
-    started = time.time()
-
-    def features_of(dataset):
-        features, labels = [], []
-        for images, batch_labels in dataset:
-            features.append(tf.cast(classifier.features(images, training=False), tf.float32).numpy())
-            labels.append(batch_labels.numpy())
-        return np.concatenate(features), np.concatenate(labels)
-
-    train_x, train_y = features_of(splits.train)
-    val_x, val_y = features_of(splits.val)
-    drop = len(train_y) >= batch_size
-    train = (
-        tf.data.Dataset.from_tensor_slices((train_x, train_y))
-        .shuffle(len(train_y), seed=seed, reshuffle_each_iteration=True)
-        .batch(batch_size, drop_remainder=drop)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    logging.info(
-        "cached %d train and %d val feature vectors of size %d in %.1fs",
-        len(train_y),
-        len(val_y),
-        train_x.shape[1],
-        time.time() - started,
-    )
-    return train, val
-
-
 def _finish(config, classifier, splits, state, summaries, started, select_best, worker=None) -> dict:
     """Loads the kept weights, writes backbone weights, confusion matrix and metrics.json; with
     several workers every worker gets the chief's kept weights (a source task's backbone is the
@@ -781,7 +490,7 @@ def _finish(config, classifier, splits, state, summaries, started, select_best, 
     # it already holds them (and nothing is rewritten on a disk that may be full).
     if not (os.path.exists(backbone_path) and os.path.getmtime(backbone_path) >= os.path.getmtime(best_path)):
         checkpoint.save_backbone_weights(classifier.backbone, config.backbone, config.image_size, backbone_path)
-    labels, probs = predict_dataset(classifier, splits.val)
+    labels, probs = model.predict_dataset(classifier, splits.val)
     val_report = report.classification_report(labels, probs, splits.class_names)
     summaries.confusion(
         config.total_epochs, report.confusion_png(np.asarray(val_report["confusion_matrix"]), splits.class_names)
@@ -835,118 +544,3 @@ def _probe_verdict(probe_acc, final_acc, kept_acc, select_best, records, num_val
     if kept_acc == probe_acc:
         return f"{head}: keeping the probe's model"
     return f"{head}: keeping the fine-tune's best round ({kept_acc:.4f})"
-
-
-def predict_dataset(classifier: keras.Model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and predicted probabilities over a whole (images, labels) dataset."""
-    labels, probs = [], []
-    for images, batch_labels in dataset:
-        probs.append(np.asarray(classifier(images, training=False)))
-        labels.append(np.asarray(batch_labels))
-    return np.concatenate(labels), np.concatenate(probs)
-
-
-def load_classifier(model_dir: str) -> tuple[model.Classifier, tuple[str, ...], int]:
-    """Rebuilds the best classifier of a finished kft run (for kft.evaluate, kft.predict and the
-    exports), in float32 whatever precision trained it: mixed precision keeps the weights in
-    float32, and a float32 graph gives the same answers on every CPU, GPU and server (bfloat16
-    ones differ between graph optimizations by ~0.03 in probability, and run slowly without AMX).
-
-    Returns:
-      (classifier mapping raw uint8 images to probabilities, class names, image size).
-    """
-    meta_path = os.path.join(model_dir, "classes.json")
-    weights_path = os.path.join(model_dir, "model.weights.h5")
-    if not (os.path.exists(meta_path) and os.path.exists(weights_path)):
-        raise ValueError(f"--model_dir={model_dir} holds no finished kft run (no classes.json / model.weights.h5)")
-    if not os.path.exists(os.path.join(model_dir, "metrics.json")):
-        raise ValueError(
-            f"--model_dir={model_dir} holds an unfinished run (no metrics.json yet); rerun "
-            "its kft.train command to finish it"
-        )
-    meta = checkpoint.read_json_or_fail(meta_path, "the run's class list")
-    flags_cfg = _read_head_flags(os.path.join(model_dir, "flags.cfg"))
-    head = model.HeadConfig(len(meta["class_names"]), flags_cfg.get("dropout", 0.2), flags_cfg.get("hidden_units", 0))
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("float32")
-    try:
-        classifier = model.build_classifier(meta["backbone"], meta["image_size"], None, head)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    checkpoint.load_model_weights(classifier, weights_path)
-    return classifier, tuple(meta["class_names"]), meta["image_size"]
-
-
-def _read_head_flags(path: str) -> dict:
-    values = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line.startswith("--dropout="):
-                    values["dropout"] = float(line.split("=", 1)[1])
-                elif line.startswith("--hidden_units="):
-                    values["hidden_units"] = int(line.split("=", 1)[1])
-    return values
-
-
-class Summaries:
-    """TensorBoard events: scalars per epoch, stage boundaries, images."""
-
-    def __init__(self, logdir: str):
-        self.train = tf.summary.create_file_writer(os.path.join(logdir, "train"))
-        self.val = tf.summary.create_file_writer(os.path.join(logdir, "validation"))
-
-    def epoch(self, step: int, record: dict, drift: dict[str, float]) -> None:
-        with self.train.as_default(step=step):
-            for key in ("loss", "accuracy", "l2sp", "head_l2", "feature_reg", "learning_rate"):
-                if key in record:
-                    tf.summary.scalar(key, record[key])
-            tf.summary.scalar("stage", record["stage"])
-            for block, value in drift.items():
-                tf.summary.scalar(f"drift/{block}", value)
-        with self.val.as_default(step=step):
-            for key in ("loss", "accuracy"):
-                if f"val_{key}" in record:
-                    tf.summary.scalar(key, record[f"val_{key}"])
-        self.train.flush()
-        self.val.flush()
-
-    def stage_start(self, index: int, stage: schedule.Stage, blocks: list[str], step: int) -> None:
-        with self.train.as_default(step=step):
-            tf.summary.text(
-                "stages",
-                f"stage {index + 1} starts at epoch {step}: {stage.describe()}; trainable blocks: "
-                f"{', '.join(blocks) if blocks else 'none (head only)'}",
-            )
-
-    def augmented_grid(self, dataset: tf.data.Dataset, ops: tuple[str, ...], seed: int, num_classes: int) -> None:
-        images, labels = next(iter(dataset))
-        x = tf.cast(images[:16], tf.float32)
-        if ops:
-            # A separate augmenter, so logging does not advance the training RNG.
-            x, _ = augment_lib.Augmenter(ops, seed=seed + 1)(x, tf.one_hot(labels[:16], num_classes))
-        with self.train.as_default(step=0):
-            tf.summary.image("augmented_training_images", _grid(tf.cast(x, tf.uint8)), step=0)
-
-    def delta_attention(self, step: int, weights: np.ndarray) -> None:
-        with self.train.as_default(step=step):
-            tf.summary.histogram("delta_channel_weights", weights)
-        self.train.flush()
-
-    def confusion(self, step: int, png: bytes) -> None:
-        with self.val.as_default(step=step):
-            tf.summary.image("confusion_matrix", tf.expand_dims(tf.io.decode_png(png, channels=3), 0))
-        self.val.flush()
-
-
-def _grid(images: tf.Tensor, columns: int = 4) -> tf.Tensor:
-    """Tiles [N,H,W,3] images into one [1, rows*H, columns*W, 3] image."""
-    n = int(images.shape[0])
-    rows = math.ceil(n / columns)
-    pad = rows * columns - n
-    images = tf.concat([images, tf.zeros([pad, *images.shape[1:]], images.dtype)], 0)
-    h, w = int(images.shape[1]), int(images.shape[2])
-    grid = tf.reshape(images, [rows, columns, h, w, 3])
-    grid = tf.transpose(grid, [0, 2, 1, 3, 4])
-    return tf.reshape(grid, [1, rows * h, columns * w, 3])

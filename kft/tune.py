@@ -98,7 +98,7 @@ def main(argv):
     if not FLAGS.tune_dir:
         raise cli.UsageError("--tune_dir is required: the directory of the search (created, or resumed)")
     cli.check_typed("overwrite")
-    from kft import search, trainer  # Heavy imports after the flags are known to be good.
+    from kft import finetuner, search, trainer  # Heavy imports after the flags are known to be good.
 
     tune = tune_config_from_flags()
     try:
@@ -110,7 +110,7 @@ def main(argv):
         print(recipe_block, flush=True)
     try:
         if tune.overwrite:  # Nothing is removed before every check has passed.
-            trainer.check_model(config, len(splits.class_names))
+            finetuner.check_model(config, len(splits.class_names))
         flagfile_text = kft_flags.with_comment(kft_flags.resolved_flagfile(), recipe_block)
         search.run(config, tune, flagfile_text=flagfile_text, splits=splits)
     except ValueError as e:

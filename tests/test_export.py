@@ -191,7 +191,7 @@ def test_exports_a_kft_classifier(tmp_path):
 
 def test_a_bfloat16_run_exports_float32(tmp_path, tiny_splits):
     """Mixed precision trains; the reloaded classifier and its export are float32 and agree to 1e-4."""
-    from kft import schedule, trainer
+    from kft import runfiles, schedule, trainer
     from kft.config import Config
 
     config = Config(
@@ -209,7 +209,7 @@ def test_a_bfloat16_run_exports_float32(tmp_path, tiny_splits):
     try:
         trainer.train(config, tiny_splits)
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"
-        classifier, names, _ = trainer.load_classifier(config.model_dir)
+        classifier, names, _ = runfiles.load_classifier(config.model_dir)
         assert keras.mixed_precision.global_policy().name == "mixed_bfloat16"  # restored
     finally:
         keras.mixed_precision.set_global_policy("float32")

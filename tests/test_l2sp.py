@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kft import l2sp, model, schedule, trainer
+from kft import finetuner, l2sp, model, schedule
 
 
 # bn=train: a randomly initialized MobileNetV2's activations are ~1e-11 in inference mode, so
@@ -16,9 +16,9 @@ def _tuner(alpha, beta=0.0, stage="all:1@1e-2:bn=train"):
     from kft import backbones
 
     blocks = backbones.blocks(keras_model.spec, keras_model.backbone)
-    trainer.apply_stage(keras_model, blocks, schedule.parse_stages(stage)[0])
-    tuner = trainer.FineTuner(keras_model, None, penalty)
-    tuner.compile(optimizer=trainer.make_optimizer("sgd", 1e-2, "none"), jit_compile=False)
+    tuner = finetuner.FineTuner(keras_model, None, penalty)
+    stage = schedule.parse_stages(stage)[0]
+    finetuner.prepare_stage(tuner, blocks, stage, 1e-2, optimizer="sgd", precision="none", jit_compile=False)
     return tuner, anchors
 
 

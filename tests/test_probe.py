@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from kft import probe
+from kft import features, probe
 
 
 def _blobs(n_per_class, num_classes, dim=16, seed=0, spread=1.0):
@@ -105,7 +105,7 @@ def test_selection_subsamples_big_sets(monkeypatch, limit):
 
 @pytest.mark.parametrize("image_size, expected", [(224, 64), (32, 512), (96, 256), (512, 8), (2048, 8)])
 def test_feature_batch_keeps_the_pixels_of_64_images_at_224(image_size, expected):
-    assert probe.feature_batch_size(image_size) == expected
+    assert features.feature_batch_size(image_size) == expected
 
 
 def test_rebatched_feature_pass_gives_the_same_features_in_the_same_order():
@@ -118,7 +118,7 @@ def test_rebatched_feature_pass_gives_the_same_features_in_the_same_order():
     images = np.random.default_rng(0).integers(0, 255, size=(21, 4, 4, 3)).astype(np.uint8)
     labels = np.arange(21) % 3
     dataset = tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
-    as_batched = probe.features_of(Pool(), dataset)
-    rebatched = probe.features_of(Pool(), dataset, batch_size=16)
+    as_batched = features.features_of(Pool(), dataset)
+    rebatched = features.features_of(Pool(), dataset, batch_size=16)
     np.testing.assert_allclose(rebatched[0], as_batched[0], rtol=1e-6)
     np.testing.assert_array_equal(rebatched[1], labels)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kft import backbones, l2sp, model, regularizers, schedule, trainer
+from kft import backbones, finetuner, l2sp, model, regularizers, schedule, trainer
 from kft.config import Config
 
 
@@ -55,14 +55,14 @@ def test_regularizer_enters_the_training_loss(tiny_splits, kind):
         bss_eta=0.1,
         l2sp_beta=0.0,
     )
-    penalty, feature_regularizer = trainer.make_regularizers(
+    penalty, feature_regularizer = finetuner.make_regularizers(
         config, classifier, l2sp.anchor_arrays(classifier.backbone)
     )
     assert penalty is None  # alpha of L2-SP is off when another regularizer is chosen
     blocks = backbones.blocks(classifier.spec, classifier.backbone)
-    trainer.apply_stage(classifier, blocks, schedule.parse_stages("all:1@1e-2")[0])
-    tuner = trainer.FineTuner(classifier, None, None, feature_regularizer=feature_regularizer)
-    tuner.compile(optimizer=trainer.make_optimizer("adam", 1e-2, "none"), jit_compile=False)
+    tuner = finetuner.FineTuner(classifier, None, None, feature_regularizer=feature_regularizer)
+    stage = schedule.parse_stages("all:1@1e-2")[0]
+    finetuner.prepare_stage(tuner, blocks, stage, 1e-2, optimizer="adam", precision="none", jit_compile=False)
     images, labels = next(iter(tiny_splits.train))
     logs = tuner.train_on_batch(images, labels, return_dict=True)
     logs = tuner.train_on_batch(images, labels, return_dict=True)
@@ -198,8 +198,67 @@ def test_source_task_and_scratch_baseline_train_unregularized(kind):
     )
     classifier = _classifier()
     anchors = l2sp.anchor_arrays(classifier.backbone)
-    assert trainer.make_regularizers(config, classifier, anchors) != (None, None)  # the fine-tune is
+    assert finetuner.make_regularizers(config, classifier, anchors) != (None, None)  # the fine-tune is
     for derived in (experiment.source_config(config, "/run/pretrain"), experiment.scratch_config(config)):
-        assert trainer.make_regularizers(derived, classifier, anchors) == (None, None)
+        assert finetuner.make_regularizers(derived, classifier, anchors) == (None, None)
     assert experiment.scratch_config(config).model_dir == "/run/scratch"
     assert experiment.scratch_config(config).weights is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The registry of --regularizer choices.
+
+
+def test_every_regularizer_flag_value_is_a_registered_class_with_its_strength():
+    assert list(regularizers.REGISTRY) == ["l2sp", "none", "delta", "bss"]
+    assert {name: regularizers.strength_field(name) for name in regularizers.REGISTRY} == {
+        "l2sp": "l2sp_alpha",
+        "none": None,
+        "delta": "delta_alpha",
+        "bss": "bss_eta",
+    }
+    for name, choice in regularizers.REGISTRY.items():
+        assert choice.name == name
+        if choice.strength_field:
+            assert hasattr(Config, choice.strength_field)  # a Config field kft.tune can set
+    with pytest.raises(ValueError, match=r"--regularizer='l3sp': unknown; choose from bss, delta, l2sp, none"):
+        regularizers.get("l3sp")
+
+
+def test_registering_a_name_twice_raises_and_keeps_the_first():
+    with pytest.raises(ValueError, match="'bss' is registered twice"):
+
+        @regularizers.register("bss")
+        class Another(regularizers.Regularizer):
+            pass
+
+    assert regularizers.get("bss") is regularizers.BatchSpectralShrinkage
+
+
+def test_a_new_regularizer_is_one_registered_class(tiny_splits):
+    """Registered, it is a --regularizer value whose term the train step adds."""
+
+    class MeanSquare(regularizers.Regularizer):
+        strength_field = "bss_eta"
+
+        @classmethod
+        def from_config(cls, config, backbone, anchors):
+            return cls()
+
+        def step_penalty(self, preprocessed, feature_map, pooled):
+            return 1e-3 * tf.reduce_mean(tf.square(tf.cast(pooled, tf.float32)))
+
+    regularizers.register("mean_square")(MeanSquare)
+    try:
+        classifier = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(3))
+        config = Config(dataset="", backbone="MobileNetV2", stages=(), model_dir="", regularizer="mean_square")
+        tuner = finetuner.make_finetuner(config, classifier, l2sp.anchor_arrays(classifier.backbone))
+        blocks = backbones.blocks(classifier.spec, classifier.backbone)
+        stage = schedule.parse_stages("all:1@1e-2")[0]
+        finetuner.prepare_stage(tuner, blocks, stage, 1e-2, optimizer="adam", precision="none", jit_compile=False)
+        images, labels = next(iter(tiny_splits.train))
+        logs = tuner.train_on_batch(images, labels, return_dict=True)
+        assert isinstance(tuner.feature_regularizer, MeanSquare) and logs["feature_reg"] > 0
+        assert tuner.penalty.alpha == 0.0  # L2-SP's weight term is off: it does not pull weights
+    finally:
+        del regularizers.REGISTRY["mean_square"]

@@ -391,13 +391,13 @@ def test_corrupt_files_are_named_in_one_line(tmp_path):
 
 
 def test_evaluate_says_a_run_is_unfinished(tmp_path):
-    from kft import trainer
+    from kft import runfiles
 
     (tmp_path / "classes.json").write_text('{"class_names": ["a", "b"], "backbone": "MobileNetV2", "image_size": 32}')
     with h5py.File(tmp_path / "model.weights.h5", "w"):
         pass
     with pytest.raises(ValueError, match="holds an unfinished run"):
-        trainer.load_classifier(str(tmp_path))
+        runfiles.load_classifier(str(tmp_path))
 
 
 def test_ctrl_c_keeps_the_checkpoint_and_says_so_in_one_line(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kft import backbones, model, schedule, trainer
+from kft import backbones, finetuner, model, schedule, trainer
 from kft.config import Config
 
 
@@ -15,10 +15,17 @@ def _tuner(decay=1.0, ema_decay=0.0, optimizer="adam", seed=0):
     blocks = backbones.blocks(classifier.spec, classifier.backbone)
     # bn=train: a randomly initialized MobileNetV2's activations are ~1e-11 in inference mode,
     # too small for its weights to move measurably with BatchNorm frozen.
-    trainer.apply_stage(classifier, blocks, schedule.parse_stages("all:1@1e-3:bn=train")[0])
-    tuner = trainer.FineTuner(classifier, None, None, ema_decay=ema_decay)
-    tuner.compile(optimizer=trainer.make_optimizer(optimizer, 1e-3, "none"), jit_compile=False)
-    tuner.update_scales = trainer.layer_lr_scales(blocks, decay)
+    tuner = finetuner.FineTuner(classifier, None, None, ema_decay=ema_decay)
+    finetuner.prepare_stage(
+        tuner,
+        blocks,
+        schedule.parse_stages("all:1@1e-3:bn=train")[0],
+        1e-3,
+        optimizer=optimizer,
+        precision="none",
+        jit_compile=False,
+        layer_lr_decay=decay,
+    )
     return tuner, blocks
 
 
@@ -56,12 +63,12 @@ def test_layer_decay_scales_each_blocks_step_by_its_depth(tiny_splits, optimizer
 def test_layer_lr_scales_follow_block_order():
     classifier = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(2))
     blocks = backbones.blocks(classifier.spec, classifier.backbone)
-    scales = trainer.layer_lr_scales(blocks, 0.8)
+    scales = finetuner.layer_lr_scales(blocks, 0.8)
     top = blocks[-1].layers[0].weights[0]
     bottom = [w for layer in blocks[0].layers for w in layer.weights][0]
     assert id(top) not in scales
     assert scales[id(bottom)] == pytest.approx(0.8 ** (len(blocks) - 1))
-    assert trainer.layer_lr_scales(blocks, 1.0) == {}
+    assert finetuner.layer_lr_scales(blocks, 1.0) == {}
 
 
 def test_ema_is_the_warmed_up_average_of_the_weights(tiny_splits):
@@ -99,7 +106,7 @@ def test_train_with_ema_and_layer_decay_saves_the_averaged_model(tmp_path, tiny_
     assert [s["epochs"] for s in metrics["stages"]] == [1, 2]
     best = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(3))
     best.load_weights(str(tmp_path / "model.weights.h5"))
-    labels, probs = trainer.predict_dataset(best, tiny_splits.val)
+    labels, probs = model.predict_dataset(best, tiny_splits.val)
     assert metrics["best_model_val_accuracy"] == pytest.approx(float(np.mean(probs.argmax(1) == labels)))
 
 
@@ -109,12 +116,15 @@ def test_cached_features_step_equals_image_step(tiny_splits):
     on_features, _ = _tuner(seed=1)
     on_features.classifier.set_weights(on_images.classifier.get_weights())
     for tuner in (on_images, on_features):
-        trainer.apply_stage(
-            tuner.classifier,
+        finetuner.prepare_stage(
+            tuner,
             blocks if tuner is on_images else backbones.blocks(tuner.classifier.spec, tuner.classifier.backbone),
             schedule.parse_stages("head:1@1e-2")[0],
+            1e-2,
+            optimizer="adam",
+            precision="none",
+            jit_compile=False,
         )
-        tuner.compile(optimizer=trainer.make_optimizer("adam", 1e-2, "none"), jit_compile=False)
     on_features.on_features = True
     features = on_features.classifier.features(images, training=False)
     on_images.train_on_batch(images, labels)

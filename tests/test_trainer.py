@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from kft import backbones, checkpoint, l2sp, model, schedule, trainer
+from kft import backbones, checkpoint, finetuner, l2sp, model, schedule, trainer
 from kft.config import Config
 
 
@@ -19,9 +19,10 @@ def _tuner_for(stage_spec, backbone="MobileNetV2"):
     classifier = model.build_classifier(backbone, 32, None, model.HeadConfig(3))
     blocks = backbones.blocks(classifier.spec, classifier.backbone)
     stage = schedule.parse_stages(stage_spec)[0]
-    names = trainer.apply_stage(classifier, blocks, stage)
-    tuner = trainer.FineTuner(classifier, None, None)
-    tuner.compile(optimizer=trainer.make_optimizer("adam", 1e-2, "none"), jit_compile=False)
+    tuner = finetuner.FineTuner(classifier, None, None)
+    names, _ = finetuner.prepare_stage(
+        tuner, blocks, stage, 1e-2, optimizer="adam", precision="none", jit_compile=False
+    )
     return tuner, blocks, names
 
 
@@ -169,14 +170,14 @@ def test_checkpoint_round_trips_optimizer_state(tmp_path, tiny_splits):
 
 def test_validation_step_is_traced_once_for_all_stages(tmp_path, tiny_splits, monkeypatch):
     traced_with = []
-    original = trainer.FineTuner.test_step
+    original = finetuner.FineTuner.test_step
 
     def spy(self, batch):
         # Python runs only while tracing; the stage shows in how many variables train.
         traced_with.append(len(self.trainable_variables))
         return original(self, batch)
 
-    monkeypatch.setattr(trainer.FineTuner, "test_step", spy)
+    monkeypatch.setattr(finetuner.FineTuner, "test_step", spy)
     config = _config(tmp_path, stages=schedule.parse_stages("head:1@1e-2,top1:1@1e-3,all:1@1e-4"))
     metrics = trainer.train(config, tiny_splits)
     assert all(m["final_val_accuracy"] is not None for m in metrics["stages"])

@@ -19,7 +19,7 @@ import pytest
 from absl import flags
 
 from kft import flags as kft_flags
-from kft import schedule, search, trainer
+from kft import regularizers, schedule, search, trainer
 from kft import tune as tune_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -194,7 +194,7 @@ def test_override_flags_replaces_in_place_and_appends():
 
 @pytest.mark.parametrize("regularizer, field", [("l2sp", "l2sp_alpha"), ("delta", "delta_alpha"), ("bss", "bss_eta")])
 def test_each_regularizer_searches_its_own_strength(regularizer, field):
-    assert search.STRENGTH_FIELDS[regularizer] == field
+    assert regularizers.strength_field(regularizer) == field
     hp = search.SearchSpace(strength_min=1e-3, strength_max=1e-2).hyperparameters(regularizer)
     assert [p.name for p in hp.space] == ["lr_scale", regularizer, field]
     strength = hp.space[2]

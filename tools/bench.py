@@ -66,7 +66,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from kft import augment, backbones, data, l2sp, model, runtime, schedule, trainer  # noqa: E402
+from kft import augment, backbones, data, finetuner, l2sp, model, runtime, schedule  # noqa: E402
+from kft.config import Config  # noqa: E402
 
 NUM_CLASSES = 10
 # The default CIFAR-10 setting the stage-change and feature-cache estimates refer to.
@@ -341,7 +342,26 @@ def baseline_runner(backbone: str, image_size: int, batch_size: int, stage: str,
 class KftBuild:
     classifier: model.Classifier
     blocks: list
-    tuner: trainer.FineTuner
+    tuner: finetuner.FineTuner
+    anchors: dict
+
+
+def _kft_config(backbone: str, image_size: int, augment_ops: tuple, alpha: float, beta: float) -> Config:
+    """The Config of the benchmarked run (weights=None instead of imagenet; no data is read)."""
+    return Config(
+        dataset="",
+        backbone=backbone,
+        stages=(),
+        model_dir="",
+        weights=None,
+        image_size=image_size,
+        l2sp_alpha=alpha,
+        l2sp_beta=beta,
+        regularizer="l2sp",
+        dropout=DROPOUT,
+        augment=tuple(augment_ops),
+        seed=0,
+    )
 
 
 def build_kft(
@@ -352,23 +372,17 @@ def build_kft(
     alpha: float = L2SP_ALPHA,
     beta: float = L2SP_BETA,
 ) -> KftBuild:
-    """The FineTuner as kft.trainer.train builds it (weights=None instead of imagenet)."""
+    """The FineTuner as kft.trainer.train builds it (kft.finetuner; weights=None)."""
+    config = _kft_config(backbone, image_size, augment_ops, alpha, beta)
     runtime.set_precision(precision)
     try:
         with tf.distribute.get_strategy().scope():
-            head = model.HeadConfig(NUM_CLASSES, DROPOUT, 0)
-            classifier = model.build_classifier(backbone, image_size, None, head)
-            blocks = backbones.blocks(classifier.spec, classifier.backbone)
-            penalty = None
-            if alpha or beta:
-                anchors = l2sp.anchor_arrays(classifier.backbone)
-                head_kernels = [layer.kernel for layer in classifier.head_layers]
-                penalty = l2sp.L2SP(classifier.backbone, head_kernels, anchors, alpha, beta)
-            augmenter = augment.Augmenter(augment_ops, seed=0) if augment_ops else None
-            tuner = trainer.FineTuner(classifier, augmenter, penalty, 0.0, name="finetuner")
+            classifier, blocks = finetuner.build_classifier(config, NUM_CLASSES)
+            anchors = l2sp.anchor_arrays(classifier.backbone)
+            tuner = finetuner.make_finetuner(config, classifier, anchors)
     finally:
         runtime.set_precision("none")
-    return KftBuild(classifier, blocks, tuner)
+    return KftBuild(classifier, blocks, tuner, anchors)
 
 
 def kft_stage_runners(
@@ -396,18 +410,9 @@ def kft_stage_runners(
     if share is None:
         built = build_kft(backbone, image_size, precision, augment_ops, alpha=alpha)
     else:
-        penalty = None
-        if alpha or L2SP_BETA:
-            penalty = l2sp.L2SP(
-                share.classifier.backbone,
-                [layer.kernel for layer in share.classifier.head_layers],
-                {k: v.numpy() for k, v in share.tuner.penalty.anchors.items()},
-                alpha,
-                L2SP_BETA,
-            )
-        augmenter = augment.Augmenter(augment_ops, seed=0) if augment_ops else None
-        tuner = trainer.FineTuner(share.classifier, augmenter, penalty, 0.0, name="finetuner")
-        built = KftBuild(share.classifier, share.blocks, tuner)
+        config = _kft_config(backbone, image_size, augment_ops, alpha, L2SP_BETA)
+        tuner = finetuner.make_finetuner(config, share.classifier, share.anchors)
+        built = KftBuild(share.classifier, share.blocks, tuner, share.anchors)
     dataset = _train_dataset(batch_size, image_size)
     steps = CIFAR_TRAIN_IMAGES // batch_size
     runners = []
@@ -415,11 +420,10 @@ def kft_stage_runners(
         stage = schedule.parse_stages(stage_spec)[0]
         started = time.perf_counter()
         with tf.distribute.get_strategy().scope():
-            trainer.apply_stage(built.classifier, built.blocks, stage)
             lr = schedule.stage_learning_rate(stage, 1.0, steps)
-            optimizer = trainer.make_optimizer("adam", lr, precision)
-            built.tuner.compile(optimizer=optimizer, jit_compile=jit_compile)
-            optimizer.build(built.tuner.trainable_variables)
+            finetuner.prepare_stage(
+                built.tuner, built.blocks, stage, lr, optimizer="adam", precision=precision, jit_compile=jit_compile
+            )
         setup_s = time.perf_counter() - started
         what = stage_spec.split(":")[0]
         l2sp_on = bool(alpha) and what != "head"
@@ -1114,7 +1118,7 @@ def device_info() -> dict:
     }
 
 
-def augment_hlo_check(tuner: trainer.FineTuner, image_size: int, batch_size: int, device: str) -> dict:
+def augment_hlo_check(tuner: finetuner.FineTuner, image_size: int, batch_size: int, device: str) -> dict:
     """Lowers `tuner`'s train step, as Model.compile(jit_compile=True) wraps it, to HLO for
     `device` and checks that every augmentation op is in it and that nothing goes to the host.
 

@@ -113,7 +113,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = [run_seed(seed, args.work_dir) for seed in range(args.seeds)]
     print(f"test: {rows[0]['test_images']} held-out images; val: the 89-image validation split")
-    print(f"{'seed':>4} {'fine-tuned test':>15} {'fine-tuned val':>14} {'probe val':>9} {'scratch val':>11} {'seconds':>8}")
+    print(
+        f"{'seed':>4} {'fine-tuned test':>15} {'fine-tuned val':>14} {'probe val':>9} {'scratch val':>11} {'seconds':>8}"
+    )
     for row in rows:
         print(
             f"{row['seed']:>4} {row['fine_tuned_test']:>15.4f} {row['fine_tuned']:>14.4f} "
