@@ -11,7 +11,8 @@ smaller than the image size (CIFAR-10's 32 px, MNIST's 28) is kept at that size,
 model's own resize upsamples it on the device: the host never upsamples, and CIFAR-10 for a
 224 px backbone stays a 150 MB cache instead of 7.5 GB decoded and upsampled every epoch.
 
-Spec strings (`parse_spec` documents the grammar):
+Spec strings (`parse_spec` documents the grammar; each prefix is a registered source class,
+`register_source`, so a new source is one class):
 
 * `tfds:NAME[,train=SPLIT][,val=SPLIT][,test=SPLIT]`: a TFDS image-classification dataset with
   `image` and `label` features, e.g. `tfds:cifar10`, `tfds:oxford_flowers102`,
@@ -74,47 +75,110 @@ CACHE_LIMIT_BYTES = 2 * 1024**3
 # Uncached training sets are shuffled through a buffer of about this many bytes.
 _SHUFFLE_BUFFER_BYTES = 512 * 1024**2
 
-SPEC_FORMS = (
-    "tfds:NAME[,train=SPLIT][,val=SPLIT][,test=SPLIT] | folder:PATH | "
-    "digits[:CLASSES] with CLASSES like 0-4, 5-9 or 1,3,7"
-)
 
 _SPLIT_LAYOUT_DIRS = ("train", "val", "test")
 
 
 # ----------------------------------------------------------------------------------------------
-# Spec parsing.
+# Data sources: a registry of spec classes, one per prefix. A new source is one registered
+# frozen dataclass with `form` (its syntax, for error messages), `parse`, `load` and `load_eval`.
+
+SOURCES: dict[str, type] = {}
 
 
+def register_source(prefix: str) -> Callable[[type], type]:
+    """Class decorator: makes the class the source of specs `PREFIX[:...]`."""
+
+    def decorate(cls: type) -> type:
+        if prefix in SOURCES:
+            raise ValueError(f"data source {prefix!r} is registered twice ({SOURCES[prefix].__name__}, {cls.__name__})")
+        SOURCES[prefix] = cls
+        return cls
+
+    return decorate
+
+
+def spec_forms() -> str:
+    """Every registered source's syntax, for error messages."""
+    return " | ".join(cls.form for cls in SOURCES.values())
+
+
+@register_source("tfds")
 @dataclasses.dataclass(frozen=True)
 class TfdsSpec:
     """`tfds:NAME[,train=SPLIT][,val=SPLIT][,test=SPLIT]`; None means the default split."""
 
+    form = "tfds:NAME[,train=SPLIT][,val=SPLIT][,test=SPLIT]"
     name: str
     train: str = "train"
     val: str | None = None
     test: str | None = None
 
+    @classmethod
+    def parse(cls, spec: str, rest: str) -> "TfdsSpec":
+        return _parse_tfds(spec, rest)
 
+    def load(self, spec: str, *, data_dir: str | None, **kwargs) -> "Splits":
+        return _load_tfds(self, data_dir=data_dir, **kwargs)
+
+    def load_eval(self, spec: str, *, image_size, batch_size, data_dir, expected, val_fraction, seed):
+        return _load_tfds_eval(self, image_size, batch_size, data_dir)
+
+
+@register_source("folder")
 @dataclasses.dataclass(frozen=True)
 class FolderSpec:
     """`folder:PATH`."""
 
+    form = "folder:PATH"
     path: str
 
+    @classmethod
+    def parse(cls, spec: str, rest: str) -> "FolderSpec":
+        if not rest.strip():
+            raise _spec_error(spec, "folder: needs a PATH")
+        return cls(os.path.expanduser(rest.strip()))
 
+    def load(self, spec: str, *, data_dir: str | None, **kwargs) -> "Splits":
+        return _load_folder(spec, self, **kwargs)
+
+    def load_eval(self, spec: str, *, image_size, batch_size, data_dir, expected, val_fraction, seed):
+        return _load_folder_eval(spec, self, image_size, batch_size, expected)
+
+
+@register_source("digits")
 @dataclasses.dataclass(frozen=True)
 class DigitsSpec:
     """`digits[:CLASSES]`; `classes` are the kept digits in ascending order."""
 
+    form = "digits[:CLASSES] with CLASSES like 0-4, 5-9 or 1,3,7"
     classes: tuple[int, ...] = tuple(range(10))
+
+    @classmethod
+    def parse(cls, spec: str, rest: str) -> "DigitsSpec":
+        return _parse_digits(spec, rest)
+
+    def load(self, spec: str, *, data_dir: str | None, **kwargs) -> "Splits":
+        return _load_digits(self, **kwargs)
+
+    def load_eval(self, spec: str, *, image_size, batch_size, data_dir, expected, val_fraction, seed):
+        splits = _load_digits(
+            self,
+            image_size=image_size,
+            batch_size=batch_size,
+            val_fraction=val_fraction,
+            seed=seed,
+            train_limit_per_class=None,
+            cache_bytes=CACHE_LIMIT_BYTES,
+        )
+        return splits.val, splits.class_names, 0
 
 
 Spec = TfdsSpec | FolderSpec | DigitsSpec
 
 
 def _spec_error(spec: str, why: str) -> ValueError:
-    return ValueError(f"data spec {spec!r}: {why}; expected {SPEC_FORMS}")
+    return ValueError(f"data spec {spec!r}: {why}; expected {spec_forms()}")
 
 
 def parse_spec(spec: str) -> Spec:
@@ -137,15 +201,9 @@ def parse_spec(spec: str) -> Spec:
         raise _spec_error(str(spec), "empty spec")
     spec = spec.strip()
     kind, _, rest = spec.partition(":")
-    if kind == "tfds":
-        return _parse_tfds(spec, rest)
-    if kind == "folder":
-        if not rest.strip():
-            raise _spec_error(spec, "folder: needs a PATH")
-        return FolderSpec(os.path.expanduser(rest.strip()))
-    if kind == "digits":
-        return _parse_digits(spec, rest)
-    raise _spec_error(spec, f"unknown source {kind!r}")
+    if kind not in SOURCES:
+        raise _spec_error(spec, f"unknown source {kind!r}")
+    return SOURCES[kind].parse(spec, rest)
 
 
 def _parse_tfds(spec: str, rest: str) -> TfdsSpec:
@@ -279,12 +337,7 @@ def load(
         train_limit_per_class=train_limit_per_class,
         cache_bytes=CACHE_LIMIT_BYTES if cache_bytes is None else cache_bytes,
     )
-    if isinstance(parsed, TfdsSpec):
-        splits = _load_tfds(parsed, data_dir=data_dir, **kwargs)
-    elif isinstance(parsed, FolderSpec):
-        splits = _load_folder(spec, parsed, **kwargs)
-    else:
-        splits = _load_digits(parsed, **kwargs)
+    splits = parsed.load(spec, data_dir=data_dir, **kwargs)
     stored = splits.train.element_spec[0].shape[1]  # below image_size for small TFDS images
     logging.info(
         "data %s: %d classes, %d train, %d val, %d skipped, %dx%d px",
@@ -338,21 +391,15 @@ def load_eval(
     parsed = parse_spec(spec)
     _check_sizes(image_size, batch_size)
     expected = tuple(class_names) if class_names is not None else None
-    if isinstance(parsed, TfdsSpec):
-        dataset, names, skipped = _load_tfds_eval(parsed, image_size, batch_size, data_dir)
-    elif isinstance(parsed, FolderSpec):
-        dataset, names, skipped = _load_folder_eval(spec, parsed, image_size, batch_size, expected)
-    else:
-        splits = _load_digits(
-            parsed,
-            image_size=image_size,
-            batch_size=batch_size,
-            val_fraction=val_fraction,
-            seed=seed,
-            train_limit_per_class=None,
-            cache_bytes=CACHE_LIMIT_BYTES,
-        )
-        dataset, names, skipped = splits.val, splits.class_names, 0
+    dataset, names, skipped = parsed.load_eval(
+        spec,
+        image_size=image_size,
+        batch_size=batch_size,
+        data_dir=data_dir,
+        expected=expected,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
     if expected is not None and names != expected:
         raise ValueError(f"data spec {spec!r} has classes {list(names)}, but the model was trained on {list(expected)}")
     return dataset, names, skipped

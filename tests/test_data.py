@@ -1,5 +1,6 @@
 """Tests for kft.data: spec parsing, the three sources, and the shared image ops."""
 
+import dataclasses
 import logging
 import os
 
@@ -481,3 +482,31 @@ def test_digits_outside_training_is_everything_training_never_sees():
     assert not seen & {image[..., 0].tobytes() for image in outside}
     with pytest.raises(ValueError, match=r"takes digits\[:CLASSES\] only"):
         data.digits_outside_training("folder:/x", val_fraction=0.1, seed=0, train_limit_per_class=None)
+
+
+def test_a_new_data_source_is_one_registered_class():
+    @data.register_source("evens")
+    @dataclasses.dataclass(frozen=True)
+    class Evens:
+        form = "evens"
+
+        @classmethod
+        def parse(cls, spec, rest):
+            return cls()
+
+        def load(self, spec, **kwargs):
+            return data.DigitsSpec((0, 2, 4)).load(spec, **kwargs)
+
+        def load_eval(self, spec, **kwargs):
+            return data.DigitsSpec((0, 2, 4)).load_eval(spec, **kwargs)
+
+    try:
+        assert data.load("evens", image_size=8, batch_size=4).class_names == ("0", "2", "4")
+        assert data.load_eval("evens", image_size=8, batch_size=4)[1] == ("0", "2", "4")
+        with pytest.raises(ValueError, match=r"unknown source 'odds'; expected tfds:NAME.* \| evens$"):
+            data.parse_spec("odds:1")
+        with pytest.raises(ValueError, match="data source 'evens' is registered twice"):
+            data.register_source("evens")(Evens)
+    finally:
+        del data.SOURCES["evens"]
+    assert list(data.SOURCES) == ["tfds", "folder", "digits"]
