@@ -1,17 +1,64 @@
 """The resolved run configuration: one frozen dataclass built once from the flags.
 
 Library code takes a `Config` (or plain arguments), never absl FLAGS, so every module can be
-used and tested without the command line.
+used and tested without the command line. A run records its Config as `MODEL_DIR/run.json`
+(`to_json`, `from_json`): grouped in sections, versioned, stages stored exactly (not as the
+rounded `--stages` text).
 """
 
 import dataclasses
 
 from kft.schedule import Stage
 
+# run.json's format; from_json refuses others.
+RUN_JSON_VERSION = 1
+
+# run.json's sections: every Config field in exactly one (a test checks).
+SECTIONS = {
+    "data": (
+        "dataset",
+        "data_dir",
+        "val_fraction",
+        "train_limit_per_class",
+        "batch_size",
+        "seed",
+        "cache_gb",
+        "augment",
+        "pretrain_dataset",
+        "pretrain_batch_size",
+    ),
+    "model": ("backbone", "weights", "image_size", "dropout", "hidden_units"),
+    "schedule": (
+        "stages",
+        "pretrain_stages",
+        "checkpoint_selection",
+        "lr_scale",
+        "optimizer",
+        "label_smoothing",
+        "layer_lr_decay",
+        "ema_decay",
+        "cache_features",
+    ),
+    "regularizer": (
+        "regularizer",
+        "l2sp_alpha",
+        "l2sp_beta",
+        "delta_alpha",
+        "delta_weighting",
+        "delta_attention_batches",
+        "bss_eta",
+        "bss_k",
+    ),
+    "runtime": ("jit_compile", "mixed_precision", "strategy", "deterministic", "verbose"),
+    "outputs": ("model_dir", "export_dir", "export_tflite", "compare_scratch"),
+}
+_STAGE_FIELDS = ("stages", "pretrain_stages")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything a fine-tuning run needs. Field meanings are the flags' help texts (kft/flags.py)."""
+    """Everything a fine-tuning run needs. Field meanings and defaults are the flags' (kft/flags.py;
+    a test checks that the defaults agree)."""
 
     dataset: str
     backbone: str
@@ -21,7 +68,7 @@ class Config:
     val_fraction: float = 0.1
     train_limit_per_class: int = 0
     weights: str | None = "imagenet"
-    image_size: int = 224
+    image_size: int = 0  # 0: the backbone's own input size (resolved on construction)
     batch_size: int = 64
     seed: int = 0
     checkpoint_selection: str = "auto"
@@ -42,9 +89,9 @@ class Config:
     cache_gb: float = 2.0
     dropout: float = 0.2
     hidden_units: int = 0
-    augment: tuple[str, ...] = ()
+    augment: tuple[str, ...] = ("crop", "flip")
     pretrain_dataset: str = ""
-    pretrain_stages: tuple[Stage, ...] = ()
+    pretrain_stages: tuple[Stage, ...] = (Stage("all", 5, 1e-3, bn="train"),)
     pretrain_batch_size: int = 0  # 0 = batch_size
     compare_scratch: bool = False
     export_dir: str = ""
@@ -55,6 +102,43 @@ class Config:
     deterministic: bool = False
     verbose: int = 1
 
+    def __post_init__(self):
+        if self.image_size == 0:
+            from kft import backbones  # Imported here: config sits below the model code.
+
+            object.__setattr__(self, "image_size", backbones.get(self.backbone).default_size)
+
     @property
     def total_epochs(self) -> int:
         return sum(stage.epochs for stage in self.stages)
+
+    def to_json(self) -> dict:
+        """The Config as run.json's plain JSON object: {"version", section: {field: value}}."""
+        values = dataclasses.asdict(self)  # Stages become dicts of their fields.
+        out: dict = {"version": RUN_JSON_VERSION}
+        for section, names in SECTIONS.items():
+            out[section] = {name: list(values[name]) if name == "augment" else values[name] for name in names}
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Config":
+        """The Config `to_json` wrote.
+
+        Raises:
+          ValueError: another version, or fields this kft does not know (one line).
+        """
+        if not isinstance(obj, dict) or obj.get("version") != RUN_JSON_VERSION:
+            version = obj.get("version") if isinstance(obj, dict) else None
+            raise ValueError(f"run.json version {version!r}: this kft reads version {RUN_JSON_VERSION}")
+        values, known = {}, {f.name for f in dataclasses.fields(cls)}
+        for section in SECTIONS:
+            values.update(obj.get(section, {}))
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"run.json has fields this kft does not know: {', '.join(unknown)}")
+        for name in _STAGE_FIELDS:
+            if name in values:
+                values[name] = tuple(Stage(**stage) for stage in values[name])
+        if "augment" in values:
+            values["augment"] = tuple(values["augment"])
+        return cls(**values)

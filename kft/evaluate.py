@@ -63,14 +63,14 @@ flags.DEFINE_string(
 flags.DEFINE_float(
     "val_fraction",
     None,
-    "digits only: the held-out fraction used in training (the split is seeded, so it must match); default: read from the run's flags.cfg, else 0.1.",
+    "digits only: the held-out fraction used in training (the split is seeded, so it must match); default: read from the run's run.json, else 0.1.",
     lower_bound=0.0,
     upper_bound=1.0,
 )
 flags.DEFINE_integer(
     "seed",
     None,
-    "digits only: the training --seed (the held-out split depends on it); default: read from the run's flags.cfg, else 0.",
+    "digits only: the training --seed (the held-out split depends on it); default: read from the run's run.json, else 0.",
 )
 flags.mark_flag_as_required("dataset")
 flags.register_multi_flags_validator(
@@ -83,10 +83,21 @@ flags.register_multi_flags_validator(
 _PROGRESS_EVERY = 20
 
 
-def _training_flag(run_dir: str | None, name: str, parse, default):
-    """The value of --name in a training run's flags.cfg, else `default`."""
-    path = os.path.join(run_dir, "flags.cfg") if run_dir else ""
-    if path and os.path.isfile(path):
+def _training_setting(run_dir: str | None, name: str, parse, default):
+    """The Config field `name` of the training run in `run_dir` (its run.json; for a run from kft
+    before run.json, its flags.cfg), else `default`."""
+    if not run_dir:
+        return default
+    from kft import runfiles
+
+    try:
+        config = runfiles.read_config(run_dir)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    if config is not None:
+        return getattr(config, name)
+    path = os.path.join(run_dir, "flags.cfg")
+    if os.path.isfile(path):
         with open(path) as f:
             for line in f:
                 if line.strip().startswith(f"--{name}="):
@@ -103,7 +114,7 @@ def _load_model(export_dir: str | None, model_dir: str | None):
             served = export.load_serving(export_dir)
         except ValueError as e:
             raise cli.UsageError(f"--export_dir={export_dir}: {e}") from None
-        # The default export of a run is MODEL_DIR/export/<version>; its flags.cfg, if there,
+        # The default export of a run is MODEL_DIR/export/<version>; its run.json, if there,
         # holds the digits split settings.
         run_dir = os.path.dirname(os.path.dirname(os.path.abspath(served.path)))
         return served, tuple(served.class_names), served.image_size, served.path, run_dir
@@ -183,8 +194,8 @@ def main(argv):
         raise cli.UsageError(str(e)) from None
     val_fraction = FLAGS.val_fraction
     if val_fraction is None:
-        val_fraction = _training_flag(run_dir, "val_fraction", float, 0.1)
-    seed = FLAGS.seed if FLAGS.seed is not None else _training_flag(run_dir, "seed", int, 0)
+        val_fraction = _training_setting(run_dir, "val_fraction", float, 0.1)
+    seed = FLAGS.seed if FLAGS.seed is not None else _training_setting(run_dir, "seed", int, 0)
     try:
         # With class_names, labels index the model's classes; a source with other classes
         # (or, for TFDS and digits, another order) is rejected, naming both lists.

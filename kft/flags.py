@@ -286,7 +286,7 @@ def config_from_flags() -> Config:
         train_limit_per_class=FLAGS.train_limit_per_class,
         backbone=spec.name,
         weights=None if FLAGS.weights == "none" else FLAGS.weights,
-        image_size=FLAGS.image_size or spec.default_size,
+        image_size=FLAGS.image_size,  # 0: Config resolves the backbone's own size.
         dropout=FLAGS.dropout,
         hidden_units=FLAGS.hidden_units,
         batch_size=FLAGS.batch_size,

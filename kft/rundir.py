@@ -33,6 +33,7 @@ RUN_NAMES = frozenset(
         MARKER,
         LOCK,
         "flags.cfg",
+        "run.json",
         "metrics.json",
         "classes.json",
         "model.weights.h5",

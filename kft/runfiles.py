@@ -1,5 +1,5 @@
-"""What a run directory holds besides its checkpoints (kft.checkpoint): the class list and the
-head's flags, and the kept classifier rebuilt from them for kft.evaluate, kft.predict and the
+"""What a run directory holds besides its checkpoints (kft.checkpoint): its Config (run.json),
+its class list, and the kept classifier rebuilt from them for kft.evaluate, kft.predict and the
 exports.
 """
 
@@ -8,6 +8,29 @@ import os
 import keras
 
 from kft import checkpoint, model
+from kft.config import Config
+
+RUN_JSON = "run.json"
+
+
+def write_config(config: Config) -> None:
+    """Writes MODEL_DIR/run.json (atomically)."""
+    checkpoint.write_json(os.path.join(config.model_dir, RUN_JSON), config.to_json())
+
+
+def read_config(model_dir: str) -> Config | None:
+    """The Config a run recorded in run.json; None for a run without one (kft before run.json).
+
+    Raises:
+      ValueError: an unreadable run.json (one line).
+    """
+    path = os.path.join(model_dir, RUN_JSON)
+    if not os.path.exists(path):
+        return None
+    try:
+        return Config.from_json(checkpoint.read_json_or_fail(path, "the run's configuration"))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def check_same_classes(model_dir: str, class_names) -> None:
@@ -57,8 +80,14 @@ def load_classifier(model_dir: str) -> tuple[model.Classifier, tuple[str, ...], 
             "its kft.train command to finish it"
         )
     meta = checkpoint.read_json_or_fail(meta_path, "the run's class list")
-    flags_cfg = _read_head_flags(os.path.join(model_dir, "flags.cfg"))
-    head = model.HeadConfig(len(meta["class_names"]), flags_cfg.get("dropout", 0.2), flags_cfg.get("hidden_units", 0))
+    config = read_config(model_dir)
+    if config is not None:
+        head = model.HeadConfig(len(meta["class_names"]), config.dropout, config.hidden_units)
+    else:  # A run from kft before run.json: its flags.cfg, where the head's flags were given.
+        flags_cfg = _read_head_flags(os.path.join(model_dir, "flags.cfg"))
+        head = model.HeadConfig(
+            len(meta["class_names"]), flags_cfg.get("dropout", 0.2), flags_cfg.get("hidden_units", 0)
+        )
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:

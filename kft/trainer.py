@@ -14,6 +14,8 @@ Files under MODEL_DIR:
   backbone.weights.h5 its backbone, usable as the next run's --weights
   classes.json        class names, image size and backbone, for kft.evaluate / kft.predict
   metrics.json        final and best validation accuracy, per stage, wall time
+  run.json            the run's Config (kft.config), read back by kft.evaluate and the exports
+  flags.cfg           the same as a flagfile: `--flagfile=MODEL_DIR/flags.cfg` reruns it
   tb/                 TensorBoard events (kft.report.Summaries)
 
 About 540 lines: the loop and its per-epoch bookkeeping (the run state, the recorder, the
@@ -348,8 +350,8 @@ def _run_probe(classifier, splits: data.Splits, config: Config, recorder, global
 def _build_tuner(
     config: Config, num_classes: int, flagfile_text: str, share_anchors=None
 ) -> tuple[FineTuner, list, dict]:
-    """The classifier, its blocks and the FineTuner around it; writes flags.cfg once the stages
-    are known to fit the backbone, and anchors.npz (theta0) unless a resumed run has it.
+    """The classifier, its blocks and the FineTuner around it; writes run.json and flags.cfg once
+    the stages are known to fit the backbone, and anchors.npz (theta0) unless a resumed run has it.
 
     Args:
       share_anchors: with several workers, maps this worker's anchors to the chief's.
@@ -359,6 +361,7 @@ def _build_tuner(
     """
     classifier, blocks = build_classifier(config, num_classes)
     schedule.validate_against_blocks(config.stages, [b.name for b in blocks])
+    runfiles.write_config(config)
     if flagfile_text:
         checkpoint.write_text(os.path.join(config.model_dir, "flags.cfg"), flagfile_text)
     anchors_path = os.path.join(config.model_dir, "anchors.npz")

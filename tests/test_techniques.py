@@ -101,6 +101,7 @@ def test_train_with_ema_and_layer_decay_saves_the_averaged_model(tmp_path, tiny_
         layer_lr_decay=0.7,
         verbose=0,
         l2sp_alpha=0.0,
+        augment=(),
     )
     metrics = trainer.train(config, tiny_splits)
     assert [s["epochs"] for s in metrics["stages"]] == [1, 2]
