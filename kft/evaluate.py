@@ -25,59 +25,64 @@ from kft import cli
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string(
-    "export_dir",
-    None,
-    "A SavedModel written by kft: the export base directory (its latest integer version is used) or one version directory. Exactly one of --export_dir and --model_dir.",
-)
-flags.DEFINE_string(
-    "model_dir",
-    None,
-    "A finished kft.train run directory; its best weights are evaluated. Exactly one of --export_dir and --model_dir.",
-)
-flags.DEFINE_string(
-    "dataset",
-    None,
-    "Data to evaluate on, same specs as training: tfds:NAME[,test=SPLIT], folder:PATH (PATH/test or PATH/val if present, else every image under PATH, one subfolder per class), or digits[:CLASSES].",
-)
-flags.DEFINE_string("data_dir", None, "Where TFDS keeps (or finds already downloaded) datasets.")
-flags.DEFINE_integer(
-    "image_size",
-    None,
-    "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Files are resized to the model's own size, with the resize inside the model, so the probabilities are those a server fed the whole file returns; another size is refused.",
-    lower_bound=1,
-    upper_bound=2048,
-)
-flags.DEFINE_integer("batch_size", 64, "Images per evaluation batch.", lower_bound=1)
-flags.DEFINE_enum(
-    "tta",
-    "none",
-    ["none", "flip"],
-    "Test-time augmentation: none, or flip (average the probabilities of each image and its left-right mirror; twice the compute).",
-)
-flags.DEFINE_string(
-    "output_dir",
-    None,
-    "Where eval.json and confusion_matrix.png go; default: an eval/ folder beside the model (<version dir>/eval or <model_dir>/eval).",
-)
-flags.DEFINE_float(
-    "val_fraction",
-    None,
-    "digits only: the held-out fraction used in training (the split is seeded, so it must match); default: read from the run's run.json, else 0.1.",
-    lower_bound=0.0,
-    upper_bound=1.0,
-)
-flags.DEFINE_integer(
-    "seed",
-    None,
-    "digits only: the training --seed (the held-out split depends on it); default: read from the run's run.json, else 0.",
-)
-flags.mark_flag_as_required("dataset")
-flags.register_multi_flags_validator(
-    ["export_dir", "model_dir"],
-    lambda values: (values["export_dir"] is None) != (values["model_dir"] is None),
-    message="exactly one of --export_dir and --model_dir is required",
-)
+
+def define_flags() -> None:
+    """Defines kft.evaluate's flags; only `python -m kft.evaluate` calls it, so the library below
+    can be imported beside kft.train's flags (several names are the same)."""
+    flags.DEFINE_string(
+        "export_dir",
+        None,
+        "A SavedModel written by kft: the export base directory (its latest integer version is used) or one version directory. Exactly one of --export_dir and --model_dir.",
+    )
+    flags.DEFINE_string(
+        "model_dir",
+        None,
+        "A finished kft.train run directory; its best weights are evaluated. Exactly one of --export_dir and --model_dir.",
+    )
+    flags.DEFINE_string(
+        "dataset",
+        None,
+        "Data to evaluate on, same specs as training: tfds:NAME[,test=SPLIT], folder:PATH (PATH/test or PATH/val if present, else every image under PATH, one subfolder per class), or digits[:CLASSES].",
+    )
+    flags.DEFINE_string("data_dir", None, "Where TFDS keeps (or finds already downloaded) datasets.")
+    flags.DEFINE_integer(
+        "image_size",
+        None,
+        "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Files are resized to the model's own size, with the resize inside the model, so the probabilities are those a server fed the whole file returns; another size is refused.",
+        lower_bound=1,
+        upper_bound=2048,
+    )
+    flags.DEFINE_integer("batch_size", 64, "Images per evaluation batch.", lower_bound=1)
+    flags.DEFINE_enum(
+        "tta",
+        "none",
+        ["none", "flip"],
+        "Test-time augmentation: none, or flip (average the probabilities of each image and its left-right mirror; twice the compute).",
+    )
+    flags.DEFINE_string(
+        "output_dir",
+        None,
+        "Where eval.json and confusion_matrix.png go; default: an eval/ folder beside the model (<version dir>/eval or <model_dir>/eval).",
+    )
+    flags.DEFINE_float(
+        "val_fraction",
+        None,
+        "digits only: the held-out fraction used in training (the split is seeded, so it must match); default: read from the run's run.json, else 0.1.",
+        lower_bound=0.0,
+        upper_bound=1.0,
+    )
+    flags.DEFINE_integer(
+        "seed",
+        None,
+        "digits only: the training --seed (the held-out split depends on it); default: read from the run's run.json, else 0.",
+    )
+    flags.mark_flag_as_required("dataset")
+    flags.register_multi_flags_validator(
+        ["export_dir", "model_dir"],
+        lambda values: (values["export_dir"] is None) != (values["model_dir"] is None),
+        message="exactly one of --export_dir and --model_dir is required",
+    )
+
 
 # Log a progress line every this many batches.
 _PROGRESS_EVERY = 20
@@ -154,7 +159,7 @@ def _log_loss(labels, probabilities) -> float:
     return float(np.mean(-np.log(np.clip(true.astype(np.float64), 1e-12, 1.0))))
 
 
-def _predict_all(predict, dataset):
+def _predict_all(predict, dataset, spec: str):
     """Runs `predict` over every batch; returns (labels, probabilities) as numpy."""
     import numpy as np
 
@@ -171,39 +176,60 @@ def _predict_all(predict, dataset):
                 "evaluated %d images (batch %d%s, %.1f img/s)", done, index, of, done / (time.time() - started)
             )
     if not labels:
-        raise cli.UsageError(f"--dataset={FLAGS.dataset} has no examples to evaluate")
+        raise cli.UsageError(f"--dataset={spec} has no examples to evaluate")
     return np.concatenate(labels), np.concatenate(probabilities)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}; flags look like --name=value")
+def evaluate(
+    *,
+    dataset: str,
+    export_dir: str | None = None,
+    model_dir: str | None = None,
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    batch_size: int = 64,
+    tta: str = "none",
+    output_dir: str | None = None,
+    val_fraction: float | None = None,
+    seed: int | None = None,
+) -> dict:
+    """Evaluates an export or a finished run (exactly one of `export_dir`, `model_dir`) on
+    `dataset`; writes eval.json and confusion_matrix.png, prints the per-class table. Arguments
+    are the flags of the same names.
+
+    Returns:
+      The report written to eval.json.
+
+    Raises:
+      cli.UsageError: bad input (one line).
+    """
+    if (export_dir is None) == (model_dir is None):
+        raise cli.UsageError("exactly one of --export_dir and --model_dir is required")
     # Cheap checks before TensorFlow is imported.
-    for name in ("export_dir", "model_dir"):
-        value = FLAGS[name].value
+    for name, value in (("export_dir", export_dir), ("model_dir", model_dir)):
         if value is not None and not os.path.isdir(value):
             raise cli.UsageError(f"--{name}={value} does not exist or is not a directory")
 
     from kft import checkpoint, data, export, report  # Heavy imports after the flags are known to be good.
 
-    predict, model_classes, model_image_size, model_path, run_dir = _load_model(FLAGS.export_dir, FLAGS.model_dir)
+    predict, model_classes, model_image_size, model_path, run_dir = _load_model(export_dir, model_dir)
     try:
         # The model's own size: the loader then resizes exactly as the model does for a whole image.
-        image_size = export.choose_image_size(FLAGS.image_size, model_image_size, model_path)
+        image_size = export.choose_image_size(image_size, model_image_size, model_path)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    val_fraction = FLAGS.val_fraction
     if val_fraction is None:
         val_fraction = _training_setting(run_dir, "val_fraction", float, 0.1)
-    seed = FLAGS.seed if FLAGS.seed is not None else _training_setting(run_dir, "seed", int, 0)
+    if seed is None:
+        seed = _training_setting(run_dir, "seed", int, 0)
     try:
         # With class_names, labels index the model's classes; a source with other classes
         # (or, for TFDS and digits, another order) is rejected, naming both lists.
-        dataset, data_classes, skipped = data.load_eval(
-            FLAGS.dataset,
+        loaded, data_classes, skipped = data.load_eval(
+            dataset,
             image_size=image_size,
-            batch_size=FLAGS.batch_size,
-            data_dir=FLAGS.data_dir,
+            batch_size=batch_size,
+            data_dir=data_dir,
             class_names=model_classes,
             val_fraction=val_fraction,
             seed=seed,
@@ -212,23 +238,23 @@ def main(argv):
         raise cli.UsageError(str(e)) from None
     if tuple(data_classes) != model_classes:
         raise cli.UsageError(
-            f"--dataset={FLAGS.dataset} has classes {list(data_classes)}, but the model at {model_path} "
+            f"--dataset={dataset} has classes {list(data_classes)}, but the model at {model_path} "
             f"was trained on {list(model_classes)}"
         )
 
-    logging.info("evaluating %s on %s at %d px, tta=%s", model_path, FLAGS.dataset, image_size, FLAGS.tta)
-    labels, probabilities = _predict_all(_with_tta(predict, FLAGS.tta), dataset)
+    logging.info("evaluating %s on %s at %d px, tta=%s", model_path, dataset, image_size, tta)
+    labels, probabilities = _predict_all(_with_tta(predict, tta), loaded, dataset)
     result = report.classification_report(labels, probabilities, model_classes)
     result.update(
-        dataset=FLAGS.dataset,
+        dataset=dataset,
         model=os.path.abspath(model_path),
         image_size=image_size,
         skipped=skipped,
-        tta=FLAGS.tta,
+        tta=tta,
         log_loss=_log_loss(labels, probabilities),
     )
 
-    output_dir = FLAGS.output_dir or os.path.join(model_path, "eval")
+    output_dir = output_dir or os.path.join(model_path, "eval")
     json_path = os.path.join(output_dir, "eval.json")
     png_path = os.path.join(output_dir, "confusion_matrix.png")
     checkpoint.write_json(json_path, result)
@@ -241,7 +267,26 @@ def main(argv):
         print(f"skipped {skipped} files that could not be decoded")
     print(f"wrote {json_path} and {png_path}")
     sys.stdout.flush()
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}; flags look like --name=value")
+    evaluate(
+        dataset=FLAGS.dataset,
+        export_dir=FLAGS.export_dir,
+        model_dir=FLAGS.model_dir,
+        data_dir=FLAGS.data_dir,
+        image_size=FLAGS.image_size,
+        batch_size=FLAGS.batch_size,
+        tta=FLAGS.tta,
+        output_dir=FLAGS.output_dir,
+        val_fraction=FLAGS.val_fraction,
+        seed=FLAGS.seed,
+    )
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

@@ -1,7 +1,6 @@
-"""`python -m kft.evaluate` end to end, as a user runs it: a subprocess on an export or a run dir.
-
-kft.evaluate is never imported here: it defines absl flags (--dataset, ...) that kft.flags
-defines too, and both cannot live in one process.
+"""`python -m kft.evaluate` end to end, as a user runs it: a subprocess on an export or a run dir;
+and its library function `kft.evaluate.evaluate` in this process, beside kft.train's flags (the
+entry point defines its flags only when run, so the two do not clash).
 """
 
 import json
@@ -96,6 +95,22 @@ def test_evaluates_a_flat_folder_with_an_export(exported, tmp_path):
     with open(os.path.join(out, "confusion_matrix.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "accuracy" in result.stdout and "0.8000" in result.stdout
+
+
+def test_the_library_evaluates_in_process_beside_kft_train_flags(exported, tmp_path):
+    from kft import cli, evaluate
+    from kft import flags as kft_flags  # noqa: F401  (defines --dataset, --model_dir, ... too)
+
+    _, base, _ = exported
+    write_folder(tmp_path / "data", {"blue": [2, 2], "green": [1, 0], "red": [0]})
+    out = tmp_path / "out"
+    report = evaluate.evaluate(
+        export_dir=base, dataset=f"folder:{tmp_path / 'data'}", image_size=SIZE, output_dir=str(out)
+    )
+    assert report["accuracy"] == pytest.approx(4 / 5) and report["num_examples"] == 5
+    assert json.loads((out / "eval.json").read_text())["accuracy"] == report["accuracy"]
+    with pytest.raises(cli.UsageError, match="exactly one of --export_dir and --model_dir"):
+        evaluate.evaluate(dataset="digits")
 
 
 def assert_usage_error(result, *expected):
