@@ -30,27 +30,31 @@ from kft import cli
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string(
-    "export_dir",
-    None,
-    "A SavedModel written by kft: the export base directory (its latest integer version is used) or one version directory.",
-)
-flags.DEFINE_integer(
-    "top_k",
-    5,
-    "How many classes to show per image, most probable first (at most the number of classes).",
-    lower_bound=1,
-)
-flags.DEFINE_bool("json", False, "Print one JSON object per image and line instead of a table.")
-flags.DEFINE_integer(
-    "image_size",
-    None,
-    "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Images are resized to the model's own size with the resize inside the model, so the probabilities are those a server fed the whole image returns; another size is refused.",
-    lower_bound=8,
-    upper_bound=2048,
-)
-flags.DEFINE_integer("batch_size", 32, "Images per model call.", lower_bound=1)
-flags.mark_flag_as_required("export_dir")
+
+def define_flags() -> None:
+    """Defines kft.predict's flags; only `python -m kft.predict` calls it, so the library below
+    can be imported beside kft.train's flags (--image_size, --batch_size are theirs too)."""
+    flags.DEFINE_string(
+        "export_dir",
+        None,
+        "A SavedModel written by kft: the export base directory (its latest integer version is used) or one version directory.",
+    )
+    flags.DEFINE_integer(
+        "top_k",
+        5,
+        "How many classes to show per image, most probable first (at most the number of classes).",
+        lower_bound=1,
+    )
+    flags.DEFINE_bool("json", False, "Print one JSON object per image and line instead of a table.")
+    flags.DEFINE_integer(
+        "image_size",
+        None,
+        "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Images are resized to the model's own size with the resize inside the model, so the probabilities are those a server fed the whole image returns; another size is refused.",
+        lower_bound=8,
+        upper_bound=2048,
+    )
+    flags.DEFINE_integer("batch_size", 32, "Images per model call.", lower_bound=1)
+    flags.mark_flag_as_required("export_dir")
 
 
 def _image_files(paths: list[str]) -> list[str]:
@@ -147,8 +151,24 @@ class _Printer:
             print(json.dumps({"path": path, "error": reason}))
 
 
-def main(argv):
-    paths = argv[1:]
+def predict(
+    paths: list[str],
+    *,
+    export_dir: str,
+    top_k: int = 5,
+    as_json: bool = False,
+    image_size: int | None = None,
+    batch_size: int = 32,
+) -> int:
+    """Prints the `top_k` classes of every image file in `paths` (files, or folders searched for
+    image files) with the export in `export_dir`; arguments are the flags of the same names.
+
+    Returns:
+      The exit status: 0 if any image was predicted, else 1.
+
+    Raises:
+      cli.UsageError: bad input (one line).
+    """
     if not paths:
         raise cli.UsageError("no images given: python -m kft.predict --export_dir=D IMAGE_OR_FOLDER...")
     # Cheap checks before the model is loaded.
@@ -157,23 +177,23 @@ def main(argv):
         raise cli.UsageError(
             f"{missing[0]} does not exist" + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
         )
-    if not os.path.isdir(FLAGS.export_dir):
-        raise cli.UsageError(f"--export_dir={FLAGS.export_dir} does not exist or is not a directory")
+    if not os.path.isdir(export_dir):
+        raise cli.UsageError(f"--export_dir={export_dir} does not exist or is not a directory")
 
     import numpy as np
 
     from kft import export  # Heavy imports after the arguments are known to be good.
 
     try:
-        served = export.load_serving(FLAGS.export_dir)
+        served = export.load_serving(export_dir)
     except ValueError as e:
-        raise cli.UsageError(f"--export_dir={FLAGS.export_dir}: {e}") from None
+        raise cli.UsageError(f"--export_dir={export_dir}: {e}") from None
     class_names = list(served.class_names)
     try:
-        image_size = export.choose_image_size(FLAGS.image_size, served.image_size, served.path)
+        image_size = export.choose_image_size(image_size, served.image_size, served.path)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    top_k = min(FLAGS.top_k, len(class_names))
+    top_k = min(top_k, len(class_names))
 
     files = _image_files(paths)
     if not files:
@@ -181,9 +201,9 @@ def main(argv):
 
         extensions = ", ".join(data.IMAGE_EXTENSIONS)
         cli.fail(f"no image files ({extensions}, any case) under {' '.join(paths)}", 1)
-    printer = _Printer(FLAGS.json, files, class_names, top_k)
+    printer = _Printer(as_json, files, class_names, top_k)
     predicted = failed = 0
-    for chunk, decoded in _batches(files, image_size, FLAGS.batch_size):
+    for chunk, decoded in _batches(files, image_size, batch_size):
         good = [i for i, image in enumerate(decoded) if not isinstance(image, str)]
         probabilities = served(np.stack([decoded[i] for i in good])) if good else np.zeros((0, len(class_names)))
         rows = dict(zip(good, probabilities))
@@ -202,9 +222,23 @@ def main(argv):
     if failed:
         summary += f"; {failed} file{'s' if failed > 1 else ''} could not be decoded"
     # JSON mode keeps stdout to JSON lines only.
-    print(summary, file=sys.stderr if FLAGS.json else sys.stdout)
-    sys.exit(0 if predicted else 1)
+    print(summary, file=sys.stderr if as_json else sys.stdout)
+    return 0 if predicted else 1
+
+
+def main(argv):
+    sys.exit(
+        predict(
+            argv[1:],
+            export_dir=FLAGS.export_dir,
+            top_k=FLAGS.top_k,
+            as_json=FLAGS.json,
+            image_size=FLAGS.image_size,
+            batch_size=FLAGS.batch_size,
+        )
+    )
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

@@ -1,7 +1,6 @@
-"""`python -m kft.predict` end to end, as a user runs it: a subprocess on a tiny export.
-
-kft.predict is never imported here: its absl flags (--export_dir, --image_size, ...) clash with
-kft.flags in one process.
+"""`python -m kft.predict` end to end, as a user runs it: a subprocess on a tiny export; and its
+library function `kft.predict.predict` in this process, beside kft.train's flags (the entry
+point defines its flags only when run, so the two do not clash).
 """
 
 import json
@@ -120,6 +119,19 @@ def test_json_lines(setup):
     lines = error_lines(result.stderr)
     assert [line for line in lines if "broken.png" in line] == [f"error: {broken}: " + error["error"]]
     assert lines[-1] == f"predicted 6 images with {version} at {RUN_IMAGE_SIZE} px; 1 file could not be decoded"
+
+
+def test_the_library_predicts_in_process_beside_kft_train_flags(setup, capsys):
+    from kft import cli, predict
+    from kft import flags as kft_flags  # noqa: F401  (defines --image_size, --batch_size, ... too)
+
+    _, run, _, images, expected = setup
+    red = str(images / "red.png")
+    assert predict.predict([red], export_dir=str(run / "export"), as_json=True, top_k=1) == 0
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["path"] == red and record["top_k"][0]["class"] == expected[red] == "red"
+    with pytest.raises(cli.UsageError, match="does not exist"):
+        predict.predict([str(images / "absent.png")], export_dir=str(run / "export"))
 
 
 def test_table_with_defaults(setup):

@@ -5,7 +5,7 @@ kft.predict report for the same file: all of them resize with `kft.data.resize_i
 (bilinear, antialiased, rounded as the uint8 pipelines store pixels) to the size the model
 was trained at, which the export records.
 
-kft.evaluate and kft.predict run as subprocesses: their absl flags clash with kft.flags.
+kft.evaluate and kft.predict run as subprocesses, as a user runs them.
 """
 
 import json
