@@ -181,6 +181,35 @@ def fail(message: object, status: int) -> None:
     _exit_with_error(_program(sys.argv), message, status)
 
 
+def disk_error_line(e: OSError) -> str:
+    """The one line for a write the disk refused. HDF5 reports a full disk as an OSError without
+    errno or filename, inside a paragraph naming both: those are what the line says."""
+    text = str(e)
+    reason = e.strerror or text
+    if e.errno == errno.ENOSPC or "No space left" in text:
+        reason = os.strerror(errno.ENOSPC)
+    path = e.filename
+    if not path:
+        match = re.search(r"filename = '([^']+)'", text)
+        path = match.group(1) if match else None
+    where = f" writing {path}" if path else ""
+    return (
+        f"{reason}{where}; files are as the last complete checkpoint left them "
+        "(free space or fix permissions, then rerun the same command to resume)"
+    )
+
+
+def _fail_on_disk_error(e: OSError) -> None:
+    """Prints `disk_error_line` and exits 1 without the interpreter's teardown: there h5py
+    flushes the files still open onto the full disk, and HDF5 aborts the process (seen: a run
+    that had printed its error line then died by a signal)."""
+    logging.debug("%s: error, in full: %s", _program(sys.argv), e, exc_info=e)
+    print(error_line(disk_error_line(e), _program(sys.argv)), file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
 def run(main) -> None:
     """Runs `main(argv)` under absl with flag errors and UsageError as one line and exit 2."""
 
@@ -199,12 +228,7 @@ def run(main) -> None:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES) or any(
                 reason in str(e) for reason in ("No space left", "File too large", "Disk quota")
             ):
-                where = f" writing {e.filename}" if e.filename else ""
-                fail(
-                    f"{e.strerror or e}{where}; files are as the last complete checkpoint left them "
-                    "(free space or fix permissions, then rerun the same command to resume)",
-                    1,
-                )
+                _fail_on_disk_error(e)
             raise
 
     app.run(guarded, flags_parser=_parse_flags_or_exit)

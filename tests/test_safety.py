@@ -484,3 +484,31 @@ def test_a_full_disk_while_rewriting_h5_keeps_the_old_file(tmp_path):
     line = one_error_line(result, status=1)
     assert f"No space left on device writing {path};" in line
     assert path.read_bytes() == old and sorted(os.listdir(tmp_path)) == ["backbone.weights.h5"]
+
+
+def test_a_full_disk_reported_by_hdf5_alone_is_one_line_naming_its_file(tmp_path):
+    """Where kft's own write wrapper is not around (a resume checkpoint's temporary directory),
+    HDF5's paragraph is all there is: the line gives its reason and file, and the process ends
+    at once (no teardown flushing open HDF5 files onto the full disk)."""
+    script = (
+        "import h5py, sys\n"
+        "from kft import cli\n"
+        "def main(argv):\n"
+        "    held = h5py.File(sys.argv[1], 'w')  # Still open when the error ends the program.\n"
+        "    held.create_dataset('x', data=[1, 2, 3])\n"
+        "    raise OSError(\"Can't synchronously write data (file write failed: time = Wed Dec  2 04:52:05 2026\\n"
+        ", filename = '/runs/a/ckpt/.tmp-1/model.weights.h5', file descriptor = 6, errno = 28, error message = "
+        "'No space left on device', buf = 0x1, total write size = 6384)\")\n"
+        "cli.run(main)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "open.h5")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    line = one_error_line(result, status=1)
+    assert "error: No space left on device writing /runs/a/ckpt/.tmp-1/model.weights.h5; files are as" in line
