@@ -33,9 +33,9 @@ def build_classifier(config: Config, num_classes: int, weights: str | None = "co
 
 
 def check_model(config: Config, num_classes: int) -> None:
-    """Builds the model once as kft.trainer.train will (without downloading ImageNet weights: their shapes
-    are the architecture's) and checks the stages, the source task's included, against its
-    blocks and a --weights file against the backbone; writes nothing.
+    """Builds the model once as kft.trainer.train will (without downloading ImageNet weights:
+    their shapes are the architecture's) and checks the stages, the source task's included,
+    against its blocks and a --weights file against the backbone; writes nothing.
 
     Raises:
       ValueError: one line.
