@@ -1103,11 +1103,18 @@ def digits_outside_training(
     parsed = parse_spec(spec)
     if not isinstance(parsed, DigitsSpec):
         raise ValueError(f"data spec {spec!r}: digits_outside_training takes digits[:CLASSES] only")
+    images, labels, class_names, train_index, _ = _digits_split(parsed, val_fraction, seed, train_limit_per_class)
+    outside = np.setdiff1d(np.arange(len(labels)), train_index)
+    return images[outside], labels[outside], class_names
+
+
+def _digits_split(parsed: DigitsSpec, val_fraction: float, seed: int, train_limit_per_class: int | None):
+    """The digits of `parsed` and the seeded split `load` makes: (images, labels, class names,
+    train indices, validation indices)."""
     images, labels = _digits_arrays(parsed.classes)
     class_names = tuple(str(c) for c in parsed.classes)
-    train_per_class, _ = _split_per_class(labels, class_names, val_fraction, seed, "digits")
-    outside = np.setdiff1d(np.arange(len(labels)), _limit_train(train_per_class, train_limit_per_class))
-    return images[outside], labels[outside], class_names
+    train_per_class, val_index = _split_per_class(labels, class_names, val_fraction, seed, "digits")
+    return images, labels, class_names, _limit_train(train_per_class, train_limit_per_class), val_index
 
 
 def _digits_pipeline(
@@ -1139,10 +1146,9 @@ def _digits_pipeline(
 def _load_digits(
     parsed: DigitsSpec, *, image_size, batch_size, val_fraction, seed, train_limit_per_class, cache_bytes
 ) -> Splits:
-    images, labels = _digits_arrays(parsed.classes)
-    class_names = tuple(str(c) for c in parsed.classes)
-    train_per_class, val_index = _split_per_class(labels, class_names, val_fraction, seed, "digits")
-    train_index = _limit_train(train_per_class, train_limit_per_class)
+    images, labels, class_names, train_index, val_index = _digits_split(
+        parsed, val_fraction, seed, train_limit_per_class
+    )
 
     def build(batch_size: int) -> Splits:
         common = dict(image_size=image_size, batch_size=batch_size, seed=seed, cache_bytes=cache_bytes)

@@ -47,7 +47,7 @@ def run_seed(seed: int, work_dir: str) -> dict:
     test_dir = os.path.join(work_dir, f"test-{seed}")
     eval_path = os.path.join(test_dir, "eval", "eval.json")
     if not os.path.exists(eval_path):
-        _write_held_out(seed, os.path.join(test_dir, "images"))
+        _write_held_out(model_dir, os.path.join(test_dir, "images"))
         subprocess.run(
             [
                 sys.executable,
@@ -73,27 +73,23 @@ def run_seed(seed: int, work_dir: str) -> dict:
     }
 
 
-def _write_held_out(seed: int, folder: str) -> None:
-    """Writes every digit 5-9 that the quickstart's training with this seed never sees."""
-    from kft import data  # The quickstart's own split, so the held-out set is exactly the rest.
+def _write_held_out(model_dir: str, folder: str) -> None:
+    """Writes every digit that the fine-tune in `model_dir` never saw in training."""
+    from kft import data, runfiles  # The run's own split, so the held-out set is exactly the rest.
 
-    flags = _quickstart_flags()
+    config = runfiles.read_config(model_dir)
+    if config is None:
+        raise SystemExit(f"quickstart_seeds: {model_dir} has no run.json (written by kft from this version on)")
     images, labels, class_names = data.digits_outside_training(
-        flags["dataset"],
-        val_fraction=float(flags.get("val_fraction", 0.1)),
-        seed=seed,
-        train_limit_per_class=int(flags["train_limit_per_class"]),
+        config.dataset,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        train_limit_per_class=config.train_limit_per_class or None,
     )
     for index, (image, label) in enumerate(zip(images, labels)):
         class_dir = os.path.join(folder, class_names[label])
         os.makedirs(class_dir, exist_ok=True)
         Image.fromarray(np.squeeze(image, -1)).save(os.path.join(class_dir, f"{index:04d}.png"))
-
-
-def _quickstart_flags() -> dict:
-    with open(os.path.join(ROOT, "configs", "quickstart.cfg")) as f:
-        lines = [line.strip() for line in f if line.startswith("--") and "=" in line]
-    return dict(line[2:].split("=", 1) for line in lines)
 
 
 def _read(path: str) -> dict:
