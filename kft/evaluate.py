@@ -88,26 +88,14 @@ def define_flags() -> None:
 _PROGRESS_EVERY = 20
 
 
-def _training_setting(run_dir: str | None, name: str, parse, default):
-    """The Config field `name` of the training run in `run_dir` (its run.json; for a run from kft
-    before run.json, its flags.cfg), else `default`."""
-    if not run_dir:
-        return default
+def _training_settings(run_dir: str, defaults: dict) -> dict:
+    """`defaults` with the values the training run in `run_dir` recorded (kft.runfiles)."""
     from kft import runfiles
 
     try:
-        config = runfiles.read_config(run_dir)
+        return runfiles.recorded_settings(run_dir, defaults)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    if config is not None:
-        return getattr(config, name)
-    path = os.path.join(run_dir, "flags.cfg")
-    if os.path.isfile(path):
-        with open(path) as f:
-            for line in f:
-                if line.strip().startswith(f"--{name}="):
-                    return parse(line.strip().split("=", 1)[1])
-    return default
 
 
 def _load_model(export_dir: str | None, model_dir: str | None):
@@ -218,10 +206,10 @@ def evaluate(
         image_size = export.choose_image_size(image_size, model_image_size, model_path)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    if val_fraction is None:
-        val_fraction = _training_setting(run_dir, "val_fraction", float, 0.1)
-    if seed is None:
-        seed = _training_setting(run_dir, "seed", int, 0)
+    if val_fraction is None or seed is None:  # digits' split: as the run made it
+        recorded = _training_settings(run_dir, {"val_fraction": 0.1, "seed": 0})
+        val_fraction = recorded["val_fraction"] if val_fraction is None else val_fraction
+        seed = recorded["seed"] if seed is None else seed
     try:
         # With class_names, labels index the model's classes; a source with other classes
         # (or, for TFDS and digits, another order) is rejected, naming both lists.

@@ -33,6 +33,29 @@ def read_config(model_dir: str) -> Config | None:
         raise ValueError(f"{path}: {e}") from None
 
 
+def recorded_settings(model_dir: str, defaults: dict) -> dict:
+    """The Config fields named in `defaults` as the run in `model_dir` recorded them: its
+    run.json, or for a run from kft before run.json the flags.cfg lines given (read as the
+    default's type); a field recorded nowhere keeps its default.
+
+    Raises:
+      ValueError: an unreadable run.json (one line).
+    """
+    config = read_config(model_dir)
+    if config is not None:
+        return {name: getattr(config, name) for name in defaults}
+    values = dict(defaults)
+    path = os.path.join(model_dir, "flags.cfg")
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                name, _, value = line.removeprefix("--").partition("=")
+                if line.startswith("--") and name in defaults:
+                    values[name] = type(defaults[name])(value)
+    return values
+
+
 def check_same_classes(model_dir: str, class_names) -> None:
     """Refuses to resume a run whose data now has other classes, before any file is written
     (the run's classes.json, read by kft.evaluate and the exports, must stay its own).
@@ -80,14 +103,8 @@ def load_classifier(model_dir: str) -> tuple[model.Classifier, tuple[str, ...], 
             "its kft.train command to finish it"
         )
     meta = checkpoint.read_json_or_fail(meta_path, "the run's class list")
-    config = read_config(model_dir)
-    if config is not None:
-        head = model.HeadConfig(len(meta["class_names"]), config.dropout, config.hidden_units)
-    else:  # A run from kft before run.json: its flags.cfg, where the head's flags were given.
-        flags_cfg = _read_head_flags(os.path.join(model_dir, "flags.cfg"))
-        head = model.HeadConfig(
-            len(meta["class_names"]), flags_cfg.get("dropout", 0.2), flags_cfg.get("hidden_units", 0)
-        )
+    settings = recorded_settings(model_dir, {"dropout": 0.2, "hidden_units": 0})
+    head = model.HeadConfig(len(meta["class_names"]), settings["dropout"], settings["hidden_units"])
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
     try:
@@ -96,16 +113,3 @@ def load_classifier(model_dir: str) -> tuple[model.Classifier, tuple[str, ...], 
         keras.mixed_precision.set_global_policy(previous)
     checkpoint.load_model_weights(classifier, weights_path)
     return classifier, tuple(meta["class_names"]), meta["image_size"]
-
-
-def _read_head_flags(path: str) -> dict:
-    values = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line.startswith("--dropout="):
-                    values["dropout"] = float(line.split("=", 1)[1])
-                elif line.startswith("--hidden_units="):
-                    values["hidden_units"] = int(line.split("=", 1)[1])
-    return values
