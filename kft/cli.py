@@ -118,13 +118,17 @@ def error_line(message: object, program: str | None = None, limit: int = ERROR_L
     return prefix + body
 
 
-def _exit_with_error(program: str, message: object, status: int) -> None:
+def _exit_with_error(program: str, message: object, status: int, at_once: bool = False) -> None:
     """Logs the whole message (and the exception's traceback) at debug level, prints its one
-    error line, and exits with `status`."""
+    error line, and exits with `status`; `at_once` skips the interpreter's teardown."""
     text = _message_text(message)
     exc_info = message if isinstance(message, BaseException) else None
     logging.debug("%s: error, in full: %s", program, text, exc_info=exc_info)
     print(error_line(text, program), file=sys.stderr)
+    if at_once:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status)
 
 
@@ -199,17 +203,6 @@ def disk_error_line(e: OSError) -> str:
     )
 
 
-def _fail_on_disk_error(e: OSError) -> None:
-    """Prints `disk_error_line` and exits 1 without the interpreter's teardown: there h5py
-    flushes the files still open onto the full disk, and HDF5 aborts the process (seen: a run
-    that had printed its error line then died by a signal)."""
-    logging.debug("%s: error, in full: %s", _program(sys.argv), e, exc_info=e)
-    print(error_line(disk_error_line(e), _program(sys.argv)), file=sys.stderr)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
-
-
 def run(main) -> None:
     """Runs `main(argv)` under absl with flag errors and UsageError as one line and exit 2."""
 
@@ -228,7 +221,11 @@ def run(main) -> None:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES) or any(
                 reason in str(e) for reason in ("No space left", "File too large", "Disk quota")
             ):
-                _fail_on_disk_error(e)
+                logging.debug("the disk refused a write, in full:", exc_info=e)
+                # At once: at teardown h5py flushes the files still open onto the full disk and
+                # HDF5 aborts the process (seen: a run that had printed its error line then died
+                # by a signal).
+                _exit_with_error(_program(sys.argv), disk_error_line(e), 1, at_once=True)
             raise
 
     app.run(guarded, flags_parser=_parse_flags_or_exit)
