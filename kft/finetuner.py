@@ -9,6 +9,8 @@ kft.train), kft.lr_find, the benchmarks and the tests all use these.
 penalty, the --regularizer's feature term, layer-wise learning rates and a weight EMA.
 """
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
@@ -20,15 +22,10 @@ from kft.config import Config
 BN_TRAIN_MOMENTUM = 0.9
 
 
-def build_classifier(config: Config, num_classes: int, weights: str | None = "config") -> tuple[model.Classifier, list]:
-    """The backbone with its new head, as `config` describes them, and the backbone's blocks.
-
-    Args:
-      weights: None, "imagenet" or a weights file; "config" (the default): `config.weights`.
-    """
+def build_classifier(config: Config, num_classes: int) -> tuple[model.Classifier, list]:
+    """The backbone with its new head, as `config` describes them, and the backbone's blocks."""
     head = model.HeadConfig(num_classes, config.dropout, config.hidden_units)
-    chosen = config.weights if weights == "config" else weights
-    classifier = model.build_classifier(config.backbone, config.image_size, chosen, head)
+    classifier = model.build_classifier(config.backbone, config.image_size, config.weights, head)
     return classifier, backbones.blocks(classifier.spec, classifier.backbone)
 
 
@@ -44,7 +41,7 @@ def check_model(config: Config, num_classes: int) -> None:
     if config.pretrain_dataset:
         weights = None  # The source task's weights do not exist yet.
     try:
-        _, blocks = build_classifier(config, num_classes, weights)
+        _, blocks = build_classifier(dataclasses.replace(config, weights=weights), num_classes)
         names = [b.name for b in blocks]
         schedule.validate_against_blocks(config.stages, names)
         if config.pretrain_dataset:
