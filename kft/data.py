@@ -19,6 +19,7 @@ Spec strings (`parse_spec` documents the grammar; each prefix is a registered so
   `tfds:cifar10,train=train[:20%]`. Defaults: train=`train`; val=`validation` when the dataset
   has one, else the last `val_fraction` of train (TFDS split slicing); test=`test` (or
   `validation` if there is no test split). The test split is only read by `load_eval`.
+  val_fraction=0 carves nothing: a source without a validation split of its own then has none.
 * `folder:PATH`: one subfolder per class. If PATH has `train/`, `val/` or `test/` subfolders it
   is a split layout (each of those has one subfolder per class); otherwise the class folders
   sit directly in PATH and `load` carves a seeded, stratified validation split.
@@ -171,6 +172,11 @@ class DigitsSpec:
             train_limit_per_class=None,
             cache_bytes=CACHE_LIMIT_BYTES,
         )
+        if splits.val is None:
+            raise ValueError(
+                f"data spec {spec!r}: val_fraction=0 holds out no digits to evaluate on "
+                "(the run trained on all of them)"
+            )
         return splits.val, splits.class_names, 0
 
 
@@ -257,7 +263,8 @@ class Splits:
       train: batches `(uint8 [B, S, S, 3], int32 [B])`, shuffled with a seed and reshuffled
         every epoch; one finite pass per epoch (not repeated). Drops the last partial batch
         unless the whole set is smaller than one batch.
-      val: the same, in a fixed order, with the partial last batch kept.
+      val: the same, in a fixed order, with the partial last batch kept; None when there is
+        no validation split (val_fraction=0 on a source without one of its own).
       class_names: label i is `class_names[i]`.
       num_train: examples in one pass of `train` (before dropping the partial batch).
       num_val: examples in one pass of `val`.
@@ -267,10 +274,12 @@ class Splits:
       batch_size: the batch size of the pipelines (0 if unknown).
       rebuild: `rebuild(batch_size)` -> the same Splits batched differently, without reading
         the source again (see `with_batch_size`).
+      val_carved: the validation split was carved out of the training images by
+        `val_fraction` (else it is the source's own, or there is none).
     """
 
     train: tf.data.Dataset
-    val: tf.data.Dataset
+    val: tf.data.Dataset | None
     class_names: tuple[str, ...]
     num_train: int
     num_val: int
@@ -278,6 +287,7 @@ class Splits:
     train_in_order: tf.data.Dataset | None = None
     batch_size: int = 0
     rebuild: Callable[[int], "Splits"] | None = dataclasses.field(default=None, repr=False, compare=False)
+    val_carved: bool = False
 
     def with_batch_size(self, batch_size: int) -> "Splits":
         """These splits in batches of `batch_size` (a folder is not scanned again)."""
@@ -306,7 +316,7 @@ def load(
       image_size: side S of the square uint8 images produced (aspect ratio is not kept).
       batch_size: examples per batch.
       val_fraction: share of each class held out for validation when the source has no
-        validation split of its own (stratified for folder and digits).
+        validation split of its own (stratified for folder and digits); 0 holds out nothing.
       seed: seeds the validation carve-out, `train_limit_per_class` and the shuffling.
       data_dir: TFDS data directory (TFDS sources only).
       train_limit_per_class: keep at most this many training examples per class (few-shot
@@ -325,8 +335,8 @@ def load(
     """
     parsed = parse_spec(spec)
     _check_sizes(image_size, batch_size)
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction!r}: must be in (0, 1)")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction={val_fraction!r}: must be in [0, 1) (0: no validation split)")
     if train_limit_per_class is not None and train_limit_per_class < 1:
         raise ValueError(f"train_limit_per_class={train_limit_per_class!r}: must be >= 1 or None")
     kwargs = dict(
@@ -520,8 +530,11 @@ def _round_half_up(x: float) -> int:
 # TFDS.
 
 
-def _tfds_train_val_splits(spec: TfdsSpec, available: Collection[str], val_fraction: float) -> tuple[str, str]:
-    """The TFDS split strings for train and validation; never the test split by default.
+def _tfds_train_val_splits(
+    spec: TfdsSpec, available: Collection[str], val_fraction: float
+) -> tuple[str, str | None, bool]:
+    """The TFDS split strings for train and validation (None: no validation split) and whether
+    validation is carved out of train; never the test split by default.
 
     `available` is empty when TFDS does not know the splits (e.g. under
     `tfds.testing.mock_data` without metadata files).
@@ -531,9 +544,11 @@ def _tfds_train_val_splits(spec: TfdsSpec, available: Collection[str], val_fract
             f"tfds:{spec.name} has no split {spec.train!r}; it has {sorted(available)} (choose with train=SPLIT)"
         )
     if spec.val is not None:
-        return spec.train, spec.val
+        return spec.train, spec.val, False
     if "validation" in available:
-        return spec.train, "validation"
+        return spec.train, "validation", False
+    if val_fraction == 0:
+        return spec.train, None, False
     if not re.fullmatch(r"[\w-]+", spec.train):
         raise ValueError(
             f"tfds:{spec.name} has no validation split and train={spec.train!r} "
@@ -541,7 +556,7 @@ def _tfds_train_val_splits(spec: TfdsSpec, available: Collection[str], val_fract
         )
     # Both halves use the same boundary string, so TFDS rounds them into an exact partition.
     boundary = f"{round(100.0 * (1.0 - val_fraction), 6):g}"
-    return f"{spec.train}[:{boundary}%]", f"{spec.train}[{boundary}%:]"
+    return f"{spec.train}[:{boundary}%]", f"{spec.train}[{boundary}%:]", True
 
 
 def _tfds_eval_split(spec: TfdsSpec, available: Collection[str]) -> str:
@@ -678,16 +693,16 @@ def _load_tfds(
 ) -> Splits:
     builder = _tfds_builder(spec, data_dir)
     class_names = tuple(builder.info.features["label"].names)
-    train_split, val_split = _tfds_train_val_splits(spec, set(builder.info.splits), val_fraction)
+    train_split, val_split, carved = _tfds_train_val_splits(spec, set(builder.info.splits), val_fraction)
     # Counting first: it decides caching, and uncached big sets read shuffled files.
     num_train = _count(
         _tfds_limit(
             _tfds_dataset(builder, train_split, shuffle_files=False, seed=seed), train_limit_per_class, len(class_names)
         )
     )
-    val = _tfds_dataset(builder, val_split, shuffle_files=False, seed=seed)
-    num_val = _count(val)
-    if num_train == 0 or num_val == 0:
+    val = None if val_split is None else _tfds_dataset(builder, val_split, shuffle_files=False, seed=seed)
+    num_val = 0 if val is None else _count(val)
+    if num_train == 0 or (val is not None and num_val == 0):
         raise ValueError(
             f"tfds:{spec.name}: train split {train_split!r} has {num_train} and "
             f"validation split {val_split!r} has {num_val} examples; both need "
@@ -710,7 +725,9 @@ def _load_tfds(
             train=_finish(
                 train.map(decode, num_parallel_calls=AUTOTUNE), num_examples=num_train, training=True, **common
             ),
-            val=_finish(val.map(decode, num_parallel_calls=AUTOTUNE), num_examples=num_val, training=False, **common),
+            val=None
+            if val is None
+            else _finish(val.map(decode, num_parallel_calls=AUTOTUNE), num_examples=num_val, training=False, **common),
             class_names=class_names,
             num_train=num_train,
             num_val=num_val,
@@ -723,6 +740,7 @@ def _load_tfds(
             ),
             batch_size=batch_size,
             rebuild=build,
+            val_carved=carved,
         )
 
     return build(batch_size)
@@ -931,6 +949,7 @@ def _split_per_class(
     Each class is permuted by its own generator, seeded from (seed, class name), so a class
     gets the same split whatever other classes are present (digits:0-4 vs digits).
     The train indices keep the permuted order, so "the first N" is a seeded random subset.
+    val_fraction=0 holds out nothing.
     """
     train, val = [], []
     for index, name in enumerate(class_names):
@@ -938,7 +957,7 @@ def _split_per_class(
         rng = np.random.default_rng([seed % 2**32, zlib.crc32(name.encode())])
         members = rng.permutation(members)
         num_val = _round_half_up(len(members) * val_fraction)
-        if num_val == 0 or num_val == len(members):
+        if (num_val == 0 and val_fraction > 0) or num_val == len(members):
             raise ValueError(
                 f"{what}: val_fraction={val_fraction} leaves class {name!r} ({len(members)} "
                 f"images) with {len(members) - num_val} train and {num_val} val images; "
@@ -1006,7 +1025,8 @@ def _load_folder(
     files, bad = _scan_folder(spec, train_root, class_names)
     total = len(files.labels) + len(bad)
     val_root = os.path.join(root, "val")
-    if split_layout and os.path.isdir(val_root):
+    carved = not (split_layout and os.path.isdir(val_root))
+    if not carved:
         val_classes = _class_dirs(spec, val_root)
         val_files, val_bad = _scan_folder(spec, val_root, val_classes, allowed=class_names)
         missing = sorted(set(class_names) - set(val_classes))
@@ -1032,7 +1052,7 @@ def _load_folder(
         common = dict(image_size=image_size, batch_size=batch_size, seed=seed, cache=cache)
         return Splits(
             train=_folder_pipeline(train_files, training=True, **common),
-            val=_folder_pipeline(val_files, training=False, **common),
+            val=_folder_pipeline(val_files, training=False, **common) if num_val else None,
             class_names=tuple(class_names),
             num_train=num_train,
             num_val=num_val,
@@ -1040,6 +1060,7 @@ def _load_folder(
             train_in_order=_folder_pipeline(train_files, training=False, **{**common, "cache": False}),
             batch_size=batch_size,
             rebuild=build,
+            val_carved=carved and num_val > 0,
         )
 
     return build(batch_size)
@@ -1154,7 +1175,9 @@ def _load_digits(
         common = dict(image_size=image_size, batch_size=batch_size, seed=seed, cache_bytes=cache_bytes)
         return Splits(
             train=_digits_pipeline(images[train_index], labels[train_index], training=True, **common),
-            val=_digits_pipeline(images[val_index], labels[val_index], training=False, **common),
+            val=_digits_pipeline(images[val_index], labels[val_index], training=False, **common)
+            if len(val_index)
+            else None,
             class_names=class_names,
             num_train=len(train_index),
             num_val=len(val_index),
@@ -1164,6 +1187,7 @@ def _load_digits(
             ),
             batch_size=batch_size,
             rebuild=build,
+            val_carved=len(val_index) > 0,
         )
 
     return build(batch_size)

@@ -30,6 +30,8 @@ def source_config(config: Config, model_dir: str) -> Config:
         batch_size=config.pretrain_batch_size or config.batch_size,
         checkpoint_selection="auto",
         train_limit_per_class=0,
+        # The source task holds out its own validation split even where the target has none.
+        val_fraction=config.val_fraction or Config.val_fraction,
         # Nothing pretrained to stay close to yet: the source task trains freely.
         l2sp_alpha=0.0,
         regularizer="none",
@@ -133,12 +135,12 @@ def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
         source = source_config(config, os.path.join(config.model_dir, "pretrain"))
         logging.info("source task: training %s on %s", config.backbone, source.dataset)
         source_metrics = trainer.train(source)
-        print(f"source task {source.dataset}: best val accuracy {source_metrics['best_val_accuracy']:.4f}")
+        print(f"source task {source.dataset}: best val accuracy {_accuracy(source_metrics)}")
         config = dataclasses.replace(config, weights=os.path.join(source.model_dir, "backbone.weights.h5"))
 
     previous = _previous_metrics(config.model_dir)
     metrics = trainer.train(config, splits=splits, flagfile_text=flagfile_text)
-    print(f"fine-tuned on {config.dataset}: best val accuracy {metrics['best_val_accuracy']:.4f}")
+    print(f"fine-tuned on {config.dataset}: best val accuracy {_accuracy(metrics)}")
 
     if config.export_dir != "none" or config.export_tflite != "off":
         classifier, class_names, image_size = runfiles.load_classifier(config.model_dir)
@@ -177,11 +179,16 @@ def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
         scratch_metrics = trainer.train(scratch, splits=splits)
         metrics["scratch_best_val_accuracy"] = scratch_metrics["best_val_accuracy"]
         print(
-            f"transfer check on {config.dataset}: fine-tuned {metrics['best_val_accuracy']:.4f} vs "
-            f"from scratch {scratch_metrics['best_val_accuracy']:.4f} (same backbone and training length)"
+            f"transfer check on {config.dataset}: fine-tuned {_accuracy(metrics)} vs "
+            f"from scratch {_accuracy(scratch_metrics)} (same backbone and training length)"
         )
     checkpoint.write_json(os.path.join(config.model_dir, "metrics.json"), metrics)
     return metrics
+
+
+def _accuracy(metrics: dict) -> str:
+    value = metrics["best_val_accuracy"]
+    return "n/a (no validation split)" if value is None else f"{value:.4f}"
 
 
 def _previous_metrics(model_dir: str) -> dict:
@@ -221,7 +228,8 @@ def _remove_interrupted_exports(export_base: str) -> None:
 
 
 def _validation_batch(config: Config, limit: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """A batch of validation images and labels to check exports against the Keras model."""
+    """A batch of validation images and labels (training images without a validation split)
+    to check exports against the Keras model."""
     splits = trainer.load_splits(config, batch_size=limit)
-    images, labels = next(iter(splits.val))
+    images, labels = next(iter(splits.val if splits.val is not None else splits.train_in_order))
     return np.asarray(images), np.asarray(labels)

@@ -54,12 +54,12 @@ def cache_features(
 
     Returns:
       (train, val) datasets of (float32 features, int32 labels); train reshuffles each epoch
-      and keeps the image pipeline's batch layout.
+      and keeps the image pipeline's batch layout; val is None where splits.val is.
     """
     started = time.time()
     # One pass over the training pipeline as an epoch sees it (its batches, partial one dropped).
     train_x, train_y = features_of(classifier, splits.train)
-    val_x, val_y = features_of(classifier, splits.val)
+    val_x, val_y = features_of(classifier, splits.val) if splits.val is not None else (None, [])
     drop = len(train_y) >= batch_size
     train = (
         tf.data.Dataset.from_tensor_slices((train_x, train_y))
@@ -67,7 +67,9 @@ def cache_features(
         .batch(batch_size, drop_remainder=drop)
         .prefetch(tf.data.AUTOTUNE)
     )
-    val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    val = None
+    if val_x is not None:
+        val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
     logging.info(
         "cached %d train and %d val feature vectors of size %d in %.1fs",
         len(train_y),

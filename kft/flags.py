@@ -4,6 +4,7 @@ Validators run while absl parses the command line, so a bad value stops the prog
 line naming the flag, the value and what is allowed, before any model is built or file written.
 """
 
+import dataclasses
 import math
 import os
 import re
@@ -57,7 +58,7 @@ flags.DEFINE_enum(
     "recipe",
     "auto",
     ["auto", "none"],
-    "auto: derive --batch_size, --stages and --augment from the training set's size (a linear probe, then every block for a number of optimizer steps that follows BiT-HyperRule; see kft/recipe.py); a flag you give wins. none: the flags' own defaults. The resolved values are printed and written to MODEL_DIR/flags.cfg.",
+    "auto: derive --batch_size, --stages, --augment (and --val_fraction=0 when the validation split would be too small to rank checkpoints) from the training set's size (a linear probe, then every block for a number of optimizer steps that follows BiT-HyperRule; see kft/recipe.py); a flag you give wins. none: the flags' own defaults. The resolved values are printed and written to MODEL_DIR/flags.cfg.",
 )
 # Data.
 flags.DEFINE_string(
@@ -69,7 +70,7 @@ flags.DEFINE_string("data_dir", None, "Where TFDS keeps (or finds already downlo
 flags.DEFINE_float(
     "val_fraction",
     0.1,
-    "Fraction of the training data held out for validation when the source has no validation split.",
+    "Fraction of the training data held out for validation when the source has no validation split; 0 holds out nothing (every image trains, the run keeps the end of its schedule).",
 )
 flags.DEFINE_integer(
     "train_limit_per_class", 0, "Keep at most this many training images per class (0 = all); makes a few-shot task."
@@ -234,7 +235,7 @@ _checked("backbone", backbones.get)
 _checked("stages", schedule.parse_stages)
 _checked("pretrain_stages", schedule.parse_stages)
 _checked("augment", augment.parse)
-_range("val_fraction", 0.0, 0.9, low_open=True)
+_range("val_fraction", 0.0, 0.9)
 _range("train_limit_per_class", 0)
 _range("image_size", 0, MAX_IMAGE_SIZE)
 _range("dropout", 0.0, 0.95)
@@ -324,12 +325,15 @@ def config_from_flags() -> Config:
     )
 
 
-RECIPE_FLAGS = ("batch_size", "stages", "augment")
+RECIPE_FLAGS = ("batch_size", "stages", "augment", "val_fraction")
 
 
-def apply_recipe(num_train: int, num_classes: int, mirror=None) -> str | None:
+def apply_recipe(num_train: int, num_classes: int, mirror=None, unused_val: int = 0) -> str | None:
     """With --recipe=auto, sets the recipe's flags the user did not give (kft.recipe) and turns
     --recipe to none, so the resolved flagfile reproduces the run without deriving it again.
+
+    Args:
+      num_train, num_classes, mirror, unused_val: as kft.recipe.derive takes them.
 
     Returns:
       The recipe as a printable block, or None with --recipe=none.
@@ -338,7 +342,12 @@ def apply_recipe(num_train: int, num_classes: int, mirror=None) -> str | None:
         return None
     given = {name: FLAGS[name].value for name in RECIPE_FLAGS if FLAGS[name].present}
     derived = recipe.derive(
-        num_train, num_classes, hidden_units=FLAGS.hidden_units, batch_size=given.get("batch_size"), mirror=mirror
+        num_train,
+        num_classes,
+        hidden_units=FLAGS.hidden_units,
+        batch_size=given.get("batch_size"),
+        mirror=mirror,
+        unused_val=unused_val,
     )
     if FLAGS.pretrain_dataset and not FLAGS.pretrain_batch_size:
         FLAGS.pretrain_batch_size = FLAGS.batch_size  # Before the recipe resizes it.
@@ -349,25 +358,46 @@ def apply_recipe(num_train: int, num_classes: int, mirror=None) -> str | None:
     return recipe.describe(derived, given)
 
 
-def config_and_splits(load_splits):
+def config_and_splits(load_splits, *, may_drop_validation: bool = False):
     """The run's Config and data, with --recipe=auto resolved against the training set.
 
     Args:
       load_splits: Config -> kft.data.Splits (kft.trainer.load_splits).
+      may_drop_validation: whether the recipe may train on a carved validation split too small
+        to rank checkpoints (kft.train; kft.tune ranks its trials on it).
 
     Returns:
       (config, splits batched as config says, the recipe block or None).
     """
     config = config_from_flags()
     splits = load_splits(config)
+    schedule.check_selection(config.checkpoint_selection, splits.num_val)
+    unused_val = 0
+    if may_drop_validation and _validation_unrankable(splits):
+        everything = load_splits(dataclasses.replace(config, val_fraction=0.0))
+        if everything.num_train > splits.num_train:  # A training-image limit may take none of them.
+            unused_val, splits = splits.num_val, everything
     mirror = None
     if FLAGS.recipe == "auto" and not FLAGS["augment"].present:
         mirror = recipe.mirror_check(*_sample(splits, recipe.MIRROR_SAMPLE))
-    block = apply_recipe(splits.num_train, len(splits.class_names), mirror)
+    block = apply_recipe(splits.num_train, len(splits.class_names), mirror, unused_val)
     if block is not None:
         config = config_from_flags()
         splits = splits.with_batch_size(config.batch_size)
     return config, splits, block
+
+
+def _validation_unrankable(splits) -> bool:
+    """Whether --recipe=auto may do without the validation split: kft carved it (the user
+    gave no --val_fraction and the source has none of its own), it is too small to rank
+    checkpoints, and no --checkpoint_selection=best asks to rank them."""
+    return (
+        FLAGS.recipe == "auto"
+        and not FLAGS["val_fraction"].present
+        and FLAGS.checkpoint_selection != "best"
+        and splits.val_carved
+        and splits.num_val < schedule.MIN_RANKING_VAL
+    )
 
 
 def _sample(splits, limit: int):

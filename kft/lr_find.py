@@ -162,7 +162,7 @@ def main(argv):
     from kft import trainer
 
     try:
-        config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits)
+        config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits, may_drop_validation=True)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     if recipe_block:

@@ -278,7 +278,7 @@ def fit(
     *,
     global_batch: int,
     steps_per_epoch,
-    validation_data: tf.data.Dataset,
+    validation_data: tf.data.Dataset | None,
     initial_epoch: int,
     epochs: int,
     callbacks,
@@ -292,7 +292,8 @@ def fit(
       global_batch: the batch size of `data`.
       steps_per_epoch: steps per epoch over repeated `data`, or None for one pass.
       validation_data: validated by every worker in full with its (identical) weights, so no
-        collective is needed; the callbacks see the same numbers as on one machine.
+        collective is needed; the callbacks see the same numbers as on one machine. None: no
+        validation.
       initial_epoch, epochs: as for Model.fit.
       callbacks: Keras callbacks; called with on_epoch_begin, on_train_batch_end, on_test_begin,
         on_test_end and on_epoch_end.
@@ -320,12 +321,13 @@ def fit(
             logs = {k: float(v) for k, v in train_step(iterator).items()}
             for callback in callbacks:
                 callback.on_train_batch_end(step, logs)
-        for callback in callbacks:
-            callback.on_test_begin()
-        val_loss, val_accuracy = _validate(predict, validation_data)
-        for callback in callbacks:
-            callback.on_test_end()
-        logs.update(val_loss=val_loss, val_accuracy=val_accuracy)
+        if validation_data is not None:
+            for callback in callbacks:
+                callback.on_test_begin()
+            val_loss, val_accuracy = _validate(predict, validation_data)
+            for callback in callbacks:
+                callback.on_test_end()
+            logs.update(val_loss=val_loss, val_accuracy=val_accuracy)
         logging.info(
             "worker %d of %d: epoch %d: %d steps of %d images (global batch %d); %s",
             worker.index,

@@ -151,12 +151,13 @@ def _as_dense(model, num_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray
     return weights, bias
 
 
-def log(probe: Probe, num_train: int, val_accuracy: float) -> None:
+def log(probe: Probe, num_train: int, val_accuracy: float | None) -> None:
+    """One line: the fit, its validation accuracy (None: no validation split) and its time."""
     logging.info(
-        "linear probe on %d training images: C=%g (chosen by %s), val accuracy %.4f, %.1fs",
+        "linear probe on %d training images: C=%g (chosen by %s), val accuracy %s, %.1fs",
         num_train,
         probe.c,
         probe.chosen_by,
-        val_accuracy,
+        "n/a" if val_accuracy is None else f"{val_accuracy:.4f}",
         probe.seconds,
     )

@@ -21,6 +21,10 @@ The recipe, for N training images:
   augment   crop; flip too unless the images are not mirror-symmetric (`mirror_check`: digits,
             letters and text change meaning when mirrored); mixup added from 20k images (BiT:
             mixup only for large sets)
+  val       none carved out when the split kft would carve (--val_fraction of a source without
+            one of its own) is too small to rank checkpoints (kft.schedule.MIN_RANKING_VAL):
+            such a split only decides nothing, and on 5 images per class it took a fifth of
+            the training set. Every image then trains and the run keeps the end of its schedule
 With a hidden head layer (`--hidden_units`) the probe cannot initialize the head, and a short
 head-only stage takes its place.
 """
@@ -29,6 +33,8 @@ import dataclasses
 import math
 
 import numpy as np
+
+from kft import schedule
 
 # BiT-HyperRule's schedule lengths (optimizer steps) by training-set size.
 SMALL, MEDIUM = 20_000, 500_000
@@ -135,9 +141,13 @@ class Recipe:
     stages: str
     augment: str
     reasons: tuple[str, ...]
+    val_fraction: float | None = None  # None: the flag's value stands
 
     def flags(self) -> dict[str, object]:
-        return {"batch_size": self.batch_size, "stages": self.stages, "augment": self.augment}
+        flags = {"batch_size": self.batch_size, "stages": self.stages, "augment": self.augment}
+        if self.val_fraction is not None:
+            flags["val_fraction"] = self.val_fraction
+        return flags
 
 
 def batch_size_for(num_train: int) -> int:
@@ -160,6 +170,7 @@ def derive(
     hidden_units: int = 0,
     batch_size: int | None = None,
     mirror: MirrorCheck | None = None,
+    unused_val: int = 0,
 ) -> Recipe:
     """The recipe for a training set of `num_train` images in `num_classes` classes.
 
@@ -168,6 +179,8 @@ def derive(
       hidden_units: the head's hidden layer width (0 = none; the probe needs none).
       batch_size: the user's batch size, which the schedule is then counted in; None: derived.
       mirror: the training images' mirror check; None: assume mirror-symmetric (flip).
+      unused_val: the size of a carved validation split too small to rank checkpoints, whose
+        images `num_train` includes (0: the validation split stands).
     """
     batch = batch_size or batch_size_for(num_train)
     steps = steps_for(num_train, batch)
@@ -190,8 +203,17 @@ def derive(
         f"then every block at peak rate {lr:.2g} (Adam, warmup + cosine, BatchNorm frozen)",
         *([mirror.describe()] if mirror else []),
         f"augmentation {augment}" + (" (mixup from 20k images)" if num_train >= SMALL else ""),
+        *(
+            [
+                f"no validation split: the {unused_val} images --val_fraction would hold out are too few "
+                f"to rank checkpoints (kft ranks from {schedule.MIN_RANKING_VAL}), so they train too and the "
+                "run keeps the end of its schedule"
+            ]
+            if unused_val
+            else []
+        ),
     )
-    return Recipe(batch, stages, augment, reasons)
+    return Recipe(batch, stages, augment, reasons, 0.0 if unused_val else None)
 
 
 def describe(recipe: Recipe, overridden: dict[str, object]) -> str:

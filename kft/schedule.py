@@ -51,6 +51,16 @@ STAGE_SYNTAX = (
 # measured on n images is at most 0.5/sqrt(n), 0.05 at 100. Models a few points apart (epochs of
 # one run, the probe and the fine-tune) cannot be told apart on fewer.
 MIN_RANKING_VAL = 100
+
+
+def check_selection(selection: str, num_val: int) -> None:
+    """Raises ValueError (one line) for --checkpoint_selection=best without a validation split."""
+    if selection == "best" and num_val == 0:
+        raise ValueError(
+            "--checkpoint_selection=best needs a validation split, and --val_fraction=0 holds out "
+            "none; give --val_fraction > 0 or --checkpoint_selection=auto|last"
+        )
+
 # A stage counted in steps is run as at most this many rounds, each ending with validation and a
 # resume checkpoint: often enough to resume and to follow, rare enough to cost little.
 MAX_ROUNDS = 10

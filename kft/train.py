@@ -134,7 +134,7 @@ def _checked_start(experiment, trainer, worker):
       cli.UsageError: one line.
     """
     try:
-        config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits)
+        config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits, may_drop_validation=True)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     if recipe_block and (worker is None or worker.is_chief):

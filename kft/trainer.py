@@ -125,8 +125,8 @@ class _RunState:
     stage: int = 0  # index of the stage in progress
     epoch: int = 0  # epochs (rounds) finished in that stage
     # The kept model's validation accuracy: the best so far, or with checkpoint selection
-    # "last" the newest.
-    best_val_accuracy: float = -1.0
+    # "last" the newest (None without a validation split).
+    best_val_accuracy: float | None = -1.0
     probe_val_accuracy: float | None = None
     probe_seconds: float = 0.0  # the probe stage's wall time, feature pass included
     history: list = dataclasses.field(default_factory=list)
@@ -302,11 +302,19 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
 
 
 def selects_best(selection: str, num_val: int) -> bool:
-    """Whether a run keeps its best-validation model (else the end of its schedule)."""
+    """Whether a run keeps its best-validation model (else the end of its schedule).
+
+    Raises:
+      ValueError: "best" without a validation split.
+    """
+    schedule.check_selection(selection, num_val)
     if selection != "auto":
         return selection == "best"
     if num_val >= schedule.MIN_RANKING_VAL:
         return True
+    if num_val == 0:
+        logging.info("no validation split: keeping the end of the schedule")
+        return False
     logging.warning(
         "the validation split has %d images: the standard error of an accuracy measured on it is "
         "up to 0.5/sqrt(%d) = %.2f, too coarse to rank checkpoints (kft ranks from %d images); "
@@ -329,7 +337,7 @@ def _run_probe(classifier, splits: data.Splits, config: Config, recorder, global
     train_x, train_y = features.features_of(
         classifier, splits.train if splits.train_in_order is None else splits.train_in_order, batch
     )
-    val_x, val_y = features.features_of(classifier, splits.val, batch)
+    val_x, val_y = features.features_of(classifier, splits.val, batch) if splits.val is not None else (None, [])
     rankable = len(val_y) >= schedule.MIN_RANKING_VAL
     fitted = probe_lib.fit(
         train_x,
@@ -340,7 +348,7 @@ def _run_probe(classifier, splits: data.Splits, config: Config, recorder, global
         seed=config.seed,
     )
     classifier.classify.set_weights([fitted.kernel, fitted.bias])
-    val_accuracy = probe_lib.accuracy(fitted, val_x, val_y)
+    val_accuracy = probe_lib.accuracy(fitted, val_x, val_y) if len(val_y) else None
     probe_lib.log(fitted, len(train_y), val_accuracy)
     seconds = time.time() - started
     logging.info("probe stage (features included) took %.1fs", seconds)
@@ -397,9 +405,9 @@ class _EpochRecorder:
         self.summaries, self.state, self.ckpts = summaries, state, ckpts
         self.select_best = select_best
 
-    def _keep(self, val_acc: float) -> None:
+    def _keep(self, val_acc: float | None) -> None:
         """Writes model.weights.h5 if this model is the one to keep: the best so far, or with
-        selection "last" every newer one."""
+        selection "last" every newer one (val_acc None: no validation split)."""
         if self.select_best and not val_acc > self.state.best_val_accuracy:
             return
         self.state.best_val_accuracy = val_acc
@@ -408,10 +416,12 @@ class _EpochRecorder:
                 self.tuner.classifier, os.path.join(self.config.model_dir, "model.weights.h5")
             )
 
-    def probe_done(self, index: int, global_epoch: int, val_acc: float, c: float, seconds: float) -> None:
+    def probe_done(self, index: int, global_epoch: int, val_acc: float | None, c: float, seconds: float) -> None:
         """Records the probe stage like an epoch: history, TensorBoard, kept model, checkpoint."""
         state = self.state
-        record = {"stage": index + 1, "epoch": 0, "global_epoch": global_epoch, "val_accuracy": val_acc, "probe_c": c}
+        record = {"stage": index + 1, "epoch": 0, "global_epoch": global_epoch, "probe_c": c}
+        if val_acc is not None:
+            record["val_accuracy"] = val_acc
         self.summaries.epoch(global_epoch, record, {})
         state.history.append(record)
         state.probe_val_accuracy = val_acc
@@ -437,7 +447,7 @@ class _EpochRecorder:
         record["learning_rate"] = float(self.lr(max(0, int(self.optimizer.iterations.numpy()) - 1)))
         self.summaries.epoch(epoch + 1, record, l2sp.drift(classifier.backbone, self.anchors, self.block_of))
         state.history.append(record)
-        self._keep(float(logs.get("val_accuracy", float("nan"))))
+        self._keep(float(logs["val_accuracy"]) if "val_accuracy" in logs else None)
         state.seconds += time.time() - self.last
         self.last = time.time()
         if stage_epoch == self.stage.epochs:
@@ -493,11 +503,14 @@ def _finish(config, classifier, splits, state, summaries, started, select_best, 
     # it already holds them (and nothing is rewritten on a disk that may be full).
     if not (os.path.exists(backbone_path) and os.path.getmtime(backbone_path) >= os.path.getmtime(best_path)):
         checkpoint.save_backbone_weights(classifier.backbone, config.backbone, config.image_size, backbone_path)
-    labels, probs = model.predict_dataset(classifier, splits.val)
-    val_report = report.classification_report(labels, probs, splits.class_names)
-    summaries.confusion(
-        config.total_epochs, report.confusion_png(np.asarray(val_report["confusion_matrix"]), splits.class_names)
-    )
+    kept_val_accuracy = None
+    if splits.val is not None:
+        labels, probs = model.predict_dataset(classifier, splits.val)
+        val_report = report.classification_report(labels, probs, splits.class_names)
+        kept_val_accuracy = val_report["accuracy"]
+        summaries.confusion(
+            config.total_epochs, report.confusion_png(np.asarray(val_report["confusion_matrix"]), splits.class_names)
+        )
     per_stage = []
     for index, stage in enumerate(config.stages):
         rows = [r for r in state.history if r["stage"] == index + 1]
@@ -506,7 +519,7 @@ def _finish(config, classifier, splits, state, summaries, started, select_best, 
                 "stage": stage.describe(),
                 "epochs": len([r for r in rows if r["epoch"] > 0]),  # The probe trains no epoch.
                 "final_val_accuracy": rows[-1].get("val_accuracy") if rows else None,
-                "best_val_accuracy": max((r.get("val_accuracy", -1) for r in rows), default=None),
+                "best_val_accuracy": max((r["val_accuracy"] for r in rows if "val_accuracy" in r), default=None),
             }
         )
     per_stage = [{k: v for k, v in row.items() if v is not None} for row in per_stage]
@@ -522,7 +535,7 @@ def _finish(config, classifier, splits, state, summaries, started, select_best, 
         "probe_val_accuracy": state.probe_val_accuracy,
         "probe_seconds": round(state.probe_seconds, 2),
         "final_val_accuracy": state.history[-1].get("val_accuracy") if state.history else None,
-        "best_model_val_accuracy": val_report["accuracy"],
+        "best_model_val_accuracy": kept_val_accuracy,
         "stages": per_stage,
         "train_seconds": round(state.seconds, 2),
         "wall_seconds_this_invocation": round(time.time() - started, 2),

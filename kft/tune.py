@@ -106,6 +106,11 @@ def main(argv):
         config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
+    if splits.val is None:
+        raise cli.UsageError(
+            "--val_fraction=0 holds out no validation images, and kft.tune ranks its trials on "
+            "validation accuracy; give --val_fraction > 0"
+        )
     if recipe_block:
         print(recipe_block, flush=True)
     try:
