@@ -61,6 +61,7 @@ def check_selection(selection: str, num_val: int) -> None:
             "none; give --val_fraction > 0 or --checkpoint_selection=auto|last"
         )
 
+
 # A stage counted in steps is run as at most this many rounds, each ending with validation and a
 # resume checkpoint: often enough to resume and to follow, rare enough to cost little.
 MAX_ROUNDS = 10

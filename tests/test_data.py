@@ -87,7 +87,7 @@ def test_parse_spec_rejects_with_one_line_naming_value(spec):
     [
         (dict(batch_size=0), "batch_size=0"),
         (dict(image_size=4), "image_size=4"),
-        (dict(val_fraction=0.0), "val_fraction=0.0"),
+        (dict(val_fraction=-0.1), "val_fraction=-0.1"),
         (dict(val_fraction=1.0), "val_fraction=1.0"),
         (dict(train_limit_per_class=0), "train_limit_per_class=0"),
     ],
@@ -235,10 +235,13 @@ def test_cache_bytes_decides_the_memory_cache(tmp_path, cache_bytes, cached):
 
 def test_tfds_split_choice():
     spec = data.TfdsSpec("x")
-    assert data._tfds_train_val_splits(spec, {"train", "validation", "test"}, 0.1) == ("train", "validation")
-    assert data._tfds_train_val_splits(spec, {"train", "test"}, 0.1) == ("train[:90%]", "train[90%:]")
-    assert data._tfds_train_val_splits(spec, {"train", "test"}, 0.125) == ("train[:87.5%]", "train[87.5%:]")
-    assert data._tfds_train_val_splits(data.TfdsSpec("x", val="extra"), {"train"}, 0.1) == ("train", "extra")
+    # (train, validation, whether validation is carved out of train)
+    assert data._tfds_train_val_splits(spec, {"train", "validation", "test"}, 0.1) == ("train", "validation", False)
+    assert data._tfds_train_val_splits(spec, {"train", "test"}, 0.1) == ("train[:90%]", "train[90%:]", True)
+    assert data._tfds_train_val_splits(spec, {"train", "test"}, 0.125) == ("train[:87.5%]", "train[87.5%:]", True)
+    assert data._tfds_train_val_splits(spec, {"train", "test"}, 0.0) == ("train", None, False)
+    assert data._tfds_train_val_splits(spec, {"train", "validation"}, 0.0) == ("train", "validation", False)
+    assert data._tfds_train_val_splits(data.TfdsSpec("x", val="extra"), {"train"}, 0.1) == ("train", "extra", False)
     with pytest.raises(ValueError, match="'training'"):
         data._tfds_train_val_splits(data.TfdsSpec("x", train="training"), {"train"}, 0.1)
     with pytest.raises(ValueError, match=r"train\[:50%\]"):
@@ -369,6 +372,26 @@ def test_folder_split_is_seeded_stratified_and_limit_applies(tmp_path):
     assert set(ids) <= set(train_ids)
     assert _ids(limited.val) == (val_ids, val_labels)  # Validation is never limited.
     assert sorted(_ids(load(0, train_limit_per_class=3).train)[0]) == sorted(ids)
+
+
+def test_val_fraction_zero_holds_out_nothing_from_a_source_without_a_validation_split(tmp_path):
+    _write_numbered(tmp_path / "flat", {"a": 3, "b": 4})
+    flat = data.load(f"folder:{tmp_path / 'flat'}", image_size=SIZE, batch_size=8, val_fraction=0.0)
+    assert (flat.num_train, flat.num_val, flat.val, flat.val_carved) == (7, 0, None, False)
+    assert sorted(_ids(flat.train)[0]) == list(range(7))
+    assert data.load(f"folder:{tmp_path / 'flat'}", image_size=SIZE, batch_size=8, val_fraction=0.3).val_carved
+    # A split layout's own val/ stays whatever val_fraction says.
+    _write_numbered(tmp_path / "split" / "train", {"a": 3, "b": 4})
+    _write_numbered(tmp_path / "split" / "val", {"b": 2})
+    own = data.load(f"folder:{tmp_path / 'split'}", image_size=SIZE, batch_size=8, val_fraction=0.0)
+    assert (own.num_train, own.num_val, own.val_carved) == (7, 2, False)
+    digits = data.load("digits:0-1", image_size=SIZE, batch_size=64, val_fraction=0.0)
+    assert digits.val is None and digits.num_train == 360
+    with tfds.testing.mock_data(num_examples=40):
+        tfds_splits = data.load("tfds:mnist", image_size=SIZE, batch_size=8, val_fraction=0.0)
+    assert tfds_splits.val is None and tfds_splits.num_train == 40
+    with pytest.raises(ValueError, match="val_fraction=0 holds out no digits to evaluate on"):
+        data.load_eval("digits:0-1", image_size=SIZE, batch_size=8, val_fraction=0.0)
 
 
 def test_folder_train_val_layout_and_eval(tmp_path):

@@ -151,3 +151,42 @@ def test_mirror_check_on_real_images():
             labels.append(label)
     check = recipe.mirror_check(np.stack(images), np.array(labels))
     assert check.mirrored_accuracy < check.accuracy and check.symmetric
+
+
+def _config_and_splits(*argv, may_drop_validation=True):
+    from kft import trainer
+
+    _parse("--dataset=digits:0-2", "--image_size=32", "--augment=crop", *argv)
+    return kft_flags.config_and_splits(trainer.load_splits, may_drop_validation=may_drop_validation)
+
+
+def test_a_carved_validation_split_too_small_to_rank_trains_too():
+    try:
+        # digits 0-2: 537 images; 10% is 54 validation images, fewer than MIN_RANKING_VAL.
+        config, splits, block = _config_and_splits()
+        assert splits.val is None and splits.num_val == 0 and splits.num_train == 537
+        assert config.val_fraction == 0.0 and FLAGS.val_fraction == 0.0
+        assert "no validation split: the 54 images --val_fraction would hold out" in block
+        assert "--val_fraction=0.0" in kft_flags.resolved_flagfile()
+        # It stands where it costs no training image (a per-class limit takes 10 of the rest),
+        # where the user asks for it, and where kft.tune ranks trials on it.
+        for argv, may_drop in [
+            (["--train_limit_per_class=10"], True),
+            (["--val_fraction=0.1"], True),
+            (["--checkpoint_selection=best"], True),
+            (["--recipe=none"], True),
+            ([], False),
+        ]:
+            config, splits, block = _config_and_splits(*argv, may_drop_validation=may_drop)
+            assert splits.num_val == 54 and splits.val_carved and config.val_fraction == 0.1, argv
+            assert block is None or "no validation split" not in block
+    finally:
+        FLAGS.unparse_flags()
+
+
+def test_best_checkpoint_without_a_validation_split_is_refused():
+    try:
+        with pytest.raises(ValueError, match="--checkpoint_selection=best needs a validation split"):
+            _config_and_splits("--val_fraction=0", "--checkpoint_selection=best")
+    finally:
+        FLAGS.unparse_flags()

@@ -213,6 +213,28 @@ def test_steps_stage_runs_its_steps_in_rounds_after_the_probe(tmp_path, tiny_spl
     assert metrics["best_val_accuracy"] == pytest.approx(rounds[-1]["val_accuracy"])
 
 
+def test_without_a_validation_split_the_run_keeps_the_end_of_its_schedule(tmp_path, tiny_splits):
+    import dataclasses
+
+    splits = dataclasses.replace(tiny_splits, val=None, num_val=0)
+    config = _config(
+        tmp_path,
+        backbone="ResNet50",
+        # The head stage trains on cached features: no validation features either.
+        stages=schedule.parse_stages("probe,head:1@1e-2,top1:4steps@1e-3:rounds=2"),
+        val_fraction=0.0,
+        cache_features=True,
+    )
+    metrics = trainer.train(config, splits)
+    assert metrics["checkpoint_selection"] == "last" and metrics["num_val"] == 0
+    for name in ("best_val_accuracy", "probe_val_accuracy", "final_val_accuracy", "best_model_val_accuracy"):
+        assert metrics[name] is None, name
+    assert [s["epochs"] for s in metrics["stages"]] == [0, 1, 2]
+    assert os.path.exists(tmp_path / "run" / "model.weights.h5")
+    with pytest.raises(ValueError, match="--checkpoint_selection=best needs a validation split"):
+        trainer.train(dataclasses.replace(config, checkpoint_selection="best"), splits)
+
+
 def test_resume_after_the_probe_does_not_fit_it_again(tmp_path, tiny_splits, monkeypatch):
     from kft import probe
 

@@ -391,6 +391,7 @@ def test_diverged_trials_fail_without_stopping_the_search_until_three_in_a_row(t
         ),
         (["--lr_scale_min=0"], "--lr_scale_min=0 must be a finite number > 0"),
         (["--tune_dir="], "--tune_dir is required"),
+        (["--val_fraction=0"], "--val_fraction=0 holds out no validation images, and kft.tune ranks"),
     ],
 )
 def test_bad_ranges_are_one_line_usage_errors(tmp_path, fake_train, args, fragment):
