@@ -41,6 +41,14 @@ def source_config(config: Config, model_dir: str) -> Config:
     )
 
 
+def fine_tune_config(config: Config) -> Config:
+    """The fine-tune of `config` as trainer.train runs it (and records it in run.json): after
+    a source task (--pretrain_dataset) it starts from that task's backbone."""
+    if not config.pretrain_dataset:
+        return config
+    return dataclasses.replace(config, weights=os.path.join(config.model_dir, "pretrain", "backbone.weights.h5"))
+
+
 def scratch_config(config: Config) -> Config:
     """The from-scratch baseline of `--compare_scratch`, in MODEL_DIR/scratch: random init, no
     regularizer (there is no pretrained start to stay close to), nothing exported.
@@ -136,7 +144,7 @@ def run(config: Config, flagfile_text: str = "", splits=None) -> dict:
         logging.info("source task: training %s on %s", config.backbone, source.dataset)
         source_metrics = trainer.train(source)
         print(f"source task {source.dataset}: best val accuracy {_accuracy(source_metrics)}")
-        config = dataclasses.replace(config, weights=os.path.join(source.model_dir, "backbone.weights.h5"))
+        config = fine_tune_config(config)
 
     previous = _previous_metrics(config.model_dir)
     metrics = trainer.train(config, splits=splits, flagfile_text=flagfile_text)

@@ -7,7 +7,6 @@ line naming the flag, the value and what is allowed, before any model is built o
 import dataclasses
 import math
 import os
-import re
 
 import numpy as np
 from absl import flags
@@ -21,9 +20,6 @@ FLAGS = flags.FLAGS
 # largest keras.applications input is 600 px), and --cache_gb cannot exceed this machine's memory.
 MAX_IMAGE_SIZE = 2048
 MAX_CACHE_GB = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3, 1)
-
-# Flags that do not change what a run computes; a resumed run may change them freely.
-RESUME_FREE_FLAGS = ("export_dir", "export_tflite", "verbose", "overwrite", "flagfile")
 
 
 def _checked(name: str, parse, help_allowed: str = ""):
@@ -438,72 +434,4 @@ def resolved_flagfile(names: list[str] | None = None) -> str:
             lines.append(f"--{flag.name}" if value else f"--no{flag.name}")
         else:
             lines.append(f"--{flag.name}={value}")
-    lines.extend(_identity_lines(names))
     return "\n".join(lines) + "\n"
-
-
-# `# identity --dataset=sha256:...`: what a folder dataset holds, wherever it lies.
-_IDENTITY = re.compile(r"^# identity --(\w+)=(\S+)", re.MULTILINE)
-
-
-def _identity_lines(names: list[str] | None) -> list[str]:
-    """Comment lines naming the contents of the folder datasets (kft.data.folder_identity), so a
-    resume finds a moved dataset folder to be the same data."""
-    lines = []
-    for name in ("dataset", "pretrain_dataset"):
-        value = FLAGS[name].value
-        if (names is not None and name not in names) or not value:
-            continue
-        identity = data.folder_identity(value)
-        if identity:
-            lines.append(
-                f"# identity --{name}={identity}   (the folder's image files: "
-                "a moved folder with the same files is the same data)"
-            )
-    return lines
-
-
-def resume_conflict(saved_flagfile: str, current_flagfile: str) -> str | None:
-    """Names the first flag that differs between a run's saved flags.cfg and this command.
-
-    Returns:
-      None if the command may resume the saved run, else "--NAME: saved X, now Y".
-    """
-
-    def parse(text):
-        values = {}
-        for line in text.splitlines():
-            if line.startswith("--"):
-                name, _, value = line[2:].partition("=")
-                if name.startswith("no") and not value and name[2:] in FLAGS:
-                    name, value = name[2:], "false"
-                elif not value:
-                    value = "true"
-                values[name] = value
-        return values
-
-    saved, current = parse(saved_flagfile), parse(current_flagfile)
-    saved_ids, current_ids = dict(_IDENTITY.findall(saved_flagfile)), dict(_IDENTITY.findall(current_flagfile))
-    for name in sorted(set(saved) | set(current)):
-        # The run is wherever its flags.cfg was found: moved or spelled differently, it is
-        # the same run.
-        if name in RESUME_FREE_FLAGS or name == "model_dir":
-            continue
-        if _same_path_value(name, saved.get(name), current.get(name)):
-            continue
-        # A dataset folder moved or copied elsewhere: the same data if it holds the same files.
-        if name in saved_ids and saved_ids[name] == current_ids.get(name):
-            continue
-        if saved.get(name) != current.get(name):
-            return f"--{name}: saved {saved.get(name)!r}, now {current.get(name)!r}"
-    return None
-
-
-def _same_path_value(name: str, saved: str | None, current: str | None) -> bool:
-    """Whether two values of a path-valued flag name the same file or folder (relative or
-    absolute, with or without a trailing slash, through a link)."""
-    if saved is None or current is None:
-        return False
-    return rundir.absolute_path_value(name, saved, os.path.realpath) == rundir.absolute_path_value(
-        name, current, os.path.realpath
-    )

@@ -1,21 +1,36 @@
-"""What a run directory holds besides its checkpoints (kft.checkpoint): its Config (run.json),
-its class list, and the kept classifier rebuilt from them for kft.evaluate, kft.predict and the
-exports.
+"""What a run directory holds besides its checkpoints (kft.checkpoint): its Config (run.json)
+and whether a command may resume it, its class list, and the kept classifier rebuilt from them
+for kft.evaluate, kft.predict and the exports.
 """
 
+import dataclasses
 import os
 
 import keras
 
-from kft import checkpoint, model
+from kft import checkpoint, data, model, rundir, schedule
 from kft.config import Config
 
 RUN_JSON = "run.json"
 
+# Config fields a rerun may change and still resume the run: where it is, what it prints and
+# what it exports once trained.
+RESUME_FREE_FIELDS = ("model_dir", "export_dir", "export_tflite", "verbose")
+# Config fields that name data or a weights file: compared by what they name, not their spelling.
+DATA_FIELDS = ("dataset", "pretrain_dataset")
+PATH_FIELDS = (*DATA_FIELDS, "weights", "data_dir")
+
 
 def write_config(config: Config) -> None:
-    """Writes MODEL_DIR/run.json (atomically)."""
-    checkpoint.write_json(os.path.join(config.model_dir, RUN_JSON), config.to_json())
+    """Writes MODEL_DIR/run.json (atomically): the Config with its paths made absolute, and
+    what its folder datasets hold (`data_identity`), so a moved folder is the same data."""
+    absolute = {
+        name: rundir.absolute_path_value(name, getattr(config, name))
+        for name in PATH_FIELDS
+        if isinstance(getattr(config, name), str)
+    }
+    record = {**dataclasses.replace(config, **absolute).to_json(), "identity": data_identity(config)}
+    checkpoint.write_json(os.path.join(config.model_dir, RUN_JSON), record)
 
 
 def read_config(model_dir: str) -> Config | None:
@@ -31,6 +46,77 @@ def read_config(model_dir: str) -> Config | None:
         return Config.from_json(checkpoint.read_json_or_fail(path, "the run's configuration"))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
+
+
+def data_identity(config: Config) -> dict:
+    """What each folder dataset of `config` holds (kft.data.folder_identity; None for others)."""
+    return {name: _folder_identity(getattr(config, name)) for name in DATA_FIELDS}
+
+
+def _folder_identity(spec: str) -> str | None:
+    try:
+        return data.folder_identity(spec) if spec else None
+    except ValueError:  # Not a data spec (a library caller's placeholder): no folder.
+        return None
+
+
+def comparable_fields(config: Config, free_fields=()) -> dict:
+    """The Config as plain values to compare two runs by (stages in `--stages` syntax), without
+    `free_fields`."""
+    fields = {}
+    for field in dataclasses.fields(config):
+        if field.name in free_fields:
+            continue
+        value = getattr(config, field.name)
+        if isinstance(value, tuple):
+            value = [v.describe() if isinstance(v, schedule.Stage) else v for v in value]
+        fields[field.name] = value
+    return fields
+
+
+def first_difference(saved: dict, current: dict, saved_identity: dict, current_identity: dict) -> str | None:
+    """Names the first field that differs between two `comparable_fields`, e.g.
+    "--stages: saved X, now Y"; None if none does.
+
+    A path spelled differently (relative or absolute, a trailing slash, a link) is the same
+    path, and a folder dataset moved elsewhere is the same data if it holds the same files.
+    """
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if old == new or _same_path(key, old, new, saved_identity, current_identity):
+            continue
+        return f"--{key}: saved {old!r}, now {new!r}"
+    return None
+
+
+def _same_path(key: str, old, new, saved_identity: dict, current_identity: dict) -> bool:
+    if key not in PATH_FIELDS or not isinstance(old, str) or not isinstance(new, str):
+        return False
+    if rundir.absolute_path_value(key, old, os.path.realpath) == rundir.absolute_path_value(key, new, os.path.realpath):
+        return True
+    saved_id = saved_identity.get(key)
+    return saved_id is not None and saved_id == current_identity.get(key)
+
+
+def resume_conflict(model_dir: str, config: Config) -> str | None:
+    """Why `config` may not resume the run in `model_dir`: the first setting that differs from
+    its run.json (e.g. "--stages: saved X, now Y"), or None when it may (or nothing is there).
+
+    Raises:
+      ValueError: an unreadable run.json (one line).
+    """
+    saved = read_config(model_dir)
+    if saved is None:
+        if os.path.exists(os.path.join(model_dir, "flags.cfg")):
+            return "it was written by a kft without run.json, whose settings cannot be compared"
+        return None
+    record = checkpoint.read_json_or_fail(os.path.join(model_dir, RUN_JSON), "the run's configuration")
+    return first_difference(
+        comparable_fields(saved, RESUME_FREE_FIELDS),
+        comparable_fields(config, RESUME_FREE_FIELDS),
+        record.get("identity") or {},
+        data_identity(config),
+    )
 
 
 def recorded_settings(model_dir: str, defaults: dict) -> dict:

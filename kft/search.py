@@ -73,7 +73,7 @@ import tensorflow as tf
 from absl import logging
 from tensorboard.plugins.hparams import api as hparams_api
 
-from kft import checkpoint, data, regularizers, rundir, runtime, schedule, trainer
+from kft import checkpoint, data, regularizers, rundir, runfiles, runtime, schedule, trainer
 from kft.config import Config
 
 OBJECTIVE = "best_val_accuracy"
@@ -273,55 +273,29 @@ def _flag_lines(text: str) -> list[str]:
 def fingerprint(config: Config, tune: TuneConfig) -> dict:
     """What makes a search this search: the config (minus free fields; its regularizer names the
     strength searched), the space, the tuner."""
-    fields = {}
-    for field in dataclasses.fields(config):
-        if field.name in _FREE_FIELDS:
-            continue
-        value = getattr(config, field.name)
-        if isinstance(value, tuple):
-            value = [v.describe() if isinstance(v, schedule.Stage) else v for v in value]
-        fields[field.name] = value
     search = {"tuner": tune.tuner, **dataclasses.asdict(tune.space)}
     if not regularizers.strength_field(config.regularizer):  # No strength searched: its range is unused.
         del search["strength_min"], search["strength_max"]
     if tune.tuner == "hyperband":
         search["hyperband_factor"] = tune.hyperband_factor
-    # What a folder dataset holds, so that the same files moved elsewhere are the same data.
-    identity = {
-        name: data.folder_identity(getattr(config, name)) if getattr(config, name) else None for name in _DATA_FIELDS
+    return {
+        "config": runfiles.comparable_fields(config, _FREE_FIELDS),
+        "search": search,
+        # What a folder dataset holds, so that the same files moved elsewhere are the same data.
+        "identity": runfiles.data_identity(config),
     }
-    return {"config": fields, "search": search, "identity": identity}
-
-
-# Config fields that name data or a weights file: compared by what they name, not their spelling.
-_DATA_FIELDS = ("dataset", "pretrain_dataset")
-_PATH_FIELDS = (*_DATA_FIELDS, "weights")
 
 
 def fingerprint_conflict(saved: dict, current: dict) -> str | None:
-    """Names the first difference between two fingerprints, e.g. "--stages: saved X, now Y".
-
-    A path spelled differently (relative or absolute, a trailing slash, a link) is the same
-    path, and a folder dataset moved elsewhere is the same data if it holds the same files.
-    """
-    for part in ("search", "config"):
-        old, new = saved.get(part, {}), current.get(part, {})
-        for key in sorted(set(old) | set(new)):
-            if old.get(key) == new.get(key):
-                continue
-            if part == "config" and _same_path(key, old.get(key), new.get(key), saved, current):
-                continue
+    """Names the first difference between two fingerprints, e.g. "--stages: saved X, now Y"
+    (paths and moved folders compared as kft.runfiles.first_difference does)."""
+    old, new = saved.get("search", {}), current.get("search", {})
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
             return f"--{key}: saved {old.get(key)!r}, now {new.get(key)!r}"
-    return None
-
-
-def _same_path(key: str, old, new, saved: dict, current: dict) -> bool:
-    if key not in _PATH_FIELDS or not isinstance(old, str) or not isinstance(new, str):
-        return False
-    if rundir.absolute_path_value(key, old, os.path.realpath) == rundir.absolute_path_value(key, new, os.path.realpath):
-        return True
-    saved_id = saved.get("identity", {}).get(key)
-    return saved_id is not None and saved_id == current.get("identity", {}).get(key)
+    return runfiles.first_difference(
+        saved.get("config", {}), current.get("config", {}), saved.get("identity", {}), current.get("identity", {})
+    )
 
 
 def prepare_tune_dir(tune: TuneConfig, current: dict) -> rundir.DirLock:
@@ -463,7 +437,7 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
 
     def run_trial(self, trial, *args, **kwargs) -> dict:
         config, text = self.trial_config(trial.trial_id, trial.hyperparameters.values)
-        _discard_stale_run(config.model_dir, text)
+        _discard_stale_run(config)
         values = {name: getattr(config, name) for name in searched_fields(config.regularizer)}
         print(f"trial {trial.trial_id}: {describe(values)} epochs={config.total_epochs}{_on_worker()}", flush=True)
         started = time.time()
@@ -489,16 +463,18 @@ def _on_worker() -> str:
     return f" on {os.environ['KERASTUNER_TUNER_ID']}" if role() == "worker" else ""
 
 
-def _discard_stale_run(model_dir: str, flagfile_text: str) -> None:
-    """Deletes a trial directory left by other flags; one with the same flags resumes."""
-    saved = os.path.join(model_dir, "flags.cfg")
-    if not os.path.exists(saved):
+def _discard_stale_run(config: Config) -> None:
+    """Deletes a trial directory left by another configuration (kft.runfiles.resume_conflict);
+    one of this trial's configuration resumes."""
+    if not os.path.isdir(config.model_dir):
         return
-    with open(saved) as f:
-        same = _flag_lines(f.read()) == _flag_lines(flagfile_text)
-    if not same:
-        logging.warning("discarding %s: it holds a run with other flags than this trial", model_dir)
-        shutil.rmtree(model_dir)
+    try:
+        conflict = runfiles.resume_conflict(config.model_dir, config)
+    except ValueError as e:  # An unreadable run.json: nothing there can be resumed.
+        conflict = str(e)
+    if conflict:
+        logging.warning("discarding %s: it holds another run than this trial (%s)", config.model_dir, conflict)
+        shutil.rmtree(config.model_dir)
 
 
 # ----------------------------------------------------------------------------------------------

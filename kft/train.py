@@ -16,9 +16,13 @@ from kft import flags as kft_flags
 FLAGS = flags.FLAGS
 
 
-def _prepare_model_dir(model_dir: str, flagfile_text: str, overwrite: bool) -> rundir.DirLock:
+def _prepare_model_dir(model_dir: str, fine_tune, overwrite: bool) -> rundir.DirLock:
     """Checks the run directory belongs to this command, locks it, and with --overwrite clears
     what kft wrote there; called once everything else has been checked.
+
+    Args:
+      fine_tune: the Config the fine-tune runs (kft.experiment.fine_tune_config), compared with
+        the one a run there recorded.
 
     Returns:
       The directory's lock, held while the run works there.
@@ -32,10 +36,13 @@ def _prepare_model_dir(model_dir: str, flagfile_text: str, overwrite: bool) -> r
         raise cli.UsageError(f"{flag} is not writable: {e.strerror}") from None
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    saved_flags = os.path.join(model_dir, "flags.cfg")
-    if os.path.exists(saved_flags) and not overwrite:
-        with open(saved_flags, errors="replace") as f:
-            conflict = kft_flags.resume_conflict(f.read(), flagfile_text)
+    if not overwrite:
+        from kft import runfiles  # Imports TensorFlow, as main's other heavy imports do.
+
+        try:
+            conflict = runfiles.resume_conflict(model_dir, fine_tune)
+        except ValueError as e:
+            conflict = str(e)
         if conflict:
             lock.release()
             raise cli.UsageError(
@@ -152,7 +159,8 @@ def _checked_start(experiment, trainer, worker):
         )
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    return config, flagfile_text, splits, _prepare_model_dir(config.model_dir, flagfile_text, FLAGS.overwrite)
+    lock = _prepare_model_dir(config.model_dir, experiment.fine_tune_config(config), FLAGS.overwrite)
+    return config, flagfile_text, splits, lock
 
 
 if __name__ == "__main__":

@@ -135,7 +135,10 @@ def test_stage_naming_missing_block_and_resume_conflicts(tmp_path):
     assert run_module("kft.train", *common, "--stages=head:1@1e-3").returncode == 0
     result = run_module("kft.train", *common, "--stages=head:2@1e-3")
     assert result.returncode == 2
-    assert "holds a run with other flags (--stages: saved 'head:1@1e-3', now 'head:2@1e-3')" in result.stderr
+    assert (
+        "holds a run with other flags (--stages: saved ['head:1@0.001:bn=frozen:warmup=0.1'], "
+        "now ['head:2@0.001:bn=frozen:warmup=0.1'])" in result.stderr
+    )
     assert (model_dir / "metrics.json").exists()
 
 

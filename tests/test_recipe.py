@@ -1,12 +1,14 @@
 """--recipe=auto: the schedule follows the data's size, the user's flags win, and the resolved
 flags.cfg reproduces the run without deriving the recipe again."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 from absl import flags
 
 from kft import flags as kft_flags
-from kft import recipe, schedule
+from kft import recipe, runfiles, schedule
 
 FLAGS = flags.FLAGS
 
@@ -58,7 +60,15 @@ def _parse(*argv):
     FLAGS(["kft.train", "--model_dir=unused", *argv])
 
 
+def _resume_conflict(run_dir):
+    """kft.train's resume check of the command now parsed against the run in `run_dir`."""
+    current = dataclasses.replace(kft_flags.config_from_flags(), model_dir=str(run_dir))
+    return runfiles.resume_conflict(str(run_dir), current)
+
+
 def test_flags_given_win_and_flags_cfg_reproduces_without_deriving_again(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
     try:
         _parse("--stages=head:2@1e-3", "--augment=flip")
         block = kft_flags.apply_recipe(num_train=45, num_classes=5)
@@ -70,21 +80,22 @@ def test_flags_given_win_and_flags_cfg_reproduces_without_deriving_again(tmp_pat
         assert "--recipe=none" in text and "--batch_size=8" in text
         assert text.splitlines()[1].startswith("# recipe (--recipe=auto")
         saved = text
+        runfiles.write_config(dataclasses.replace(kft_flags.config_from_flags(), model_dir=str(run_dir)))
         # The same command again resolves the same flags: it may resume the run.
         _parse("--stages=head:2@1e-3", "--augment=flip")
         kft_flags.apply_recipe(num_train=45, num_classes=5)
-        assert kft_flags.resume_conflict(saved, kft_flags.resolved_flagfile()) is None
+        assert _resume_conflict(run_dir) is None
         # So does the written flagfile, and there the recipe derives nothing.
         path = str(tmp_path / "flags.cfg")
         with open(path, "w") as f:
             f.write(saved)
         _parse(f"--flagfile={path}")
         assert kft_flags.apply_recipe(num_train=5000, num_classes=5) is None
-        assert kft_flags.resume_conflict(saved, kft_flags.resolved_flagfile()) is None
+        assert _resume_conflict(run_dir) is None
         # More data is another recipe: a resume would be refused by name.
         _parse("--stages=head:2@1e-3", "--augment=flip")
         kft_flags.apply_recipe(num_train=5000, num_classes=5)
-        assert kft_flags.resume_conflict(saved, kft_flags.resolved_flagfile()).startswith("--batch_size")
+        assert _resume_conflict(run_dir).startswith("--batch_size")
     finally:
         FLAGS.unparse_flags()
 

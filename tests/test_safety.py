@@ -168,26 +168,33 @@ def test_refused_rerun_changes_nothing_and_paths_compare_resolved(tmp_path):
 
 
 def test_a_moved_dataset_is_the_same_data_only_with_the_same_files(tmp_path):
-    from kft import data
-    from kft import flags as kft_flags
+    from kft import data, runfiles, schedule
+    from kft.config import Config
 
     write_png_folder(tmp_path / "data", ["a", "b"], per_class=3)
     identity = data.folder_identity(f"folder:{tmp_path / 'data'}")
     assert identity.endswith("/6files")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stages = schedule.parse_stages("head:1@1e-3")
+
+    def config(path):
+        return Config(dataset=f"folder:{path}", backbone="MobileNetV2", stages=stages, model_dir=str(run_dir))
+
+    runfiles.write_config(config(tmp_path / "data"))
     os.rename(tmp_path / "data", tmp_path / "elsewhere")
     assert data.folder_identity(f"folder:{tmp_path / 'elsewhere'}/") == identity
     assert data.folder_identity("digits") is None
 
-    def flagfile(path, ident):
-        return f"# Resolved kft.train flags\n--dataset=folder:{path}\n--seed=0\n# identity --dataset={ident}   (...)\n"
+    def conflict(path):
+        return runfiles.resume_conflict(str(run_dir), config(path))
 
-    saved = flagfile(tmp_path / "data", identity)
-    assert kft_flags.resume_conflict(saved, flagfile(tmp_path / "elsewhere", identity)) is None
+    assert conflict(tmp_path / "elsewhere") is None
     (tmp_path / "elsewhere" / "a" / "0.png").unlink()  # Another file set: other data.
     other = data.folder_identity(f"folder:{tmp_path / 'elsewhere'}")
     assert other != identity and other.endswith("/5files")
-    conflict = kft_flags.resume_conflict(saved, flagfile(tmp_path / "elsewhere", other))
-    assert conflict.startswith("--dataset: saved") and "elsewhere" in conflict
+    found = conflict(tmp_path / "elsewhere")
+    assert found.startswith("--dataset: saved") and "elsewhere" in found
 
 
 def test_one_process_per_directory_and_kill_9_leaves_no_stuck_lock(tmp_path):

@@ -19,7 +19,7 @@ import pytest
 from absl import flags
 
 from kft import flags as kft_flags
-from kft import regularizers, schedule, search, trainer
+from kft import regularizers, runfiles, schedule, search, trainer
 from kft import tune as tune_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -99,7 +99,8 @@ def run_module(module: str, *args: str, env: dict | None = None, timeout: int = 
 class FakeTrain:
     """Stands in for trainer.train: instant; the objective peaks at lr_scale = 1 and L2-SP on.
 
-    Writes flags.cfg like the real trainer, so resume and stale-directory handling are real.
+    Writes run.json and flags.cfg like the real trainer, so resume and stale-directory handling
+    are real.
     """
 
     def __init__(self, interrupt_at: int | None = None, diverge_at: tuple[int, ...] = ()):
@@ -111,6 +112,7 @@ class FakeTrain:
         os.makedirs(config.model_dir, exist_ok=True)
         flags_path = os.path.join(config.model_dir, "flags.cfg")
         self.calls.append({"config": config, "resumed": os.path.exists(flags_path)})
+        runfiles.write_config(config)
         if flagfile_text:
             with open(flags_path, "w") as f:
                 f.write(flagfile_text)
