@@ -179,6 +179,17 @@ def _parse_flags_or_exit(argv: list[str]) -> list[str]:
     return remaining
 
 
+def define_export_image_size() -> None:
+    """kft.evaluate's and kft.predict's --image_size."""
+    flags.DEFINE_integer(
+        "image_size",
+        None,
+        "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Images are resized to the model's own size with the resize inside the model, so the probabilities are those a server fed the whole image returns; another size is refused.",
+        lower_bound=8,
+        upper_bound=2048,
+    )
+
+
 def fail(message: object, status: int) -> None:
     """Ends the program with one line, `PROGRAM: error: message` (see error_line), and exit
     `status`; the whole message, an exception's traceback included, is logged at debug level."""

@@ -45,13 +45,7 @@ def define_flags() -> None:
         "Data to evaluate on, same specs as training: tfds:NAME[,test=SPLIT], folder:PATH (PATH/test or PATH/val if present, else every image under PATH, one subfolder per class), or digits[:CLASSES].",
     )
     flags.DEFINE_string("data_dir", None, "Where TFDS keeps (or finds already downloaded) datasets.")
-    flags.DEFINE_integer(
-        "image_size",
-        None,
-        "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Files are resized to the model's own size, with the resize inside the model, so the probabilities are those a server fed the whole file returns; another size is refused.",
-        lower_bound=1,
-        upper_bound=2048,
-    )
+    cli.define_export_image_size()
     flags.DEFINE_integer("batch_size", 64, "Images per evaluation batch.", lower_bound=1)
     flags.DEFINE_enum(
         "tta",

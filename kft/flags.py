@@ -11,7 +11,7 @@ import os
 import numpy as np
 from absl import flags
 
-from kft import augment, backbones, data, recipe, regularizers, rundir, schedule
+from kft import augment, backbones, data, recipe, regularizers, schedule
 from kft.config import Config
 
 FLAGS = flags.FLAGS
@@ -415,23 +415,3 @@ def with_comment(flagfile_text: str, block: str | None) -> str:
         return flagfile_text
     first, _, rest = flagfile_text.partition("\n")
     return "\n".join([first, *(f"# {line}" for line in block.splitlines()), rest])
-
-
-def resolved_flagfile(names: list[str] | None = None) -> str:
-    """The flags of this module as a flagfile that reproduces the run (`--flagfile=...`)."""
-    lines = ["# Resolved kft.train flags; `python -m kft.train --flagfile=THIS_FILE` reproduces the run."]
-    for flag in sorted(FLAGS.get_flags_for_module(__name__), key=lambda f: f.name):
-        if names is not None and flag.name not in names:
-            continue
-        if flag.name == "overwrite":
-            continue
-        value = flag.value
-        if value is None:
-            continue
-        if isinstance(value, str):
-            value = rundir.absolute_path_value(flag.name, value)
-        if isinstance(value, bool):
-            lines.append(f"--{flag.name}" if value else f"--no{flag.name}")
-        else:
-            lines.append(f"--{flag.name}={value}")
-    return "\n".join(lines) + "\n"

@@ -46,13 +46,7 @@ def define_flags() -> None:
         lower_bound=1,
     )
     flags.DEFINE_bool("json", False, "Print one JSON object per image and line instead of a table.")
-    flags.DEFINE_integer(
-        "image_size",
-        None,
-        "Only for an export that does not record the size its model was trained at (older kft, away from its run directory): that size. Images are resized to the model's own size with the resize inside the model, so the probabilities are those a server fed the whole image returns; another size is refused.",
-        lower_bound=8,
-        upper_bound=2048,
-    )
+    cli.define_export_image_size()
     flags.DEFINE_integer("batch_size", 32, "Images per model call.", lower_bound=1)
     flags.mark_flag_as_required("export_dir")
 
@@ -200,7 +194,9 @@ def predict(
         from kft import data
 
         extensions = ", ".join(data.IMAGE_EXTENSIONS)
-        cli.fail(f"no image files ({extensions}, any case) under {' '.join(paths)}", 1)
+        message = f"no image files ({extensions}, any case) under {' '.join(paths)}"
+        print(cli.error_line(message, "kft.predict"), file=sys.stderr, flush=True)
+        return 1
     printer = _Printer(as_json, files, class_names, top_k)
     predicted = failed = 0
     for chunk, decoded in _batches(files, image_size, batch_size):

@@ -48,6 +48,35 @@ def read_config(model_dir: str) -> Config | None:
         raise ValueError(f"{path}: {e}") from None
 
 
+def flagfile_of(config: Config) -> str:
+    """The kft.train flagfile of `config`: `python -m kft.train --flagfile=THIS_FILE` runs the
+    same Config (paths absolute, --recipe=none: a Config is already resolved). MODEL_DIR/flags.cfg,
+    kft.tune's trial flags and best.cfg are written by it."""
+    values = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)}
+    values["recipe"] = "none"
+    lines = ["# Resolved kft.train flags; `python -m kft.train --flagfile=THIS_FILE` reproduces the run."]
+    lines += [
+        _flag_line(name, values[name]) for name in sorted(values) if values[name] is not None or name == "weights"
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _flag_line(name: str, value) -> str:
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    if name in ("stages", "pretrain_stages"):
+        value = ",".join(stage.describe() for stage in value)
+    elif name == "augment":
+        value = ",".join(value) or "none"
+    elif name == "weights" and value is None:
+        value = "none"
+    elif isinstance(value, float):
+        value = repr(value)
+    elif isinstance(value, str):
+        value = rundir.absolute_path_value(name, value)
+    return f"--{name}={value}"
+
+
 def data_identity(config: Config) -> dict:
     """What each folder dataset of `config` holds (kft.data.folder_identity; None for others)."""
     return {name: _folder_identity(getattr(config, name)) for name in DATA_FIELDS}

@@ -99,7 +99,8 @@ class Stage:
         what = {"top": f"top{self.top_blocks}", "from": f"from={self.from_block}"}.get(self.what, self.what)
         length = f"{self.steps}steps" if self.steps else str(self.epochs)
         rounds = f":rounds={self.epochs}" if self.steps and self.epochs != default_rounds(self.steps) else ""
-        return f"{what}:{length}@{self.lr:g}:bn={self.bn}:warmup={self.warmup:g}{rounds}"
+        # repr: the shortest text that parses back to the same float (flags.cfg reproduces it).
+        return f"{what}:{length}@{self.lr!r}:bn={self.bn}:warmup={self.warmup!r}{rounds}"
 
     def steps_per_round(self, steps_per_epoch: int) -> int:
         """Optimizer steps in one of this stage's rounds (an epoch for stages counted in epochs)."""

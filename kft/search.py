@@ -232,41 +232,6 @@ def make_oracle(tune: TuneConfig, config: Config) -> kt.Oracle:
 
 
 # ----------------------------------------------------------------------------------------------
-# Flagfiles.
-
-
-def _flag_line(name: str, value) -> str:
-    if isinstance(value, bool):
-        return f"--{name}" if value else f"--no{name}"
-    if isinstance(value, tuple) and value and isinstance(value[0], schedule.Stage):
-        value = ",".join(s.describe() for s in value)
-    elif isinstance(value, float):
-        value = repr(value)
-    return f"--{name}={value}"
-
-
-def override_flags(flagfile_text: str, overrides: dict) -> str:
-    """`flagfile_text` (one `--flag` per line) with the named flags replaced or appended."""
-    lines = flagfile_text.rstrip("\n").split("\n")
-    pending = dict(overrides)
-    out = []
-    for line in lines:
-        name = line[2:].split("=", 1)[0] if line.startswith("--") else None
-        if name is not None and "=" not in line and name.startswith("no") and name[2:] in overrides:
-            name = name[2:]
-        if name in pending:
-            out.append(_flag_line(name, pending.pop(name)))
-        elif name not in overrides:
-            out.append(line)
-    out.extend(_flag_line(name, value) for name, value in pending.items())
-    return "\n".join(out) + "\n"
-
-
-def _flag_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("--")]
-
-
-# ----------------------------------------------------------------------------------------------
 # The search's identity and its directory.
 
 
@@ -394,15 +359,12 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
         strength, the last stage's epochs under Hyperband, and its output settings).
       tune: kft.tune's settings.
       splits: the data, loaded once per process; None on the chief, which runs no trial.
-      flagfile_text: the resolved kft.train flags of `config`, the base of each trial's
-        flags.cfg.
     """
 
-    def __init__(self, oracle, config: Config, tune: TuneConfig, splits: data.Splits | None, flagfile_text: str):
+    def __init__(self, oracle, config: Config, tune: TuneConfig, splits: data.Splits | None):
         self.config = config
         self.tune = tune
         self.splits = splits
-        self.flagfile_text = flagfile_text
         self.ran = []  # Trial ids this process ran.
         self._idle = False
         super().__init__(oracle, directory=tune.tune_dir, project_name=ORACLE_DIR, overwrite=False)
@@ -432,8 +394,7 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
             compare_scratch=False,
         )
         config = dataclasses.replace(self.config, **overrides)
-        text = override_flags(self.flagfile_text, overrides)
-        return config, text
+        return config, runfiles.flagfile_of(config)
 
     def run_trial(self, trial, *args, **kwargs) -> dict:
         config, text = self.trial_config(trial.trial_id, trial.hyperparameters.values)
@@ -500,7 +461,7 @@ def pretrain(config: Config, tune_dir: str) -> Config:
     )
 
 
-def run(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Splits | None = None) -> dict | None:
+def run(config: Config, tune: TuneConfig, splits: data.Splits | None = None) -> dict | None:
     """Runs (or resumes) the search and writes its outputs.
 
     On the chief of a distributed search, this serves the oracle until the workers are done;
@@ -509,7 +470,6 @@ def run(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Split
     Args:
       config: the base run configuration (from kft.train's flags).
       tune: kft.tune's settings.
-      flagfile_text: `kft.flags.resolved_flagfile()` of `config`.
       splits: the data; loaded from `config.dataset` when None.
 
     Returns:
@@ -526,19 +486,18 @@ def run(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Split
     who = role()
     if who == "worker":
         wait_for_search(tune, current)
-        return _search(config, tune, flagfile_text, splits, who)
+        return _search(config, tune, splits, who)
     # One chief (or single search) per directory; workers join the chief's.
     lock = prepare_tune_dir(tune, current)
     try:
         write_hparams_config(tune, config)
-        return _search(config, tune, flagfile_text, splits, who)
+        return _search(config, tune, splits, who)
     finally:
         lock.release()
 
 
-def _search(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.Splits | None, who: str) -> dict | None:
+def _search(config: Config, tune: TuneConfig, splits: data.Splits | None, who: str) -> dict | None:
     """`run` once the tune directory is checked (and locked, unless `who` is a worker)."""
-    base_flagfile = flagfile_text
     if config.pretrain_dataset:
         weights = os.path.join(os.path.abspath(tune.tune_dir), "pretrain", "backbone.weights.h5")
         if who == "worker":
@@ -546,12 +505,11 @@ def _search(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.S
             config = dataclasses.replace(config, weights=weights, pretrain_dataset="")
         else:
             config = pretrain(config, tune.tune_dir)
-        base_flagfile = override_flags(flagfile_text, {"weights": config.weights, "pretrain_dataset": ""})
     if who != "chief" and splits is None:
         # Seeded as trainer.train seeds itself, so the data match a kft.train run's.
         runtime.set_determinism(config.seed, config.deterministic)
         splits = trainer.load_splits(config)
-    tuner = StageTuner(make_oracle(tune, config), config, tune, splits, base_flagfile)
+    tuner = StageTuner(make_oracle(tune, config), config, tune, splits)
     # Saved before the first trial, so a rerun after any interruption reloads the oracle.
     tuner.save()
     error = None
@@ -566,7 +524,7 @@ def _search(config: Config, tune: TuneConfig, flagfile_text: str, splits: data.S
         if error:
             raise error
         return None
-    summary = write_outputs(tuner.oracle, config, tune, base_flagfile)
+    summary = write_outputs(tuner.oracle, config, tune)
     if error:
         raise RuntimeError(str(error).splitlines()[0]) from None
     return summary
@@ -604,7 +562,7 @@ def trial_rows(oracle: kt.Oracle, regularizer: str) -> list[dict]:
     return rows
 
 
-def write_outputs(oracle: kt.Oracle, config: Config, tune: TuneConfig, flagfile_text: str) -> dict:
+def write_outputs(oracle: kt.Oracle, config: Config, tune: TuneConfig) -> dict:
     """Writes trials.csv and best.cfg, prints the table; returns {"rows", "best"}."""
     rows = trial_rows(oracle, config.regularizer)
     buffer = io.StringIO()
@@ -615,7 +573,7 @@ def write_outputs(oracle: kt.Oracle, config: Config, tune: TuneConfig, flagfile_
 
     best = best_row(rows)
     if best:
-        checkpoint.write_text(os.path.join(tune.tune_dir, "best.cfg"), best_flagfile(best, config, tune, flagfile_text))
+        checkpoint.write_text(os.path.join(tune.tune_dir, "best.cfg"), best_flagfile(best, config, tune))
     print(format_table(rows, best, searched_fields(config.regularizer)))
     if best:
         print(
@@ -636,7 +594,7 @@ def best_row(rows: list[dict]) -> dict | None:
     return max(completed, key=lambda r: (r["objective"], r["epochs"] or 0, -int(r["trial_id"])))
 
 
-def best_flagfile(best: dict, config: Config, tune: TuneConfig, flagfile_text: str) -> str:
+def best_flagfile(best: dict, config: Config, tune: TuneConfig) -> str:
     """The full resolved kft.train flags with the best trial's lr_scale and strength."""
     model_dir = os.path.abspath(os.path.join(tune.tune_dir, "best"))
     epochs_note = ""
@@ -651,9 +609,9 @@ def best_flagfile(best: dict, config: Config, tune: TuneConfig, flagfile_text: s
         f"# Purpose: train the tuned recipe. Command: python -m kft.train --flagfile=THIS_FILE\n"
         f"# Expected: validation accuracy near the trial's {best['objective']:.4f}. Hardware: as the search.\n"
     )
-    searched = {name: best[name] for name in searched_fields(config.regularizer)}
-    body = override_flags(flagfile_text, {**searched, "model_dir": model_dir})
-    return header + "\n".join(_flag_lines(body)) + "\n"
+    searched = {name: float(best[name]) for name in searched_fields(config.regularizer)}
+    body = runfiles.flagfile_of(dataclasses.replace(config, **searched, model_dir=model_dir))
+    return header + body.partition("\n")[2]
 
 
 def format_table(rows: list[dict], best: dict | None, searched: tuple[str, ...]) -> str:

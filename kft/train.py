@@ -146,7 +146,9 @@ def _checked_start(experiment, trainer, worker):
         raise cli.UsageError(str(e)) from None
     if recipe_block and (worker is None or worker.is_chief):
         print(recipe_block, flush=True)
-    flagfile_text = kft_flags.with_comment(kft_flags.resolved_flagfile(), recipe_block)
+    from kft import runfiles  # Imports TensorFlow, as main's other heavy imports do.
+
+    flagfile_text = kft_flags.with_comment(runfiles.flagfile_of(config), recipe_block)
     if worker and not worker.is_chief:
         # The checks of MODEL_DIR and the export are the chief's (the others write neither, and
         # need not see MODEL_DIR); its refusal reaches every worker through all_ok.

@@ -116,8 +116,7 @@ def main(argv):
     try:
         if tune.overwrite:  # Nothing is removed before every check has passed.
             finetuner.check_model(config, len(splits.class_names))
-        flagfile_text = kft_flags.with_comment(kft_flags.resolved_flagfile(), recipe_block)
-        search.run(config, tune, flagfile_text=flagfile_text, splits=splits)
+        search.run(config, tune, splits=splits)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     except RuntimeError as e:

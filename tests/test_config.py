@@ -80,6 +80,27 @@ def test_run_json_round_trips_exactly():
     assert Config.from_json(written) == config
 
 
+def test_flagfile_of_a_config_parses_back_to_it(tmp_path):
+    config = _config(
+        augment=(),
+        cache_features=True,
+        compare_scratch=False,
+        lr_scale=0.1 + 0.2,
+        pretrain_batch_size=16,  # Resolved, as config_from_flags makes it (0: the batch size).
+        model_dir=str(tmp_path / "run"),
+    )
+    text = runfiles.flagfile_of(config)
+    assert "--weights=none\n" in text and "--augment=none\n" in text and "--recipe=none\n" in text
+    assert "--cache_features\n" in text and "--nocompare_scratch\n" in text
+    (tmp_path / "flags.cfg").write_text(text)
+    try:
+        FLAGS.unparse_flags()
+        FLAGS(["kft.train", f"--flagfile={tmp_path / 'flags.cfg'}"])
+        assert kft_flags.config_from_flags() == config
+    finally:
+        FLAGS.unparse_flags()
+
+
 def test_run_json_of_another_version_or_with_unknown_fields_is_refused():
     written = _config().to_json()
     with pytest.raises(ValueError, match="run.json version 99: this kft reads version 1"):

@@ -76,7 +76,7 @@ def test_flags_given_win_and_flags_cfg_reproduces_without_deriving_again(tmp_pat
         assert FLAGS.batch_size == 8  # Not given: the recipe's.
         assert "--stages=head:2@1e-3  (yours; the recipe's: probe,all:500steps@" in block
         assert "--batch_size=8" in block and FLAGS.recipe == "none"
-        text = kft_flags.with_comment(kft_flags.resolved_flagfile(), block)
+        text = kft_flags.with_comment(runfiles.flagfile_of(kft_flags.config_from_flags()), block)
         assert "--recipe=none" in text and "--batch_size=8" in text
         assert text.splitlines()[1].startswith("# recipe (--recipe=auto")
         saved = text
@@ -178,7 +178,7 @@ def test_a_carved_validation_split_too_small_to_rank_trains_too():
         assert splits.val is None and splits.num_val == 0 and splits.num_train == 537
         assert config.val_fraction == 0.0 and FLAGS.val_fraction == 0.0
         assert "no validation split: the 54 images --val_fraction would hold out" in block
-        assert "--val_fraction=0.0" in kft_flags.resolved_flagfile()
+        assert "--val_fraction=0.0\n" in runfiles.flagfile_of(config)
         # It stands where it costs no training image (a per-class limit takes 10 of the rest),
         # where the user asks for it, and where kft.tune ranks trials on it.
         for argv, may_drop in [

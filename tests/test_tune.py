@@ -185,11 +185,6 @@ def test_hyperband_budgets_never_cut_into_the_head_stage(tmp_path):
     assert oracle.create_trial("tuner0").status == "STOPPED"  # --max_trials caps Hyperband.
 
 
-def test_override_flags_replaces_in_place_and_appends():
-    text = "# c\n--a=1\n--flag\n--b=x\n"
-    assert search.override_flags(text, {"flag": False, "a": 0.5, "c": "y"}) == "# c\n--a=0.5\n--noflag\n--b=x\n--c=y\n"
-
-
 # ----------------------------------------------------------------------------------------------
 # --regularizer -> the strength searched.
 
