@@ -99,8 +99,7 @@ class Stage:
         what = {"top": f"top{self.top_blocks}", "from": f"from={self.from_block}"}.get(self.what, self.what)
         length = f"{self.steps}steps" if self.steps else str(self.epochs)
         rounds = f":rounds={self.epochs}" if self.steps and self.epochs != default_rounds(self.steps) else ""
-        # repr: the shortest text that parses back to the same float (flags.cfg reproduces it).
-        return f"{what}:{length}@{self.lr!r}:bn={self.bn}:warmup={self.warmup!r}{rounds}"
+        return f"{what}:{length}@{_exact(self.lr)}:bn={self.bn}:warmup={_exact(self.warmup)}{rounds}"
 
     def steps_per_round(self, steps_per_epoch: int) -> int:
         """Optimizer steps in one of this stage's rounds (an epoch for stages counted in epochs)."""
@@ -108,6 +107,13 @@ class Stage:
 
     def total_steps(self, steps_per_epoch: int) -> int:
         return self.epochs * self.steps_per_round(steps_per_epoch)
+
+
+def _exact(x: float) -> str:
+    """`x` as %g where that parses back to the same float, else in full (flags.cfg reproduces
+    a run's stages exactly)."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(float(x))
 
 
 def default_rounds(steps: int) -> int:
