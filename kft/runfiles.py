@@ -39,11 +39,23 @@ def read_config(model_dir: str) -> Config | None:
     Raises:
       ValueError: an unreadable run.json (one line).
     """
+    recorded = _read_run_json(model_dir)
+    return None if recorded is None else recorded[0]
+
+
+def _read_run_json(model_dir: str) -> tuple[Config, dict] | None:
+    """run.json's Config and its data identities ({} if none are recorded); None without a
+    run.json.
+
+    Raises:
+      ValueError: an unreadable run.json (one line).
+    """
     path = os.path.join(model_dir, RUN_JSON)
     if not os.path.exists(path):
         return None
     try:
-        return Config.from_json(checkpoint.read_json_or_fail(path, "the run's configuration"))
+        record = checkpoint.read_json_or_fail(path, "the run's configuration")
+        return Config.from_json(record), record.get("identity") or {}
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: {e}") from None
 
@@ -134,16 +146,16 @@ def resume_conflict(model_dir: str, config: Config) -> str | None:
     Raises:
       ValueError: an unreadable run.json (one line).
     """
-    saved = read_config(model_dir)
-    if saved is None:
+    recorded = _read_run_json(model_dir)
+    if recorded is None:
         if os.path.exists(os.path.join(model_dir, "flags.cfg")):
             return "it was written by a kft without run.json, whose settings cannot be compared"
         return None
-    record = checkpoint.read_json_or_fail(os.path.join(model_dir, RUN_JSON), "the run's configuration")
+    saved, saved_identity = recorded
     return first_difference(
         comparable_fields(saved, RESUME_FREE_FIELDS),
         comparable_fields(config, RESUME_FREE_FIELDS),
-        record.get("identity") or {},
+        saved_identity,
         data_identity(config),
     )
 
