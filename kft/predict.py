@@ -53,7 +53,7 @@ def define_flags() -> None:
 
 def _image_files(paths: list[str]) -> list[str]:
     """Files named directly, plus image files under named folders, in order (folders sorted)."""
-    from kft import data
+    from kft import data_folder
 
     files = []
     for path in paths:
@@ -63,7 +63,7 @@ def _image_files(paths: list[str]) -> list[str]:
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             files.extend(
-                os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(data.IMAGE_EXTENSIONS)
+                os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(data_folder.IMAGE_EXTENSIONS)
             )
     return files
 
@@ -73,9 +73,9 @@ def _decode(path: str, image_size: int):
     import numpy as np
     import tensorflow as tf
 
-    from kft import data
+    from kft import data, data_folder
 
-    problem = data.file_problem(path)
+    problem = data_folder.file_problem(path)
     if problem:
         return problem
     try:
@@ -93,7 +93,7 @@ def _decode(path: str, image_size: int):
             image = None
     if image is None:
         try:
-            image = data._pil_decode_file(path)
+            image = data_folder.decode_with_pil(path)
         except Exception as e:  # Truncated, not an image, decompression bomb, ...
             return " ".join(f"cannot decode: {e}".split()) or "cannot decode"
     if image.shape[0] == 0 or image.shape[1] == 0:
@@ -191,9 +191,9 @@ def predict(
 
     files = _image_files(paths)
     if not files:
-        from kft import data
+        from kft import data_folder
 
-        extensions = ", ".join(data.IMAGE_EXTENSIONS)
+        extensions = ", ".join(data_folder.IMAGE_EXTENSIONS)
         message = f"no image files ({extensions}, any case) under {' '.join(paths)}"
         print(cli.error_line(message, "kft.predict"), file=sys.stderr, flush=True)
         return 1

@@ -8,7 +8,7 @@ import os
 
 import keras
 
-from kft import checkpoint, data, model, rundir, schedule
+from kft import checkpoint, data_folder, model, rundir, schedule
 from kft.config import Config
 
 RUN_JSON = "run.json"
@@ -90,13 +90,13 @@ def _flag_line(name: str, value) -> str:
 
 
 def data_identity(config: Config) -> dict:
-    """What each folder dataset of `config` holds (kft.data.folder_identity; None for others)."""
+    """What each folder dataset of `config` holds (kft.data_folder.folder_identity; None for others)."""
     return {name: _folder_identity(getattr(config, name)) for name in DATA_FIELDS}
 
 
 def _folder_identity(spec: str) -> str | None:
     try:
-        return data.folder_identity(spec) if spec else None
+        return data_folder.folder_identity(spec) if spec else None
     except ValueError:  # Not a data spec (a library caller's placeholder): no folder.
         return None
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from kft import data
+from kft import data, data_digits, data_folder, data_tfds
 
 SIZE = 16
 
@@ -37,19 +37,19 @@ def _check_batch_types(dataset):
 @pytest.mark.parametrize(
     "spec, expected",
     [
-        ("tfds:cifar10", data.TfdsSpec("cifar10")),
-        ("tfds:mnist:3.*.*,val=test", data.TfdsSpec("mnist:3.*.*", val="test")),
+        ("tfds:cifar10", data_tfds.TfdsSpec("cifar10")),
+        ("tfds:mnist:3.*.*,val=test", data_tfds.TfdsSpec("mnist:3.*.*", val="test")),
         (
             "tfds:cifar10,train=train[:20%],val=train[20%:30%],test=test",
-            data.TfdsSpec("cifar10", "train[:20%]", "train[20%:30%]", "test"),
+            data_tfds.TfdsSpec("cifar10", "train[:20%]", "train[20%:30%]", "test"),
         ),
-        ("folder:/data/pets", data.FolderSpec("/data/pets")),
-        ("folder:/odd,name:x", data.FolderSpec("/odd,name:x")),
-        ("digits", data.DigitsSpec(tuple(range(10)))),
-        ("digits:", data.DigitsSpec(tuple(range(10)))),
-        ("digits:5-9", data.DigitsSpec((5, 6, 7, 8, 9))),
-        ("digits:7,1,3", data.DigitsSpec((1, 3, 7))),
-        ("digits:0-2,9", data.DigitsSpec((0, 1, 2, 9))),
+        ("folder:/data/pets", data_folder.FolderSpec("/data/pets")),
+        ("folder:/odd,name:x", data_folder.FolderSpec("/odd,name:x")),
+        ("digits", data_digits.DigitsSpec(tuple(range(10)))),
+        ("digits:", data_digits.DigitsSpec(tuple(range(10)))),
+        ("digits:5-9", data_digits.DigitsSpec((5, 6, 7, 8, 9))),
+        ("digits:7,1,3", data_digits.DigitsSpec((1, 3, 7))),
+        ("digits:0-2,9", data_digits.DigitsSpec((0, 1, 2, 9))),
     ],
 )
 def test_parse_spec_accepts(spec, expected):
@@ -234,23 +234,27 @@ def test_cache_bytes_decides_the_memory_cache(tmp_path, cache_bytes, cached):
 
 
 def test_tfds_split_choice():
-    spec = data.TfdsSpec("x")
+    spec = data_tfds.TfdsSpec("x")
     # (train, validation, whether validation is carved out of train)
-    assert data._tfds_train_val_splits(spec, {"train", "validation", "test"}, 0.1) == ("train", "validation", False)
-    assert data._tfds_train_val_splits(spec, {"train", "test"}, 0.1) == ("train[:90%]", "train[90%:]", True)
-    assert data._tfds_train_val_splits(spec, {"train", "test"}, 0.125) == ("train[:87.5%]", "train[87.5%:]", True)
-    assert data._tfds_train_val_splits(spec, {"train", "test"}, 0.0) == ("train", None, False)
-    assert data._tfds_train_val_splits(spec, {"train", "validation"}, 0.0) == ("train", "validation", False)
-    assert data._tfds_train_val_splits(data.TfdsSpec("x", val="extra"), {"train"}, 0.1) == ("train", "extra", False)
+    assert data_tfds._train_val_splits(spec, {"train", "validation", "test"}, 0.1) == ("train", "validation", False)
+    assert data_tfds._train_val_splits(spec, {"train", "test"}, 0.1) == ("train[:90%]", "train[90%:]", True)
+    assert data_tfds._train_val_splits(spec, {"train", "test"}, 0.125) == ("train[:87.5%]", "train[87.5%:]", True)
+    assert data_tfds._train_val_splits(spec, {"train", "test"}, 0.0) == ("train", None, False)
+    assert data_tfds._train_val_splits(spec, {"train", "validation"}, 0.0) == ("train", "validation", False)
+    assert data_tfds._train_val_splits(data_tfds.TfdsSpec("x", val="extra"), {"train"}, 0.1) == (
+        "train",
+        "extra",
+        False,
+    )
     with pytest.raises(ValueError, match="'training'"):
-        data._tfds_train_val_splits(data.TfdsSpec("x", train="training"), {"train"}, 0.1)
+        data_tfds._train_val_splits(data_tfds.TfdsSpec("x", train="training"), {"train"}, 0.1)
     with pytest.raises(ValueError, match=r"train\[:50%\]"):
-        data._tfds_train_val_splits(data.TfdsSpec("x", train="train[:50%]"), {"train"}, 0.1)
-    assert data._tfds_eval_split(spec, {"train", "validation", "test"}) == "test"
-    assert data._tfds_eval_split(spec, {"train", "validation"}) == "validation"
-    assert data._tfds_eval_split(data.TfdsSpec("x", test="extra"), {"train"}) == "extra"
+        data_tfds._train_val_splits(data_tfds.TfdsSpec("x", train="train[:50%]"), {"train"}, 0.1)
+    assert data_tfds._eval_split(spec, {"train", "validation", "test"}) == "test"
+    assert data_tfds._eval_split(spec, {"train", "validation"}) == "validation"
+    assert data_tfds._eval_split(data_tfds.TfdsSpec("x", test="extra"), {"train"}) == "extra"
     with pytest.raises(ValueError, match="test=SPLIT"):
-        data._tfds_eval_split(spec, {"train"})
+        data_tfds._eval_split(spec, {"train"})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -495,7 +499,7 @@ def test_digits_subsets_values_limit_and_seed():
 def test_digits_outside_training_is_everything_training_never_sees():
     splits = data.load("digits:5-9", image_size=8, batch_size=4, seed=2, train_limit_per_class=10)
     trained, trained_labels = _batches(splits.train_in_order)
-    outside, labels, names = data.digits_outside_training(
+    outside, labels, names = data_digits.digits_outside_training(
         "digits:5-9", val_fraction=0.1, seed=2, train_limit_per_class=10
     )
     assert names == splits.class_names and len(trained) == 50
@@ -504,7 +508,7 @@ def test_digits_outside_training_is_everything_training_never_sees():
     seen = {image[..., 0].tobytes() for image in trained}
     assert not seen & {image[..., 0].tobytes() for image in outside}
     with pytest.raises(ValueError, match=r"takes digits\[:CLASSES\] only"):
-        data.digits_outside_training("folder:/x", val_fraction=0.1, seed=0, train_limit_per_class=None)
+        data_digits.digits_outside_training("folder:/x", val_fraction=0.1, seed=0, train_limit_per_class=None)
 
 
 def test_a_new_data_source_is_one_registered_class():
@@ -518,10 +522,10 @@ def test_a_new_data_source_is_one_registered_class():
             return cls()
 
         def load(self, spec, **kwargs):
-            return data.DigitsSpec((0, 2, 4)).load(spec, **kwargs)
+            return data_digits.DigitsSpec((0, 2, 4)).load(spec, **kwargs)
 
         def load_eval(self, spec, **kwargs):
-            return data.DigitsSpec((0, 2, 4)).load_eval(spec, **kwargs)
+            return data_digits.DigitsSpec((0, 2, 4)).load_eval(spec, **kwargs)
 
     try:
         assert data.load("evens", image_size=8, batch_size=4).class_names == ("0", "2", "4")

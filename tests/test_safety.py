@@ -168,11 +168,11 @@ def test_refused_rerun_changes_nothing_and_paths_compare_resolved(tmp_path):
 
 
 def test_a_moved_dataset_is_the_same_data_only_with_the_same_files(tmp_path):
-    from kft import data, runfiles, schedule
+    from kft import data_folder, runfiles, schedule
     from kft.config import Config
 
     write_png_folder(tmp_path / "data", ["a", "b"], per_class=3)
-    identity = data.folder_identity(f"folder:{tmp_path / 'data'}")
+    identity = data_folder.folder_identity(f"folder:{tmp_path / 'data'}")
     assert identity.endswith("/6files")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -183,15 +183,15 @@ def test_a_moved_dataset_is_the_same_data_only_with_the_same_files(tmp_path):
 
     runfiles.write_config(config(tmp_path / "data"))
     os.rename(tmp_path / "data", tmp_path / "elsewhere")
-    assert data.folder_identity(f"folder:{tmp_path / 'elsewhere'}/") == identity
-    assert data.folder_identity("digits") is None
+    assert data_folder.folder_identity(f"folder:{tmp_path / 'elsewhere'}/") == identity
+    assert data_folder.folder_identity("digits") is None
 
     def conflict(path):
         return runfiles.resume_conflict(str(run_dir), config(path))
 
     assert conflict(tmp_path / "elsewhere") is None
     (tmp_path / "elsewhere" / "a" / "0.png").unlink()  # Another file set: other data.
-    other = data.folder_identity(f"folder:{tmp_path / 'elsewhere'}")
+    other = data_folder.folder_identity(f"folder:{tmp_path / 'elsewhere'}")
     assert other != identity and other.endswith("/5files")
     found = conflict(tmp_path / "elsewhere")
     assert found.startswith("--dataset: saved") and "elsewhere" in found
@@ -354,15 +354,15 @@ def test_tune_range_errors_name_the_flag():
 
 
 def test_fifos_and_devices_are_never_read(tmp_path):
-    from kft import data
+    from kft import data, data_folder
 
     write_png_folder(tmp_path / "set", ["a", "b"], per_class=4)
     os.mkfifo(tmp_path / "set" / "a" / "pipe.png")
     started = time.time()
     splits = data.load(f"folder:{tmp_path / 'set'}", image_size=16, batch_size=4, val_fraction=0.25)
     assert splits.skipped == 1 and time.time() - started < 60
-    assert data.file_problem("/dev/zero") == "not a regular file"
-    assert data.file_problem(str(tmp_path / "set" / "a" / "pipe.png")) == "not a regular file"
+    assert data_folder.file_problem("/dev/zero") == "not a regular file"
+    assert data_folder.file_problem(str(tmp_path / "set" / "a" / "pipe.png")) == "not a regular file"
 
 
 def test_tfds_without_network_fails_fast_in_one_line(tmp_path):

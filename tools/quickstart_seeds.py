@@ -75,12 +75,12 @@ def run_seed(seed: int, work_dir: str) -> dict:
 
 def _write_held_out(model_dir: str, folder: str) -> None:
     """Writes every digit that the fine-tune in `model_dir` never saw in training."""
-    from kft import data, runfiles  # The run's own split, so the held-out set is exactly the rest.
+    from kft import data_digits, runfiles  # The run's own split, so the held-out set is exactly the rest.
 
     config = runfiles.read_config(model_dir)
     if config is None:
         raise SystemExit(f"quickstart_seeds: {model_dir} has no run.json (written by kft from this version on)")
-    images, labels, class_names = data.digits_outside_training(
+    images, labels, class_names = data_digits.digits_outside_training(
         config.dataset,
         val_fraction=config.val_fraction,
         seed=config.seed,
