@@ -50,7 +50,7 @@ RUN_NAMES = frozenset(
         "lr_find",
     }
 )
-# Names kft.tune writes in TUNE_DIR (kft.search).
+# Names kft.tune writes in TUNE_DIR (kft.search_files).
 TUNE_NAMES = frozenset(
     {
         MARKER,

@@ -16,8 +16,8 @@ regularizer off, plain fine-tuning) or log-uniform in [--strength_min, --strengt
 the search over. Trials never export and never train the --compare_scratch baseline (best.cfg
 keeps both settings for the final run). With --pretrain_dataset, the source task is trained
 once, in D/pretrain, exactly as kft.train would; every trial, and best.cfg, starts from its
-backbone.weights.h5. The search space, the Hyperband
-budget -> stage mapping and the files in D are described in kft/search.py.
+backbone.weights.h5. The search space and the Hyperband budget -> stage mapping are described
+in kft/search_space.py, the files in D in kft/search_files.py.
 
 Rerunning the same command resumes: finished trials are kept, an interrupted one continues from
 its last epoch checkpoint. A rerun may raise --max_trials to extend the search; any change that
@@ -75,13 +75,13 @@ flags.DEFINE_integer(
 
 
 def tune_config_from_flags():
-    from kft import search
+    from kft import search_space
 
-    return search.TuneConfig(
+    return search_space.TuneConfig(
         tune_dir=FLAGS.tune_dir,
         tuner=FLAGS.tuner,
         max_trials=FLAGS.max_trials,
-        space=search.SearchSpace(
+        space=search_space.SearchSpace(
             lr_scale_min=FLAGS.lr_scale_min,
             lr_scale_max=FLAGS.lr_scale_max,
             strength_min=FLAGS.strength_min,

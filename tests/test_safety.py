@@ -341,12 +341,12 @@ def test_outputs_are_checked_before_training(tmp_path):
 
 
 def test_tune_range_errors_name_the_flag():
-    from kft import search
+    from kft import search_space
 
     with pytest.raises(ValueError, match=r"--lr_scale_max=0 must be"):
-        search.SearchSpace(lr_scale_max=0.0).validate()
+        search_space.SearchSpace(lr_scale_max=0.0).validate()
     with pytest.raises(ValueError, match=r"--strength_max=inf must be"):
-        search.SearchSpace(strength_max=float("inf")).validate()
+        search_space.SearchSpace(strength_max=float("inf")).validate()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import pytest
 from absl import flags
 
 from kft import flags as kft_flags
-from kft import regularizers, runfiles, schedule, search, trainer
+from kft import regularizers, runfiles, schedule, search, search_files, search_space, trainer
 from kft import tune as tune_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +136,7 @@ def fake_train(monkeypatch):
 
 
 def read_rows(tune_dir) -> list[dict]:
-    return search.read_trials_csv(os.path.join(tune_dir, "trials.csv"))
+    return search_files.read_trials_csv(os.path.join(tune_dir, "trials.csv"))
 
 
 def tree_digest(root) -> dict:
@@ -155,30 +155,30 @@ def tree_digest(root) -> dict:
 
 def test_budget_shortens_only_the_last_stage():
     stages = schedule.parse_stages("head:2@1e-3,top2:3@1e-4,all:4@1e-5")
-    assert search.min_budget(stages) == 6
-    assert search.budget_stages(stages, 9) == stages
-    short = search.budget_stages(stages, 7)
+    assert search_space.min_budget(stages) == 6
+    assert search_space.budget_stages(stages, 9) == stages
+    short = search_space.budget_stages(stages, 7)
     assert [s.epochs for s in short] == [2, 3, 2]
     assert short[-1].lr == stages[-1].lr and short[-1].what == "all"
     for bad in (5, 10):
         with pytest.raises(ValueError, match=rf"epoch budget {bad} outside \[6, 9\]"):
-            search.budget_stages(stages, bad)
+            search_space.budget_stages(stages, bad)
     one = schedule.parse_stages("head:4@1e-3")
-    assert search.min_budget(one) == 1 and search.budget_stages(one, 2)[0].epochs == 2
+    assert search_space.min_budget(one) == 1 and search_space.budget_stages(one, 2)[0].epochs == 2
 
 
 def test_hyperband_budgets_never_cut_into_the_head_stage(tmp_path):
     # head:1 + top1:8: budgets must be >= 2; stock KerasTuner Hyperband would also try 1 epoch.
     config = config_of([*FAKE, "--stages=head:1@1e-3,top1:8@1e-4", "--seed=3"])
-    tune = search.TuneConfig(tune_dir=str(tmp_path), tuner="hyperband", max_trials=12)
-    oracle = search.make_oracle(tune, config)
+    tune = search_space.TuneConfig(tune_dir=str(tmp_path), tuner="hyperband", max_trials=12)
+    oracle = search_space.make_oracle(tune, config)
     oracle._set_project_dir(str(tmp_path), "oracle")
     budgets = []
     for i in range(12):
         trial = oracle.create_trial("tuner0")
         assert trial.status == "RUNNING"
         budgets.append(trial.hyperparameters.values["tuner/epochs"])
-        oracle.update_trial(trial.trial_id, {search.OBJECTIVE: (i * 7 % 5) / 5})
+        oracle.update_trial(trial.trial_id, {search_space.OBJECTIVE: (i * 7 % 5) / 5})
         trial.status = "COMPLETED"
         oracle.end_trial(trial)
     assert set(budgets) == {3, 9}, budgets
@@ -192,22 +192,22 @@ def test_hyperband_budgets_never_cut_into_the_head_stage(tmp_path):
 @pytest.mark.parametrize("regularizer, field", [("l2sp", "l2sp_alpha"), ("delta", "delta_alpha"), ("bss", "bss_eta")])
 def test_each_regularizer_searches_its_own_strength(regularizer, field):
     assert regularizers.strength_field(regularizer) == field
-    hp = search.SearchSpace(strength_min=1e-3, strength_max=1e-2).hyperparameters(regularizer)
+    hp = search_space.SearchSpace(strength_min=1e-3, strength_max=1e-2).hyperparameters(regularizer)
     assert [p.name for p in hp.space] == ["lr_scale", regularizer, field]
     strength = hp.space[2]
     assert (strength.min_value, strength.max_value, strength.sampling) == (1e-3, 1e-2, "log")
     on = {"lr_scale": 2.0, regularizer: True, field: 0.005}
-    assert search.trial_values(on, regularizer) == {"lr_scale": 2.0, field: 0.005}
+    assert search_space.trial_values(on, regularizer) == {"lr_scale": 2.0, field: 0.005}
     # Switched off: strength 0, plain fine-tuning, whatever strength was sampled.
-    assert search.trial_values({**on, regularizer: False}, regularizer) == {"lr_scale": 2.0, field: 0.0}
-    assert search.csv_columns(regularizer)[:3] == ("trial_id", "lr_scale", field)
+    assert search_space.trial_values({**on, regularizer: False}, regularizer) == {"lr_scale": 2.0, field: 0.0}
+    assert search_files.csv_columns(regularizer)[:3] == ("trial_id", "lr_scale", field)
 
 
 def test_regularizer_none_searches_lr_scale_only():
-    hp = search.SearchSpace().hyperparameters("none")
+    hp = search_space.SearchSpace().hyperparameters("none")
     assert [p.name for p in hp.space] == ["lr_scale"]
-    assert search.trial_values({"lr_scale": 2.0}, "none") == {"lr_scale": 2.0}
-    assert search.csv_columns("none")[:3] == ("trial_id", "lr_scale", "objective")
+    assert search_space.trial_values({"lr_scale": 2.0}, "none") == {"lr_scale": 2.0}
+    assert search_files.csv_columns("none")[:3] == ("trial_id", "lr_scale", "objective")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -651,18 +651,18 @@ def test_a_search_record_compares_data_by_what_it_names(tmp_path):
     for name in ("a", "b"):
         (folder / name).mkdir(parents=True)
         (folder / name / "1.png").write_bytes(b"\x89PNG" + name.encode())
-    tune = search.TuneConfig(tune_dir=str(tmp_path / "tune"))
+    tune = search_space.TuneConfig(tune_dir=str(tmp_path / "tune"))
 
     def record(spec):
         config = Config(dataset=spec, backbone="MobileNetV2", stages=schedule.parse_stages("head:1@1e-3"), model_dir="")
-        return search.fingerprint(config, tune)
+        return search_files.fingerprint(config, tune)
 
     saved = record(f"folder:{folder}")
     (tmp_path / "link").symlink_to(folder)
-    assert search.fingerprint_conflict(saved, record(f"folder:{folder}/")) is None
-    assert search.fingerprint_conflict(saved, record(f"folder:{tmp_path / 'link'}")) is None
+    assert search_files.fingerprint_conflict(saved, record(f"folder:{folder}/")) is None
+    assert search_files.fingerprint_conflict(saved, record(f"folder:{tmp_path / 'link'}")) is None
     moved = tmp_path / "moved"
     shutil.move(folder, moved)
-    assert search.fingerprint_conflict(saved, record(f"folder:{moved}")) is None
+    assert search_files.fingerprint_conflict(saved, record(f"folder:{moved}")) is None
     (moved / "b" / "2.png").write_bytes(b"\x89PNG2")
-    assert "--dataset: saved" in search.fingerprint_conflict(saved, record(f"folder:{moved}"))
+    assert "--dataset: saved" in search_files.fingerprint_conflict(saved, record(f"folder:{moved}"))
