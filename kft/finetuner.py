@@ -129,16 +129,18 @@ class FineTuner(keras.Model):
         # continues the same average. BatchNorm statistics are averaged too (as timm does).
         # Every replica computes the same average from the same weights, so each updates its
         # own copy (aggregation "none"): "mean" would all-reduce every variable every step.
+        # Integer variables (the sample count of EfficientNet's Normalization layer) are not
+        # averaged: they do not train, and a float average of them cannot be assigned back.
+        self.averaged = [w for w in classifier.weights if ema_decay and keras.backend.is_float_dtype(w.dtype)]
         self.ema_weights = [
-            keras.Variable(w.numpy(), trainable=False, name="ema", aggregation="none")
-            for w in (classifier.weights if ema_decay else [])
+            keras.Variable(w.numpy(), trainable=False, name="ema", aggregation="none") for w in self.averaged
         ]
         # No variables of its own besides those; the classifier arrives built.
         self.built = True
 
     def swap_ema(self) -> None:
         """Exchanges the model's weights with the averaged ones (call twice to undo)."""
-        for weight, average in zip(self.classifier.weights, self.ema_weights):
+        for weight, average in zip(self.averaged, self.ema_weights):
             current = weight.numpy()
             weight.assign(average.numpy())
             average.assign(current)
@@ -197,7 +199,7 @@ class FineTuner(keras.Model):
             # weights closely instead of remembering the stage's starting point.
             steps = tf.cast(self.optimizer.iterations, tf.float32)
             decay = tf.minimum(self.ema_decay, (1.0 + steps) / (10.0 + steps))
-            for weight, average in zip(self.classifier.weights, self.ema_weights):
+            for weight, average in zip(self.averaged, self.ema_weights):
                 average.assign(decay * average.value + (1.0 - decay) * tf.cast(weight.value, average.dtype))
         self.loss_tracker.update_state(loss)
         self.accuracy_tracker.update_state(labels, probs)

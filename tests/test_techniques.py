@@ -1,5 +1,6 @@
 """Layer-wise learning rates and the weight EMA do exactly what they claim."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -8,10 +9,10 @@ from kft import backbones, finetuner, model, schedule, trainer
 from kft.config import Config
 
 
-def _tuner(decay=1.0, ema_decay=0.0, optimizer="adam", seed=0):
+def _tuner(decay=1.0, ema_decay=0.0, optimizer="adam", seed=0, backbone="MobileNetV2"):
     keras_seed = tf.keras.utils.set_random_seed(seed)
     del keras_seed
-    classifier = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(3, dropout=0.0))
+    classifier = model.build_classifier(backbone, 32, None, model.HeadConfig(3, dropout=0.0))
     blocks = backbones.blocks(classifier.spec, classifier.backbone)
     # bn=train: a randomly initialized MobileNetV2's activations are ~1e-11 in inference mode,
     # too small for its weights to move measurably with BatchNorm frozen.
@@ -74,7 +75,7 @@ def test_layer_lr_scales_follow_block_order():
 def test_ema_is_the_warmed_up_average_of_the_weights(tiny_splits):
     tuner, _ = _tuner(ema_decay=0.6)
     weight = tuner.classifier.classify.kernel
-    average_index = [i for i, w in enumerate(tuner.classifier.weights) if w is weight][0]
+    average_index = [i for i, w in enumerate(tuner.averaged) if w is weight][0]
     expected = weight.numpy().astype(np.float64)
     for step, (images, labels) in enumerate(tiny_splits.train, start=1):
         tuner.train_on_batch(images, labels)
@@ -86,6 +87,23 @@ def test_ema_is_the_warmed_up_average_of_the_weights(tiny_splits):
     np.testing.assert_allclose(weight.numpy(), expected, rtol=1e-5, atol=1e-7)
     tuner.swap_ema()
     np.testing.assert_array_equal(weight.numpy(), raw)
+
+
+def test_ema_skips_integer_variables(tiny_splits):
+    # EfficientNet's Normalization layer holds an int64 sample count: averaging it failed the
+    # first train step with a dtype error.
+    tuner, _ = _tuner(ema_decay=0.9, backbone="EfficientNetB0")
+    integers = [w for w in tuner.classifier.weights if not keras.backend.is_float_dtype(w.dtype)]
+    assert integers and not {id(w) for w in integers} & {id(w) for w in tuner.averaged}
+    assert len(tuner.averaged) == len(tuner.classifier.weights) - len(integers)
+    images, labels = next(iter(tiny_splits.train))
+    tuner.train_on_batch(images, labels)
+    kernel = tuner.classifier.classify.kernel
+    raw = kernel.numpy().copy()
+    tuner.swap_ema()
+    assert not np.array_equal(kernel.numpy(), raw)  # the average, one step behind the weights
+    tuner.swap_ema()
+    np.testing.assert_array_equal(kernel.numpy(), raw)
 
 
 def test_train_with_ema_and_layer_decay_saves_the_averaged_model(tmp_path, tiny_splits):
