@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -230,6 +231,66 @@ def scratch_dir(worker: Worker):
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+class PeerRefused(Exception):
+    """Another worker's checks refused the run, so no worker trains (its log says why)."""
+
+
+class PeerLost(Exception):
+    """Contact with another worker was lost mid-run (killed, preempted, crashed)."""
+
+
+def run_together(worker: Worker | None, start: Callable[[], tuple]) -> None:
+    """Runs one job on every worker of a cluster, or on this machine alone (`worker` None).
+
+    Every worker runs `start` (its checks, and on the chief MODEL_DIR's preparation); they go
+    on only if all of them started, so a refusal on one machine stops them all before any of
+    them trains. A non-chief worker then works in a scratch directory of its own and exports
+    nothing (MODEL_DIR is the chief's). The workers end together, after the chief's export: a
+    worker that exits while another still runs is held at exit by TF's runtime for a minute.
+
+    Args:
+      worker: this machine's `Worker`, or None.
+      start: () -> (config, release, work): the run's kft.config.Config; what to call when the
+        run ends (e.g. the run directory's lock release), or None; and `work(config)`, the job,
+        called with this worker's config. Raises to refuse.
+
+    Raises:
+      PeerRefused: another worker refused to start (what `start` took is released).
+      PeerLost: contact with another worker was lost during `work`.
+      Whatever `start` or `work` raise.
+    """
+    try:
+        config, release, work = start()
+    except Exception:
+        if worker:
+            worker.all_ok(False)  # The other workers would otherwise wait for this one.
+        raise
+    with contextlib.ExitStack() as stack:
+        if release:
+            stack.callback(release)
+        if worker and not worker.all_ok(True):
+            raise PeerRefused(
+                f"another worker of the {worker.count} in TF_CONFIG refused to start (its log says why); "
+                "nothing was trained"
+            )
+        if worker and not worker.is_chief:
+            config = dataclasses.replace(
+                config, model_dir=stack.enter_context(scratch_dir(worker)), export_dir="none", export_tflite="off"
+            )
+        try:
+            work(config)
+        except LOST_PEER_ERRORS as e:
+            if not worker:
+                raise
+            logging.debug("lost a worker", exc_info=True)
+            raise PeerLost(
+                f"lost contact with another worker ({type(e).__name__}); files are as the chief's last "
+                "complete checkpoint left them: restart every worker with the same command to resume"
+            ) from None
+        if worker:
+            worker.all_ok(True)
 
 
 def check_batch(worker: Worker, batch_size: int, num_train: int) -> None:

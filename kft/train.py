@@ -3,8 +3,7 @@
 Later flags override the flagfile. Rerunning the same command resumes an interrupted run.
 """
 
-import contextlib
-import dataclasses
+import functools
 import os
 import sys
 
@@ -74,57 +73,20 @@ def main(argv):
         worker = multiworker.worker_of(multiworker.start(FLAGS.strategy))
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    try:
+
+    def start():  # Every check; the fine-tune itself is the returned work.
         config, flagfile_text, splits, lock = _checked_start(experiment, trainer, worker)
-    except Exception:
-        if worker:
-            worker.all_ok(False)  # The other workers would otherwise wait for this one.
-        raise
-    if worker and not worker.all_ok(True):
-        if lock:
-            lock.release()
-        raise cli.UsageError(
-            f"another worker of the {worker.count} in TF_CONFIG refused to start "
-            "(its log says why); nothing was trained"
-        )
-    lost = None
-    with contextlib.ExitStack() as stack:
-        if lock:
-            stack.callback(lock.release)
-        if worker and not worker.is_chief:
-            # MODEL_DIR is the chief's alone: this worker trains in a directory of its own and
-            # exports nothing (kft.multiworker).
-            config = dataclasses.replace(
-                config,
-                model_dir=stack.enter_context(multiworker.scratch_dir(worker)),
-                export_dir="none",
-                export_tflite="off",
-            )
-        try:
-            experiment.run(config, flagfile_text=flagfile_text, splits=splits)
-            if worker:
-                # The workers end together, after the chief's export: a worker that exits while
-                # another still runs is held at exit by TF's multi-worker runtime for a minute.
-                worker.all_ok(True)
-        except trainer.DivergenceError as e:
-            cli.fail(str(e), 3)
-        except ValueError as e:
-            raise cli.UsageError(str(e)) from None
-        except multiworker.LOST_PEER_ERRORS as e:
-            if not worker:
-                raise
-            logging.debug("lost a worker", exc_info=True)
-            lost = e
-    if lost is not None:
-        print(
-            cli.error_line(
-                f"lost contact with another worker ({type(lost).__name__}); files are as the chief's last "
-                "complete checkpoint left them: restart every worker with the same command to resume",
-                "kft.train",
-            ),
-            file=sys.stderr,
-            flush=True,
-        )
+        work = functools.partial(experiment.run, flagfile_text=flagfile_text, splits=splits)
+        return config, (lock.release if lock else None), work
+
+    try:
+        multiworker.run_together(worker, start)
+    except trainer.DivergenceError as e:
+        cli.fail(str(e), 3)
+    except (ValueError, multiworker.PeerRefused) as e:
+        raise cli.UsageError(str(e)) from None
+    except multiworker.PeerLost as e:
+        print(cli.error_line(str(e), "kft.train"), file=sys.stderr, flush=True)
         sys.stdout.flush()
         # Not sys.exit: TF would wait at exit for the worker that is gone (up to a minute).
         os._exit(1)
