@@ -5,8 +5,10 @@ for kft.evaluate, kft.predict and the exports.
 
 import dataclasses
 import os
+from collections.abc import Callable
 
 import keras
+from absl import logging
 
 from kft import checkpoint, data_folder, model, rundir, schedule
 from kft.config import Config
@@ -115,12 +117,16 @@ def comparable_fields(config: Config, free_fields=()) -> dict:
     return fields
 
 
-def first_difference(saved: dict, current: dict, saved_identity: dict, current_identity: dict) -> str | None:
+def first_difference(
+    saved: dict, current: dict, saved_identity: dict, current_identity: Callable[[str], str | None]
+) -> str | None:
     """Names the first field that differs between two `comparable_fields`, e.g.
     "--stages: saved X, now Y"; None if none does.
 
     A path spelled differently (relative or absolute, a trailing slash, a link) is the same
     path, and a folder dataset moved elsewhere is the same data if it holds the same files.
+    `current_identity(field)` is the current folder's identity, asked only for a moved folder
+    (listing 50k files takes a second).
     """
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key), current.get(key)
@@ -130,13 +136,13 @@ def first_difference(saved: dict, current: dict, saved_identity: dict, current_i
     return None
 
 
-def _same_path(key: str, old, new, saved_identity: dict, current_identity: dict) -> bool:
+def _same_path(key: str, old, new, saved_identity: dict, current_identity: Callable[[str], str | None]) -> bool:
     if key not in PATH_FIELDS or not isinstance(old, str) or not isinstance(new, str):
         return False
     if rundir.absolute_path_value(key, old, os.path.realpath) == rundir.absolute_path_value(key, new, os.path.realpath):
         return True
     saved_id = saved_identity.get(key)
-    return saved_id is not None and saved_id == current_identity.get(key)
+    return saved_id is not None and saved_id == current_identity(key)
 
 
 def resume_conflict(model_dir: str, config: Config) -> str | None:
@@ -156,8 +162,53 @@ def resume_conflict(model_dir: str, config: Config) -> str | None:
         comparable_fields(saved, RESUME_FREE_FIELDS),
         comparable_fields(config, RESUME_FREE_FIELDS),
         saved_identity,
-        data_identity(config),
+        lambda field: _folder_identity(getattr(config, field)),
     )
+
+
+def prepare_model_dir(model_dir: str, fine_tune: Config, overwrite: bool) -> rundir.DirLock:
+    """Checks the run directory belongs to this command, locks it, and with `overwrite` clears
+    what kft wrote there; kft.train calls it once everything else has been checked.
+
+    Args:
+      fine_tune: the Config the fine-tune runs (kft.experiment.fine_tune_config), compared with
+        the one a run there recorded (`resume_conflict`).
+
+    Returns:
+      The directory's lock, held while the run works there.
+
+    Raises:
+      ValueError: the directory holds another run or files kft did not write, is in use, or is
+        not writable (one line; nothing is changed).
+    """
+    flag = f"--model_dir={model_dir}"
+    try:
+        rundir.check_owned(model_dir, flag, "run", overwrite)
+        rundir.check_writable_dir(model_dir, flag)
+        lock = rundir.DirLock(model_dir, flag)
+    except OSError as e:
+        raise ValueError(f"{flag} is not writable: {e.strerror}") from None
+    try:
+        if not overwrite:
+            try:
+                conflict = resume_conflict(model_dir, fine_tune)
+            except ValueError as e:
+                conflict = str(e)
+            if conflict:
+                raise ValueError(
+                    f"{flag} holds a run with other flags ({conflict}); "
+                    "rerun with its flags to resume, pass --overwrite to start over, or use another --model_dir"
+                )
+            rundir.check_resumable(model_dir, flag)
+    except ValueError:
+        lock.release()
+        raise
+    if overwrite:
+        removed = rundir.remove_owned(model_dir, "run")
+        if removed:
+            logging.info("--overwrite: removed %s from %s", ", ".join(removed), model_dir)
+    rundir.mark(model_dir)
+    return lock
 
 
 def recorded_settings(model_dir: str, defaults: dict) -> dict:

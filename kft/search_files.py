@@ -72,7 +72,7 @@ def fingerprint_conflict(saved: dict, current: dict) -> str | None:
         if old.get(key) != new.get(key):
             return f"--{key}: saved {old.get(key)!r}, now {new.get(key)!r}"
     return runfiles.first_difference(
-        saved.get("config", {}), current.get("config", {}), saved.get("identity", {}), current.get("identity", {})
+        saved.get("config", {}), current.get("config", {}), saved.get("identity", {}), current.get("identity", {}).get
     )
 
 
