@@ -28,12 +28,15 @@ def feature_batch_size(image_size: int) -> int:
     return int(min(MAX_FEATURE_BATCH, max(8, 2 ** math.floor(math.log2(images)))))
 
 
-def features_of(classifier, dataset, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def features_of(classifier, dataset, batch_size: int | None = None) -> tuple[np.ndarray | None, np.ndarray]:
     """Pooled backbone features (float32, inference mode) and labels of a whole dataset.
 
     Args:
+      dataset: batches of (images, labels); None (no validation split) gives (None, no labels).
       batch_size: rebatch the (batched) dataset to this many images per call, or keep its own.
     """
+    if dataset is None:
+        return None, np.zeros(0, np.int64)
     if batch_size is not None:
         dataset = dataset.unbatch().batch(batch_size)
     features, labels = [], []
@@ -59,7 +62,7 @@ def cache_features(
     started = time.time()
     # One pass over the training pipeline as an epoch sees it (its batches, partial one dropped).
     train_x, train_y = features_of(classifier, splits.train)
-    val_x, val_y = features_of(classifier, splits.val) if splits.val is not None else (None, [])
+    val_x, val_y = features_of(classifier, splits.val)
     drop = len(train_y) >= batch_size
     train = (
         tf.data.Dataset.from_tensor_slices((train_x, train_y))

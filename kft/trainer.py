@@ -337,7 +337,7 @@ def _run_probe(classifier, splits: data.Splits, config: Config, recorder, global
     train_x, train_y = features.features_of(
         classifier, splits.train if splits.train_in_order is None else splits.train_in_order, batch
     )
-    val_x, val_y = features.features_of(classifier, splits.val, batch) if splits.val is not None else (None, [])
+    val_x, val_y = features.features_of(classifier, splits.val, batch)
     rankable = len(val_y) >= schedule.MIN_RANKING_VAL
     fitted = probe_lib.fit(
         train_x,
