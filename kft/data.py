@@ -77,6 +77,9 @@ class Source(Protocol):
 
 
 SOURCES: dict[str, type] = {}
+# The built-in sources, in the order messages list them: each registers itself when its module
+# is imported, and which is imported first depends on the caller.
+BUILT_IN_SOURCES = ("tfds", "folder", "digits")
 
 
 def register_source(prefix: str) -> Callable[[type], type]:
@@ -86,9 +89,17 @@ def register_source(prefix: str) -> Callable[[type], type]:
         if prefix in SOURCES:
             raise ValueError(f"data source {prefix!r} is registered twice ({SOURCES[prefix].__name__}, {cls.__name__})")
         SOURCES[prefix] = cls
+        # Built-ins first in their order, then the others as registered (sorted is stable).
+        order = sorted(SOURCES.items(), key=lambda item: _built_in_rank(item[0]))
+        SOURCES.clear()
+        SOURCES.update(order)
         return cls
 
     return decorate
+
+
+def _built_in_rank(prefix: str) -> int:
+    return BUILT_IN_SOURCES.index(prefix) if prefix in BUILT_IN_SOURCES else len(BUILT_IN_SOURCES)
 
 
 def spec_forms() -> str:
@@ -436,6 +447,6 @@ def limit_train(train_per_class: list[np.ndarray], limit: int | None) -> np.ndar
     return np.sort(np.concatenate([t[:limit] if limit else t for t in train_per_class]))
 
 
-# The registered sources, in the order error messages list them. Imported last: each module
-# registers its spec class with `register_source`, and builds on the pipeline above.
+# The built-in sources. Imported last: each module registers its spec class with
+# `register_source`, and builds on the pipeline above.
 from kft import data_tfds, data_folder, data_digits  # noqa: E402,F401,I001

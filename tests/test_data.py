@@ -3,6 +3,8 @@
 import dataclasses
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -537,3 +539,10 @@ def test_a_new_data_source_is_one_registered_class():
     finally:
         del data.SOURCES["evens"]
     assert list(data.SOURCES) == ["tfds", "folder", "digits"]
+
+
+def test_sources_are_listed_in_one_order_whichever_module_is_imported_first():
+    for first in ("data_digits", "data_folder", "data_tfds"):
+        code = f"from kft import {first}; from kft import data; print(data.spec_forms())"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.startswith("tfds:NAME") and out.index("folder:PATH") < out.index("digits["), (first, out)
