@@ -1,6 +1,7 @@
 """What a run directory holds besides its checkpoints (kft.checkpoint): its Config (run.json)
-and whether a command may resume it, its class list, and the kept classifier rebuilt from them
-for kft.evaluate, kft.predict and the exports.
+and whether a command may resume it (checked, with the directory locked, by `prepare_model_dir`),
+its class list, and the kept classifier rebuilt from them for kft.evaluate, kft.predict and the
+exports.
 """
 
 import dataclasses
