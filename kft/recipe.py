@@ -17,7 +17,11 @@ The recipe, for N training images:
             Measured on a development task (digits 1,3,5,7,9, 10 per class, from backbones
             pretrained on the even digits; not a benchmark task), 3 seeds, test accuracy:
             MobileNetV2 0.757 at 1e-4, 0.824 at 3e-4; ResNet50 0.903 at 1e-4, 0.951 at 3e-4
-            (one seed); 3.5e-5 was worse still
+            (one seed); 3.5e-5 was worse still. At 5 per class (EfficientNetB0, 3 seeds, mean
+            test accuracy 0.832 with this recipe; the probe alone 0.555) nothing tried did
+            better: --ema_decay=0.99 0.833, peak rate 1e-4 0.763 and 5.6e-4 0.802, 250 steps
+            0.776, --l2sp_alpha=0.1 0.803, --label_smoothing=0.1 0.798, interpolating toward the
+            probe's weights (WiSE-FT) lower at every mix; 1,000 steps 0.847, within the spread
   augment   crop; flip too unless the images are not mirror-symmetric (`mirror_check`: digits,
             letters and text change meaning when mirrored); mixup added from 20k images (BiT:
             mixup only for large sets)
