@@ -149,11 +149,13 @@ def _same_path(key: str, old, new, saved_identity: dict, current_identity: Calla
 def resume_conflict(model_dir: str, config: Config) -> str | None:
     """Why `config` may not resume the run in `model_dir`: the first setting that differs from
     its run.json (e.g. "--stages: saved X, now Y"), or None when it may (or nothing is there).
-
-    Raises:
-      ValueError: an unreadable run.json (one line).
+    An unreadable run.json is a conflict too: nothing there can be resumed (its error is the
+    reason).
     """
-    recorded = _read_run_json(model_dir)
+    try:
+        recorded = _read_run_json(model_dir)
+    except ValueError as e:
+        return str(e)
     if recorded is None:
         if os.path.exists(os.path.join(model_dir, "flags.cfg")):
             return "it was written by a kft without run.json, whose settings cannot be compared"
@@ -191,10 +193,7 @@ def prepare_model_dir(model_dir: str, fine_tune: Config, overwrite: bool) -> run
         raise ValueError(f"{flag} is not writable: {e.strerror}") from None
     try:
         if not overwrite:
-            try:
-                conflict = resume_conflict(model_dir, fine_tune)
-            except ValueError as e:
-                conflict = str(e)
+            conflict = resume_conflict(model_dir, fine_tune)
             if conflict:
                 raise ValueError(
                     f"{flag} holds a run with other flags ({conflict}); "

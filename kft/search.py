@@ -148,10 +148,7 @@ def _discard_stale_run(config: Config) -> None:
     one of this trial's configuration resumes."""
     if not os.path.isdir(config.model_dir):
         return
-    try:
-        conflict = runfiles.resume_conflict(config.model_dir, config)
-    except ValueError as e:  # An unreadable run.json: nothing there can be resumed.
-        conflict = str(e)
+    conflict = runfiles.resume_conflict(config.model_dir, config)
     if conflict:
         logging.warning("discarding %s: it holds another run than this trial (%s)", config.model_dir, conflict)
         shutil.rmtree(config.model_dir)

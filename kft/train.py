@@ -60,10 +60,11 @@ def _start(worker):
     if recipe_block and (worker is None or worker.is_chief):
         print(recipe_block, flush=True)
     flagfile_text = kft_flags.with_comment(runfiles.flagfile_of(config), recipe_block)
+    work = functools.partial(experiment.run, flagfile_text=flagfile_text, splits=splits)
     if worker and not worker.is_chief:
         # The checks of MODEL_DIR and the export are the chief's (the others write neither, and
         # need not see MODEL_DIR); its refusal reaches every worker through all_ok.
-        return config, None, functools.partial(experiment.run, flagfile_text=flagfile_text, splits=splits)
+        return config, None, work
     try:
         # With --overwrite nothing is removed before every check has passed; a source task to
         # train first must not find a bad fine-tune schedule only after it.
@@ -73,7 +74,7 @@ def _start(worker):
         lock = runfiles.prepare_model_dir(config.model_dir, experiment.fine_tune_config(config), FLAGS.overwrite)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    return config, lock.release, functools.partial(experiment.run, flagfile_text=flagfile_text, splits=splits)
+    return config, lock.release, work
 
 
 if __name__ == "__main__":
