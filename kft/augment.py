@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-OPS = ("crop", "flip", "translate", "colour", "mixup", "cutmix")
+OPS = ("crop", "flip", "rot90", "translate", "colour", "mixup", "cutmix")
 _ALIASES = {"color": "colour"}
 
 # Colour jitter, modest: brightness, contrast and saturation factors in [1 - s, 1 + s] (timm's
@@ -102,6 +102,7 @@ _ROWS = {
     "pairing": 2,  # the partner order, and mixup-or-cutmix for the batch
     "mixup": 2 * _GAMMA_ROWS,
     "cutmix": 2 * _GAMMA_ROWS + 2,  # two gammas and the box centre
+    "rot90": 1,  # last, so that adding it left the other ops' draws where they were
 }
 _OFFSETS = dict(zip(_ROWS, itertools.accumulate(_ROWS.values(), initial=0)))
 _TOTAL_ROWS = sum(_ROWS.values())
@@ -264,8 +265,8 @@ class Augmenter(keras.layers.Layer):
         ops = set(self.ops)
 
         # Each op's ops sit under a name scope of the op's name, so a compiled step's HLO
-        # metadata shows which augmentations it holds (tools/bench.py --gpu checks all six).
-        if ops & {"crop", "flip", "translate"}:
+        # metadata shows which augmentations it holds (tools/bench.py --gpu checks them all).
+        if ops & {"crop", "flip", "rot90", "translate"}:
             images = self._geometry(images, draws, ops)
         if "colour" in ops:
             with tf.name_scope("colour"):
@@ -287,7 +288,8 @@ class Augmenter(keras.layers.Layer):
         return images, labels
 
     def _geometry(self, images, draws, ops):
-        """crop, then flip, then translate, as one row gather and one column gather.
+        """crop, then flip, then rot90, then translate, as one row gather and one column gather
+        (and for rot90 a transpose of the examples that turn a quarter).
 
         Each op only moves pixels, so together they are a map from output to input positions
         per example, found by walking back from the output through the ops in reverse order.
@@ -309,6 +311,21 @@ class Augmenter(keras.layers.Layer):
                 col_in = tf.logical_and(cols >= 0, cols < width)
                 inside = tf.cast(tf.logical_and(row_in[:, :, None], col_in[:, None, :]), images.dtype)[..., None]
                 rows, cols = tf.clip_by_value(rows, 0, height - 1), tf.clip_by_value(cols, 0, width - 1)
+        quarter_turn = None
+        if "rot90" in ops:
+            if height != width:
+                raise ValueError(f"the rot90 augmentation needs square images, got {height}x{width}")
+            with tf.name_scope("rot90"):
+                # k quarter turns counterclockwise, k uniform in 0..3: k=1 is the transpose of
+                # the image with its columns reversed, k=2 rows and columns reversed, k=3 the
+                # transpose with its rows reversed. The reversals join the index map; the
+                # transpose is taken after the gathers, so after translate rather than before
+                # it, which on a square image draws the same shifts.
+                turns = tf.cast(tf.floor(draws.rows("rot90")[0] * 4.0), tf.int32)
+                quarter_turn = tf.equal(turns % 2, 1)
+                rows = tf.where((turns >= 2)[:, None], height - 1 - rows, rows)
+                reverse_cols = tf.logical_or(tf.equal(turns, 1), tf.equal(turns, 2))
+                cols = tf.where(reverse_cols[:, None], width - 1 - cols, cols)
         if "flip" in ops:
             with tf.name_scope("flip"):
                 flip = draws.rows("flip")[0] < 0.5
@@ -322,11 +339,14 @@ class Augmenter(keras.layers.Layer):
                     rows + _shifts(u[0], min(_pixels(self.crop_padding, height), height - 1))[:, None], height
                 )
                 cols = _reflect(cols + _shifts(u[1], min(_pixels(self.crop_padding, width), width - 1))[:, None], width)
-        if "crop" in ops or "translate" in ops:
+        if ops & {"crop", "rot90", "translate"}:
             images = tf.gather(images, rows, axis=1, batch_dims=1)
         images = tf.gather(images, cols, axis=2, batch_dims=1)
         if inside is not None:
             images = images * inside
+        if quarter_turn is not None:
+            with tf.name_scope("rot90"):
+                images = tf.where(quarter_turn[:, None, None, None], tf.transpose(images, [0, 2, 1, 3]), images)
         return images
 
     def _mixup(self, images, labels, partner, u):

@@ -159,7 +159,7 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     "augment",
     "crop,flip",
-    "Comma list of on-device augmentations from: crop, flip, translate, colour, mixup, cutmix; none for no augmentation.",
+    "Comma list of on-device augmentations from: crop, flip, rot90 (quarter turns; square images), translate, colour, mixup, cutmix; none for no augmentation.",
 )
 # Transfer check (the quickstart uses these).
 flags.DEFINE_string(
@@ -324,12 +324,12 @@ def config_from_flags() -> Config:
 RECIPE_FLAGS = ("batch_size", "stages", "augment", "val_fraction")
 
 
-def apply_recipe(num_train: int, num_classes: int, mirror=None, unused_val: int = 0) -> str | None:
+def apply_recipe(num_train: int, num_classes: int, mirror=None, rotation=None, unused_val: int = 0) -> str | None:
     """With --recipe=auto, sets the recipe's flags the user did not give (kft.recipe) and turns
     --recipe to none, so the resolved flagfile reproduces the run without deriving it again.
 
     Args:
-      num_train, num_classes, mirror, unused_val: as kft.recipe.derive takes them.
+      num_train, num_classes, mirror, rotation, unused_val: as kft.recipe.derive takes them.
 
     Returns:
       The recipe as a printable block, or None with --recipe=none.
@@ -343,6 +343,7 @@ def apply_recipe(num_train: int, num_classes: int, mirror=None, unused_val: int 
         hidden_units=FLAGS.hidden_units,
         batch_size=given.get("batch_size"),
         mirror=mirror,
+        rotation=rotation,
         unused_val=unused_val,
     )
     if FLAGS.pretrain_dataset and not FLAGS.pretrain_batch_size:
@@ -373,14 +374,36 @@ def config_and_splits(load_splits, *, may_drop_validation: bool = False):
         everything = load_splits(dataclasses.replace(config, val_fraction=0.0))
         if everything.num_train > splits.num_train:  # A training-image limit may take none of them.
             unused_val, splits = splits.num_val, everything
-    mirror = None
+    mirror = rotation = None
     if FLAGS.recipe == "auto" and not FLAGS["augment"].present:
-        mirror = recipe.mirror_check(*_sample(splits, recipe.MIRROR_SAMPLE))
-    block = apply_recipe(splits.num_train, len(splits.class_names), mirror, unused_val)
+        images, labels = _sample(splits, recipe.MIRROR_SAMPLE)
+        mirror = recipe.mirror_check(images, labels)
+        sample = slice(recipe.ROTATION_SAMPLE)
+        rotation = _rotation_check(config, len(splits.class_names), images[sample], labels[sample])
+    block = apply_recipe(splits.num_train, len(splits.class_names), mirror, rotation, unused_val)
     if block is not None:
         config = config_from_flags()
         splits = splits.with_batch_size(config.batch_size)
     return config, splits, block
+
+
+def _rotation_check(config: Config, num_classes: int, images: np.ndarray, labels: np.ndarray):
+    """The recipe's rotation check, asked of the backbone the run starts from; None where that
+    backbone has nothing to say yet: random weights (--weights=none), or weights that a
+    --pretrain_dataset run has still to train."""
+    if config.weights is None or config.pretrain_dataset:
+        return None
+    from kft import features, finetuner  # The model is built here only for the check.
+
+    classifier, _ = finetuner.build_classifier(config, num_classes)
+    batch = features.feature_batch_size(config.image_size)
+
+    def features_of(x: np.ndarray) -> np.ndarray:
+        return np.concatenate(
+            [np.asarray(classifier.features(x[i : i + batch], training=False)) for i in range(0, len(x), batch)]
+        )
+
+    return recipe.rotation_check(features_of, images, labels)
 
 
 def _validation_unrankable(splits) -> bool:

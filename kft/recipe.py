@@ -23,8 +23,10 @@ The recipe, for N training images:
             0.776, --l2sp_alpha=0.1 0.803, --label_smoothing=0.1 0.798, interpolating toward the
             probe's weights (WiSE-FT) lower at every mix; 1,000 steps 0.847, within the spread
   augment   crop; flip too unless the images are not mirror-symmetric (`mirror_check`: digits,
-            letters and text change meaning when mirrored); mixup added from 20k images (BiT:
-            mixup only for large sets)
+            letters and text change meaning when mirrored); rot90 (quarter turns) where turned
+            images look like their class to the pretrained backbone (`rotation_check`:
+            textures, microscopy, aerial views; not digits or upright objects); mixup added from
+            20k images (BiT: mixup only for large sets)
   val       none carved out when the split kft would carve (--val_fraction of a source without
             one of its own) is too small to rank checkpoints (kft.schedule.MIN_RANKING_VAL):
             such a split only decides nothing, and on 5 images per class it took a fifth of
@@ -55,6 +57,14 @@ MIN_BATCH = 8
 MIRROR_SAMPLE = 2_000
 MIRROR_SIZE = 16
 MIN_RETENTION = 1 / 3
+
+
+# The rotation check turns up to this many training images (they go through the backbone four
+# times). rot90 joins the recipe when the backbone's features tell the classes apart by at
+# least MIN_ABOVE_CHANCE over chance and turned images keep MIN_ROTATION_RETENTION of that.
+ROTATION_SAMPLE = 512
+MIN_ABOVE_CHANCE = 0.1
+MIN_ROTATION_RETENTION = 2 / 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +109,86 @@ class MirrorCheck:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class RotationCheck:
+    """Whether training images turned by quarter turns still look like their own class.
+
+    Unlike flip, rot90 is not a usual default: it takes evidence to add it. Pixels cannot give
+    that evidence on few images (patches of one texture match each other's turned images no
+    better than their own at 5 per class), so this check asks the pretrained backbone, whose
+    features were not trained to ignore rotation: a turned brick patch still looks like brick
+    to it, a turned 6 looks like a 9. Measured (backbones pretrained offline by
+    tools/transfer_bench.py): brick/grass/gravel patches kept 0.8-1.0 of their above-chance
+    accuracy (ResNet50 at 5 per class: 0.45), digits 5-9 0.2 at most.
+
+    Attributes:
+      accuracy: leave-one-out nearest-neighbour accuracy of the images' features among
+        themselves (cosine similarity, centred on their mean).
+      turned_accuracy: the same with the images turned by one, two and three quarter turns as
+        queries, averaged over the three.
+      chance: 1 / the number of classes.
+    """
+
+    accuracy: float
+    turned_accuracy: float
+    chance: float
+
+    @property
+    def retention(self) -> float:
+        """The share of the features' above-chance accuracy the turned images keep."""
+        return (self.turned_accuracy - self.chance) / max(1e-9, self.accuracy - self.chance)
+
+    @property
+    def invariant(self) -> bool:
+        return self.accuracy - self.chance >= MIN_ABOVE_CHANCE and self.retention >= MIN_ROTATION_RETENTION
+
+    def describe(self) -> str:
+        verdict = "rot90 added" if self.invariant else "no rot90"
+        return (
+            f"rotation check: nearest-neighbour accuracy {self.accuracy:.2f} on the pretrained "
+            f"backbone's features of the training images, {self.turned_accuracy:.2f} on their quarter "
+            f"turns, chance {self.chance:.2f} ({verdict})"
+        )
+
+
+def rotation_check(features_of, images: np.ndarray, labels: np.ndarray) -> RotationCheck | None:
+    """Tests whether a task's classes survive quarter turns, from the pretrained backbone's view.
+
+    Args:
+      features_of: uint8 images [n, S, S, 3] -> their pooled backbone features [n, D].
+      images: uint8 [N, S, S, 3] training images (a sample of at most ROTATION_SAMPLE).
+      labels: int [N].
+
+    Returns:
+      The check, or None for images that are not square (a quarter turn changes their shape).
+    """
+    if images.shape[1] != images.shape[2]:
+        return None
+    upright = np.asarray(features_of(images), np.float64)
+    centre = upright.mean(axis=0, keepdims=True)
+
+    def unit(features):
+        centred = np.asarray(features, np.float64) - centre
+        return centred / np.maximum(np.linalg.norm(centred, axis=1, keepdims=True), 1e-12)
+
+    database = unit(upright)
+    accuracy = _nearest_neighbour_accuracy(database, database, labels)
+    turned = [
+        _nearest_neighbour_accuracy(
+            unit(features_of(np.ascontiguousarray(np.rot90(images, k, axes=(1, 2))))), database, labels
+        )
+        for k in (1, 2, 3)
+    ]
+    return RotationCheck(accuracy, float(np.mean(turned)), 1.0 / max(1, len(np.unique(labels))))
+
+
+def _nearest_neighbour_accuracy(queries: np.ndarray, database: np.ndarray, labels: np.ndarray) -> float:
+    """How often query i's most similar database row other than row i has label i (unit rows)."""
+    similarity = queries @ database.T
+    np.fill_diagonal(similarity, -np.inf)  # Leave one out: not the image itself, turned or not.
+    return float(np.mean(labels[similarity.argmax(1)] == labels))
+
+
 def mirror_check(images: np.ndarray, labels: np.ndarray) -> MirrorCheck:
     """Tests whether a task is mirror-symmetric, from its training images alone.
 
@@ -114,13 +204,8 @@ def mirror_check(images: np.ndarray, labels: np.ndarray) -> MirrorCheck:
       labels: int [N].
     """
     x = _pixels(images)
-    mirrored = _pixels(images[:, :, ::-1])
-    similarity = x @ x.T
-    np.fill_diagonal(similarity, -np.inf)  # Leave one out.
-    mirrored_similarity = mirrored @ x.T
-    np.fill_diagonal(mirrored_similarity, -np.inf)  # Not its own unmirrored self either.
-    accuracy = float(np.mean(labels[similarity.argmax(1)] == labels))
-    mirrored_accuracy = float(np.mean(labels[mirrored_similarity.argmax(1)] == labels))
+    accuracy = _nearest_neighbour_accuracy(x, x, labels)
+    mirrored_accuracy = _nearest_neighbour_accuracy(_pixels(images[:, :, ::-1]), x, labels)
     n = max(1, len(labels))
     standard_error = math.sqrt((accuracy * (1 - accuracy) + mirrored_accuracy * (1 - mirrored_accuracy)) / n)
     chance = 1.0 / max(1, len(np.unique(labels)))
@@ -174,6 +259,7 @@ def derive(
     hidden_units: int = 0,
     batch_size: int | None = None,
     mirror: MirrorCheck | None = None,
+    rotation: RotationCheck | None = None,
     unused_val: int = 0,
 ) -> Recipe:
     """The recipe for a training set of `num_train` images in `num_classes` classes.
@@ -183,6 +269,7 @@ def derive(
       hidden_units: the head's hidden layer width (0 = none; the probe needs none).
       batch_size: the user's batch size, which the schedule is then counted in; None: derived.
       mirror: the training images' mirror check; None: assume mirror-symmetric (flip).
+      rotation: their rotation check; None (no pretrained backbone to ask yet): no rot90.
       unused_val: the size of a carved validation split too small to rank checkpoints, whose
         images `num_train` includes (0: the validation split stands).
     """
@@ -192,7 +279,10 @@ def derive(
     first = "probe" if not hidden_units else "head:%dsteps@1e-3" % max(50, steps // 10)
     stages = f"{first},all:{steps}steps@{lr:.2g}"
     flip = mirror is None or mirror.symmetric
-    augment = ",".join(["crop", *(["flip"] if flip else []), *(["mixup"] if num_train >= SMALL else [])])
+    turn = rotation is not None and rotation.invariant
+    augment = ",".join(
+        ["crop", *(["flip"] if flip else []), *(["rot90"] if turn else []), *(["mixup"] if num_train >= SMALL else [])]
+    )
     epochs = steps * batch / max(1, num_train)
     reasons = (
         f"{num_train} training images in {num_classes} classes",
@@ -206,6 +296,7 @@ def derive(
         ),
         f"then every block at peak rate {lr:.2g} (Adam, warmup + cosine, BatchNorm frozen)",
         *([mirror.describe()] if mirror else []),
+        *([rotation.describe()] if rotation else []),
         f"augmentation {augment}" + (" (mixup from 20k images)" if num_train >= SMALL else ""),
         *(
             [

@@ -58,7 +58,7 @@ def _partners(y_in, y_out):
 def test_parse_returns_canonical_order_and_accepts_aliases():
     assert augment.parse("mixup,flip,crop") == ("crop", "flip", "mixup")
     assert augment.parse(" Flip , color ") == ("flip", "colour")
-    assert augment.parse("cutmix,colour,translate,mixup,flip,crop") == augment.OPS
+    assert augment.parse("cutmix,colour,translate,mixup,rot90,flip,crop") == augment.OPS
     assert augment.parse("") == ()
     assert augment.parse("none") == ()
     assert augment.parse("crop,") == ("crop",)
@@ -68,7 +68,7 @@ def test_parse_errors_name_the_bad_value_and_the_choices():
     with pytest.raises(ValueError) as e:
         augment.parse("crop,rotate")
     assert str(e.value) == (
-        "unknown augmentation 'rotate' in --augment; choose from: crop, flip, translate, colour, mixup, cutmix"
+        "unknown augmentation 'rotate' in --augment; choose from: crop, flip, rot90, translate, colour, mixup, cutmix"
     )
     with pytest.raises(ValueError, match="'flip' is named twice"):
         augment.parse("flip,crop,flip")
@@ -84,8 +84,9 @@ def test_parse_errors_name_the_bad_value_and_the_choices():
 # Every op alone and all together, compiled with XLA
 
 
-# How many of the B examples must change: flip is the identity for about half of them.
-_MIN_CHANGED = {"flip": 2}
+# How many of the B examples must change: flip leaves about half of them as they are, rot90 a
+# quarter.
+_MIN_CHANGED = {"flip": 2, "rot90": 2}
 
 
 @pytest.mark.parametrize("ops", [(op,) for op in augment.OPS] + [augment.OPS], ids=lambda ops: "+".join(ops))
@@ -137,6 +138,33 @@ def test_flip_gives_the_image_or_its_mirror():
             assert same != mirror
             flipped.append(mirror)
     assert 0 < sum(flipped) < len(flipped)
+
+
+def test_rot90_gives_the_image_turned_by_a_multiple_of_a_quarter():
+    x, _, outs = _run(("rot90",), calls=4)
+    turns = []
+    for xo, _ in outs:
+        for i in range(B):
+            found = [k for k in range(4) if np.array_equal(xo[i], np.rot90(x[i], k))]
+            assert len(found) == 1, f"output {i} is not one rotation of its input"
+            turns.append(found[0])
+    assert set(turns) == {0, 1, 2, 3}
+
+
+def test_rot90_refuses_images_that_are_not_square():
+    augmenter = augment.Augmenter(("rot90",), seed=0)
+    with pytest.raises(ValueError, match="rot90 augmentation needs square images, got 16x8"):
+        augmenter(tf.zeros([2, 16, 8, 3]), tf.one_hot([0, 1], 2))
+
+
+def test_crop_flip_rot90_compose_into_one_map():
+    # rot90(flip(crop(x))) for some crop window, flip and number of quarter turns.
+    x, _, [(xo, _)] = _run(("crop", "flip", "rot90"), calls=1)
+    reflect = np.pad(x, [(0, 0), (2, 2), (2, 2), (0, 0)], mode="reflect")
+    for i in range(B):
+        crops = [reflect[i, cy : cy + H, cx : cx + W] for cy in range(5) for cx in range(5)]
+        candidates = [np.rot90(flipped, k) for crop in crops for flipped in (crop, crop[:, ::-1]) for k in range(4)]
+        assert any(np.array_equal(xo[i], c) for c in candidates), f"output {i} is not rot90(flip(crop(x)))"
 
 
 def _window_offsets(x, outs, pad, mode):

@@ -164,6 +164,66 @@ def test_mirror_check_on_real_images():
     assert check.mirrored_accuracy < check.accuracy and check.symmetric
 
 
+def _pixel_features(images):
+    """Stand-in backbone features for the rotation check's mechanics: the image's own pixels."""
+    return images.reshape(len(images), -1).astype(np.float64)
+
+
+def _bars_across_or_down(num_per_class, seed=0):
+    """Class 0: a bright row somewhere; class 1: a bright column: a quarter turn swaps them."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 60, size=(2 * num_per_class, 24, 24, 3), dtype=np.uint8)
+    labels = np.repeat([0, 1], num_per_class)
+    for image, label in zip(images, labels):
+        line = rng.integers(2, 22)
+        if label == 0:
+            image[line - 1 : line + 1] = 250
+        else:
+            image[:, line - 1 : line + 1] = 250
+    return images, labels
+
+
+def test_rotation_check_tells_turnable_tasks_from_upright_ones():
+    upright = recipe.rotation_check(_pixel_features, *_bars_across_or_down(15))
+    # A half turn keeps rows rows; the quarter turns make them columns: a third of the turns.
+    assert upright.accuracy > 0.7 and upright.turned_accuracy < 0.5 and not upright.invariant
+    assert "no rot90" in upright.describe()
+    turnable = recipe.rotation_check(_pixel_features, *_colour_blobs(15))
+    assert turnable.retention > 0.8 and turnable.invariant and "rot90 added" in turnable.describe()
+    # No evidence is no rot90: features that tell nothing apart (noise, labels at random).
+    rng = np.random.default_rng(0)
+    noise = recipe.rotation_check(
+        _pixel_features, rng.integers(0, 255, (30, 8, 8, 3), dtype=np.uint8), np.repeat([0, 1, 2], 10)
+    )
+    assert noise.accuracy - noise.chance < recipe.MIN_ABOVE_CHANCE and not noise.invariant
+    # A quarter turn changes the shape of an image that is not square: no check.
+    assert recipe.rotation_check(_pixel_features, np.zeros((4, 8, 6, 3), np.uint8), np.array([0, 0, 1, 1])) is None
+    assert recipe.derive(45, 3, rotation=turnable).augment == "crop,flip,rot90"
+    assert recipe.derive(45, 2, rotation=upright).augment == "crop,flip"
+    assert recipe.derive(45, 3).augment == "crop,flip"  # No backbone to ask: no rot90.
+
+
+def test_the_recipe_asks_the_starting_backbone_about_rotation(tmp_path):
+    from kft import checkpoint, model, trainer
+
+    weights = tmp_path / "start.weights.h5"
+    classifier = model.build_classifier("MobileNetV2", 32, None, model.HeadConfig(2))
+    checkpoint.save_backbone_weights(classifier.backbone, "MobileNetV2", 32, str(weights))
+    common = ["--dataset=digits:0-2", "--train_limit_per_class=20", "--backbone=MobileNetV2", "--image_size=32"]
+    try:
+        for argv, asked in [
+            ([f"--weights={weights}"], True),
+            (["--weights=none"], False),  # Random features say nothing about the task.
+            ([f"--weights={weights}", "--augment=crop"], False),  # The user chose.
+        ]:
+            _parse(*common, *argv)
+            config, _, block = kft_flags.config_and_splits(trainer.load_splits, may_drop_validation=True)
+            assert ("rotation check: nearest-neighbour accuracy" in block) == asked, argv
+            assert ("rot90" in config.augment) == ("(rot90 added)" in block)
+    finally:
+        FLAGS.unparse_flags()
+
+
 def _config_and_splits(*argv, may_drop_validation=True):
     from kft import trainer
 

@@ -1354,7 +1354,7 @@ def gpu_check_markdown(result: dict) -> str:
     for row in result["rows"]:
         lines.append(
             f"| {row['row']} | {row['precision']} | {'on' if row['jit_compile'] else 'off'} | "
-            f"{'all six' if row['augment'] else ''} | {row['images_per_s']:.0f} | "
+            f"{'all ops' if row['augment'] else ''} | {row['images_per_s']:.0f} | "
             f"{1e3 * row['step_s_median']:.1f} | {row['first_step_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
