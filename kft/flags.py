@@ -7,9 +7,10 @@ line naming the flag, the value and what is allowed, before any model is built o
 import dataclasses
 import math
 import os
+import time
 
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from kft import augment, backbones, data, recipe, regularizers, schedule
 from kft.config import Config
@@ -395,7 +396,15 @@ def _rotation_check(config: Config, num_classes: int, images: np.ndarray, labels
         return None
     from kft import features, finetuner  # The model is built here only for the check.
 
-    classifier, _ = finetuner.build_classifier(config, num_classes)
+    started = time.time()
+    try:
+        classifier, _ = finetuner.build_classifier(config, num_classes)
+    except Exception as e:  # Keras raises a bare Exception when a download fails.
+        # The check is advice. A backbone that cannot be built now (ImageNet weights out of
+        # reach, a weights file for another backbone) fails the run where it always did, after
+        # the other checks, with that error's own message; the recipe goes without rot90.
+        logging.warning("rotation check skipped: the backbone could not be built (%s)", str(e).splitlines()[0][:200])
+        return None
     batch = features.feature_batch_size(config.image_size)
 
     def features_of(x: np.ndarray) -> np.ndarray:
@@ -403,7 +412,9 @@ def _rotation_check(config: Config, num_classes: int, images: np.ndarray, labels
             [np.asarray(classifier.features(x[i : i + batch], training=False)) for i in range(0, len(x), batch)]
         )
 
-    return recipe.rotation_check(features_of, images, labels)
+    check = recipe.rotation_check(features_of, images, labels)
+    logging.info("rotation check on %d training images took %.1fs", len(labels), time.time() - started)
+    return check
 
 
 def _validation_unrankable(splits) -> bool:

@@ -137,7 +137,7 @@ def test_gpu_check_smoke_writes_every_field(tmp_path):
 
     hlo = result["hlo"]
     # Every augmentation op lowered into the XLA train step, none through the host.
-    assert set(hlo["instructions_per_op"]) == {"crop", "flip", "translate", "colour", "mixup", "cutmix"}
+    assert set(hlo["instructions_per_op"]) == {"crop", "flip", "rot90", "translate", "colour", "mixup", "cutmix"}
     assert all(count > 0 for count in hlo["instructions_per_op"].values()), hlo["instructions_per_op"]
     assert hlo["all_ops_in_hlo"] and hlo["no_host_round_trip"]
     assert not any(hlo["host_transfers"].values())
@@ -199,7 +199,9 @@ def test_hlo_analysis_flags_a_missing_op_and_a_host_transfer():
     spec = importlib.util.spec_from_file_location("kft_bench_tool", os.path.join(REPO, "tools", "bench.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    ops = ("crop", "flip", "translate", "colour", "mixup", "cutmix")
+    from kft import augment
+
+    ops = augment.OPS
     lines = [
         f'  %a{i} = f32[4]{{0}} add(%p, %p), metadata={{op_type="AddV2" op_name="finetuner/augmenter_1/{op}/add"}}'
         for i, op in enumerate(ops)
