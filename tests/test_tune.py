@@ -8,6 +8,7 @@ for real.
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import socket
@@ -490,6 +491,11 @@ def test_smoke_config_searches_end_to_end_and_a_rerun_keeps_it(tmp_path, monkeyp
         assert (trial_dir / "metrics.json").exists() and (trial_dir / "flags.cfg").exists()
         assert not (trial_dir / "export").exists()
     assert "best_val_accuracy" in out and "python -m kft.train --flagfile=" in out
+    # The smoke data's validation split is too small to rank trials on, and the search says so.
+    num_val = json.loads((tune_dir / "trials" / rows[0]["trial_id"] / "metrics.json").read_text())["num_val"]
+    assert 0 < num_val < schedule.MIN_RANKING_VAL
+    assert out.count("warning: kft.tune ranks") == 1
+    assert f"warning: kft.tune ranks its trials on {num_val} validation images, too few to tell them apart" in out
 
     # best.cfg: kft.train's flags with the best trial's values, a model_dir of its own.
     # Highest objective; on a tie the longest-trained, then the earliest trial.
