@@ -93,7 +93,7 @@ class MirrorCheck:
     @property
     def retention(self) -> float:
         """The share of the images' above-chance accuracy their mirror images keep."""
-        return (self.mirrored_accuracy - self.chance) / max(1e-9, self.accuracy - self.chance)
+        return _retention(self.accuracy, self.mirrored_accuracy, self.chance)
 
     @property
     def symmetric(self) -> bool:
@@ -137,7 +137,7 @@ class RotationCheck:
     @property
     def retention(self) -> float:
         """The share of the features' above-chance accuracy the turned images keep."""
-        return (self.turned_accuracy - self.chance) / max(1e-9, self.accuracy - self.chance)
+        return _retention(self.accuracy, self.turned_accuracy, self.chance)
 
     @property
     def invariant(self) -> bool:
@@ -180,7 +180,16 @@ def rotation_check(features_of, images: np.ndarray, labels: np.ndarray) -> Rotat
         )
         for k in (1, 2, 3)
     ]
-    return RotationCheck(accuracy, float(np.mean(turned)), 1.0 / max(1, len(np.unique(labels))))
+    return RotationCheck(accuracy, float(np.mean(turned)), _chance(labels))
+
+
+def _chance(labels: np.ndarray) -> float:
+    return 1.0 / max(1, len(np.unique(labels)))
+
+
+def _retention(accuracy: float, transformed_accuracy: float, chance: float) -> float:
+    """The share of the above-chance accuracy that transformed queries keep."""
+    return (transformed_accuracy - chance) / max(1e-9, accuracy - chance)
 
 
 def _nearest_neighbour_accuracy(queries: np.ndarray, database: np.ndarray, labels: np.ndarray) -> float:
@@ -209,8 +218,7 @@ def mirror_check(images: np.ndarray, labels: np.ndarray) -> MirrorCheck:
     mirrored_accuracy = _nearest_neighbour_accuracy(_pixels(images[:, :, ::-1]), x, labels)
     n = max(1, len(labels))
     standard_error = math.sqrt((accuracy * (1 - accuracy) + mirrored_accuracy * (1 - mirrored_accuracy)) / n)
-    chance = 1.0 / max(1, len(np.unique(labels)))
-    return MirrorCheck(accuracy, mirrored_accuracy, chance, max(0.1, 2 * standard_error))
+    return MirrorCheck(accuracy, mirrored_accuracy, _chance(labels), max(0.1, 2 * standard_error))
 
 
 def _pixels(images: np.ndarray) -> np.ndarray:
