@@ -156,7 +156,8 @@ class Splits:
       num_val: examples in one pass of `val`.
       skipped: files of a folder source that could not be decoded; 0 for other sources.
       train_in_order: every training example once, in a fixed order, unaugmented, partial
-        last batch kept (the linear probe's feature pass); None where the source lacks it.
+        last batch kept (the linear probe's feature pass, the recipe's checks on its first
+        images); a folder's classes interleaved (`spread_order`); None where the source lacks it.
       batch_size: the batch size of the pipelines (0 if unknown).
       rebuild: `rebuild(batch_size)` -> the same Splits batched differently, without reading
         the source again (see `with_batch_size`).
@@ -445,6 +446,18 @@ def split_per_class(
 
 def limit_train(train_per_class: list[np.ndarray], limit: int | None) -> np.ndarray:
     return np.sort(np.concatenate([t[:limit] if limit else t for t in train_per_class]))
+
+
+def spread_order(labels: np.ndarray) -> np.ndarray:
+    """A permutation that interleaves the classes, each at its share of the whole: any first n
+    examples hold every class in proportion (the recipe's checks read a first n of a folder
+    listed class by class). Each class keeps its own order, so the probe's stratified folds,
+    which follow the order within a class, are those of the listing."""
+    position = np.empty(len(labels))
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        position[members] = (np.arange(len(members)) + 0.5) / len(members)
+    return np.lexsort((labels, position))
 
 
 # The built-in sources. Imported last: each module registers its spec class with

@@ -327,7 +327,11 @@ def _load(
             num_train=num_train,
             num_val=num_val,
             skipped=len(bad),
-            train_in_order=_pipeline(train_files, training=False, **{**common, "cache": False}),
+            train_in_order=_pipeline(
+                _subset(train_files, data.spread_order(train_files.labels)),
+                training=False,
+                **{**common, "cache": False},
+            ),
             batch_size=batch_size,
             rebuild=build,
             val_carved=carved and num_val > 0,

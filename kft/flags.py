@@ -431,7 +431,8 @@ def _validation_unrankable(splits) -> bool:
 
 
 def _sample(splits, limit: int):
-    """Up to `limit` training images and labels, in the source's fixed order, as numpy."""
+    """The first `limit` training images and labels in the source's fixed order (a folder's
+    classes interleaved, so every class is in them), as numpy."""
     dataset = splits.train if splits.train_in_order is None else splits.train_in_order
     images, labels, count = [], [], 0
     for batch_images, batch_labels in dataset:

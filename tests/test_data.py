@@ -371,6 +371,14 @@ def test_folder_split_is_seeded_stratified_and_limit_applies(tmp_path):
     assert set(train_ids).isdisjoint(val_ids) and len(set(train_ids) | set(val_ids)) == 60
     # Train order: seeded, and reshuffled each epoch.
     assert _ids(again.train)[0] == train_ids and _ids(first.train)[0] != train_ids
+    # In order: every training image once, classes interleaved at their shares (the recipe's
+    # checks read the first images), each class in its listing's order (the probe's folds).
+    in_order_ids, in_order_labels = _ids(first.train_in_order)
+    assert sorted(in_order_ids) == sorted(train_ids)
+    assert np.bincount(in_order_labels[:12]).tolist() == [2, 4, 6]
+    for label in range(3):
+        members = [i for i, y in zip(in_order_ids, in_order_labels) if y == label]
+        assert members == sorted(members)
 
     limited = load(0, train_limit_per_class=3)
     ids, labels = _ids(limited.train)
