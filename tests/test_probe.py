@@ -103,6 +103,25 @@ def test_selection_subsamples_big_sets(monkeypatch, limit):
     assert seen[-1] == len(y)  # the final fit on every image.
 
 
+def test_every_fit_runs_on_one_blas_thread(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
+
+    seen = []
+    real = probe._fit_quietly
+
+    def record(model, x, y):
+        seen.append(blas_threads())
+        return real(model, x, y)
+
+    monkeypatch.setattr(probe, "_fit_quietly", record)
+    x, y = _blobs(6, 3)
+    probe.fit(x, y, 3)
+    assert len(seen) == 3 * len(probe.C_GRID) + 1 and all(threads == {1} for threads in seen)
+
+
 @pytest.mark.parametrize("image_size, expected", [(224, 64), (32, 512), (96, 256), (512, 8), (2048, 8)])
 def test_feature_batch_keeps_the_pixels_of_64_images_at_224(image_size, expected):
     assert features.feature_batch_size(image_size) == expected
