@@ -20,8 +20,13 @@ C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 # Cross-validation folds at most (fewer where a class has fewer training images).
 MAX_FOLDS = 3
 # C is chosen on at most this many training features; the final fit uses all of them.
-SELECTION_SUBSAMPLE = 10_000
+SELECTION_SUBSAMPLE = 5_000
 MAX_ITER = 500
+# Beyond SELECTION_SUBSAMPLE the final fit starts from the subsample's solution and runs this
+# many iterations: from zero, 45,000 MobileNetV2 features (1,280 each, 10 classes) took all
+# MAX_ITER iterations and 59 s, as long as choosing C; from the subsample, 100 took 12 s and
+# reached validation accuracy 0.660 (0.665 from zero, 0.638 on the subsample alone).
+WARM_ITER = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +78,7 @@ def fit(
             c, chosen_by = _choose_on_validation(standard, train_y, (val_x - mean) / scale, val_y)
         else:
             c, chosen_by = _choose_by_cross_validation(standard, train_y, seed)
-        model = _fit_quietly(_logistic(c), standard, train_y)
+        model = _fit_all(c, standard, train_y, seed)
     weights, bias = _as_dense(model, num_classes, train_x.shape[1])
     # logits = ((x - mean) / scale) @ W + b = x @ (W / scale) + (b - (mean / scale) @ W)
     kernel = weights / scale[:, None]
@@ -96,10 +101,26 @@ def accuracy(probe: Probe, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.argmax(x @ probe.kernel + probe.bias, axis=1) == y))
 
 
-def _logistic(c: float):
+def _logistic(c: float, max_iter: int = MAX_ITER, start=None):
+    """The logistic regression for C; `start`: a fitted one whose weights it starts from."""
     from sklearn.linear_model import LogisticRegression  # Imported when a probe is fitted.
 
-    return LogisticRegression(C=c, max_iter=MAX_ITER, tol=1e-4)
+    model = LogisticRegression(C=c, max_iter=max_iter, tol=1e-4, warm_start=start is not None)
+    if start is not None:
+        model.coef_, model.intercept_ = start.coef_.copy(), start.intercept_.copy()
+    return model
+
+
+def _fit_all(c: float, x, y, seed: int):
+    """The final fit on every training feature: from zero up to SELECTION_SUBSAMPLE images, else
+    from the subsample's solution for WARM_ITER iterations (when it has every class)."""
+    if len(y) <= SELECTION_SUBSAMPLE:
+        return _fit_quietly(_logistic(c), x, y)
+    sub_x, sub_y = _subsample(x, y, SELECTION_SUBSAMPLE, seed)
+    if len(np.unique(sub_y)) < len(np.unique(y)):
+        return _fit_quietly(_logistic(c), x, y)
+    start = _fit_quietly(_logistic(c), sub_x, sub_y)
+    return _fit_quietly(_logistic(c, WARM_ITER, start), x, y)
 
 
 def _fit_quietly(model, x, y):

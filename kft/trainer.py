@@ -333,6 +333,12 @@ def _run_probe(classifier, splits: data.Splits, config: Config, recorder, global
     if classifier.hidden is not None:
         raise ValueError("the probe stage needs --hidden_units=0: it fits the head's only dense layer in closed form")
     started = time.time()
+    # A pass over every image and a fit, with nothing else to show for up to minutes on 50,000.
+    logging.info(
+        "probe stage: backbone features of %d training and %d validation images, then a logistic regression",
+        splits.num_train,
+        splits.num_val,
+    )
     batch = features.feature_batch_size(config.image_size)
     train_x, train_y = features.features_of(
         classifier, splits.train if splits.train_in_order is None else splits.train_in_order, batch

@@ -98,9 +98,34 @@ def test_selection_subsamples_big_sets(monkeypatch, limit):
 
     monkeypatch.setattr(probe, "_fit_quietly", record)
     x, y = _blobs(25, 4)
-    probe.fit(x, y, 4, val_x=x, val_y=y)
-    assert seen[:-1] == [limit] * len(probe.C_GRID)  # Selection on the subsample,
-    assert seen[-1] == len(y)  # the final fit on every image.
+    fitted = probe.fit(x, y, 4, val_x=x, val_y=y)
+    # Selection on the subsample; the final fit on every image, from the subsample's fit for C.
+    assert seen == [limit] * (len(probe.C_GRID) + 1) + [len(y)]
+    reference = LogisticRegression(C=fitted.c, max_iter=probe.MAX_ITER, tol=1e-4)
+    mean, scale = x.mean(0), x.std(0)
+    scale[scale < 1e-6] = 1.0
+    reference.fit((x - mean) / scale, y)
+    np.testing.assert_allclose(
+        _softmax(x @ fitted.kernel + fitted.bias), reference.predict_proba((x - mean) / scale), atol=0.02
+    )
+
+
+def test_a_subsample_without_every_class_gives_a_final_fit_from_zero(monkeypatch):
+    monkeypatch.setattr(probe, "SELECTION_SUBSAMPLE", 10)
+    x, y = _blobs(30, 3)
+    x, y = np.concatenate([x, x[:1] + 5]), np.concatenate([y, [3]])  # Class 3: one image.
+    assert 3 not in probe._subsample(x, y, 10, seed=0)[1]
+    seen = []
+    real = probe._fit_quietly
+
+    def record(model, x, y):
+        seen.append(len(y))
+        return real(model, x, y)
+
+    monkeypatch.setattr(probe, "_fit_quietly", record)
+    fitted = probe.fit(x, y, 4, val_x=x, val_y=y)
+    assert seen == [10] * len(probe.C_GRID) + [len(y)]
+    assert probe.accuracy(fitted, x[-1:], y[-1:]) == 1.0
 
 
 def test_every_fit_runs_on_one_blas_thread(monkeypatch):
