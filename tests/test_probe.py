@@ -19,6 +19,19 @@ def _blobs(n_per_class, num_classes, dim=16, seed=0, spread=1.0):
     return x.astype(np.float32), y
 
 
+def _record_fits(monkeypatch, measure) -> list:
+    """Records measure(x, y) for every logistic-regression fit the probe makes, in order."""
+    seen = []
+    real = probe._fit_quietly
+
+    def record(model, x, y):
+        seen.append(measure(x, y))
+        return real(model, x, y)
+
+    monkeypatch.setattr(probe, "_fit_quietly", record)
+    return seen
+
+
 def _softmax(logits):
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
@@ -89,14 +102,7 @@ def test_one_image_per_class_falls_back_to_a_fixed_c():
 @pytest.mark.parametrize("limit", [30])
 def test_selection_subsamples_big_sets(monkeypatch, limit):
     monkeypatch.setattr(probe, "SELECTION_SUBSAMPLE", limit)
-    seen = []
-    real = probe._fit_quietly
-
-    def record(model, x, y):
-        seen.append(len(y))
-        return real(model, x, y)
-
-    monkeypatch.setattr(probe, "_fit_quietly", record)
+    seen = _record_fits(monkeypatch, lambda x, y: len(y))
     x, y = _blobs(25, 4)
     fitted = probe.fit(x, y, 4, val_x=x, val_y=y)
     # Selection on the subsample; the final fit on every image, from the subsample's fit for C.
@@ -115,14 +121,7 @@ def test_a_subsample_without_every_class_gives_a_final_fit_from_zero(monkeypatch
     x, y = _blobs(30, 3)
     x, y = np.concatenate([x, x[:1] + 5]), np.concatenate([y, [3]])  # Class 3: one image.
     assert 3 not in probe._subsample(x, y, 10, seed=0)[1]
-    seen = []
-    real = probe._fit_quietly
-
-    def record(model, x, y):
-        seen.append(len(y))
-        return real(model, x, y)
-
-    monkeypatch.setattr(probe, "_fit_quietly", record)
+    seen = _record_fits(monkeypatch, lambda x, y: len(y))
     fitted = probe.fit(x, y, 4, val_x=x, val_y=y)
     assert seen == [10] * len(probe.C_GRID) + [len(y)]
     assert probe.accuracy(fitted, x[-1:], y[-1:]) == 1.0
@@ -131,17 +130,10 @@ def test_a_subsample_without_every_class_gives_a_final_fit_from_zero(monkeypatch
 def test_every_fit_runs_on_one_blas_thread(monkeypatch):
     from threadpoolctl import threadpool_info
 
-    def blas_threads():
+    def blas_threads(x, y):
         return {info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"}
 
-    seen = []
-    real = probe._fit_quietly
-
-    def record(model, x, y):
-        seen.append(blas_threads())
-        return real(model, x, y)
-
-    monkeypatch.setattr(probe, "_fit_quietly", record)
+    seen = _record_fits(monkeypatch, blas_threads)
     x, y = _blobs(6, 3)
     probe.fit(x, y, 3)
     assert len(seen) == 3 * len(probe.C_GRID) + 1 and all(threads == {1} for threads in seen)
