@@ -21,6 +21,10 @@ target task to transfer to), written as PNG image folders under WORK_DIR/data/TA
   Source: which of 8 photographs (astronaut, camera, ...) a random patch comes from.
   Target: brick vs grass vs gravel, the three texture images: training patches from the top
   half of each image, test patches from the bottom half (no pixel is in both).
+* faces: scikit-image's bundled `lfw_subset` (100 Labeled Faces in the Wild crops and 100
+  patches of other photographs, 25x25 grayscale, upsampled to 32x32): face vs non-face, a
+  natural-image target whose weights come from the textures task's source (photograph
+  patches), so it has no source folder of its own.
 
 Each target task has a fixed, seeded held-out `test/` folder that no training ever reads, and
 flat class folders `train_5/`, `train_10/`, `train_50/`, `train_full/` (images per class; each
@@ -99,7 +103,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("kft_default", "kft_tune", "linear_probe", "keras_guide", "seed_head_only", "seed_all_sgd")
 KFT_METHODS = ("kft_default", "kft_tune")
 BASELINES = tuple(m for m in METHODS if m not in KFT_METHODS)
-TASKS = ("digits", "textures")
+TASKS = ("digits", "textures", "faces")
+# A task pretrained on another task's source shares its weights (pretrain/SOURCE/BACKBONE).
+SOURCE_TASK = {"faces": "textures"}
 SIZES = ("5", "10", "50", "full")
 BACKBONES = ("MobileNetV2", "ResNet50", "EfficientNetB0")
 IMAGE_SIZE = 32
@@ -107,7 +113,7 @@ IMAGE_SIZE = 32
 DATA_SEED = 0
 # Bump when the generated images change, so cached folders and results are rebuilt.
 DATA_VERSION = 1
-# Fraction of each target class held out as the test folder (digits; textures: bottom half).
+# Fraction of each target class held out as the test folder (digits, faces; textures: bottom half).
 TEST_FRACTION = 0.5
 
 # Textures task: the three texture images are the target; patches of these photographs (all
@@ -318,6 +324,27 @@ def _textures_images() -> dict:
     return {"source": source, "target_pool": target_pool, "target_test": target_test}
 
 
+def _faces_images() -> dict:
+    """{"target": {"face": [...], "nonface": [...]}} from scikit-image's lfw_subset.npy."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    path = os.path.join(os.path.dirname(spec.origin), "data", "lfw_subset.npy") if spec and spec.origin else ""
+    if not os.path.isfile(path):
+        raise SystemExit(
+            f"transfer_bench: error: the faces task reads {path!r}, bundled in scikit-image's "
+            "wheel; install it: pip install -e '.[bench]'"
+        )
+    images = np.round(np.load(path) * 255.0).astype(np.uint8)  # (200, 25, 25), 0..1 floats
+    # scikit-image documents the order: the first 100 are faces, the other 100 are not.
+    return {
+        "target": {
+            "face": [(f"f{i:03d}", _upsample(image)) for i, image in enumerate(images[:100])],
+            "nonface": [(f"n{i:03d}", _upsample(image)) for i, image in enumerate(images[100:])],
+        }
+    }
+
+
 def _shuffled(items: list, index: int) -> list:
     """`items` in a seeded random order (class `index` gets its own stream)."""
     order = np.random.default_rng([DATA_SEED, index]).permutation(len(items))
@@ -366,9 +393,14 @@ def build_task(task: str, data_dir: str) -> dict:
             name: _shuffled(items, index) for index, (name, items) in enumerate(sorted(images["target_pool"].items()))
         }
         test = images["target_test"]
+    elif task == "faces":
+        images = _faces_images()
+        pool, test = _split_target(images["target"])
     else:
         raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
-    folders = {"source": images["source"], "test": test}
+    folders = {"test": test}
+    if "source" in images:
+        folders["source"] = images["source"]
     for size in SIZES:
         folders[f"train_{size}"] = {k: v[: _size_count(size)] for k, v in pool.items()}
     counts, hashes = {}, {}
@@ -387,9 +419,9 @@ def build_task(task: str, data_dir: str) -> dict:
         "task": task,
         "counts": counts,
         "target_classes": sorted(test),
-        "source_classes": sorted(images["source"]),
+        "source_classes": sorted(images.get("source", {})),
         "data_hash": hashlib.sha256(
-            "".join(sorted(train_hashes | set(hashes["test"]) | set(hashes["source"]))).encode()
+            "".join(sorted(train_hashes | set(hashes["test"]) | set(hashes.get("source", [])))).encode()
         ).hexdigest()[:16],
     }
     with open(manifest_path, "w") as f:
@@ -1008,8 +1040,11 @@ def main(argv=None) -> dict:
             f"{task}: target {manifest['counts']['test']} test images per class, "
             f"train sizes {[sum(manifest['counts'][f'train_{s}'].values()) for s in args.sizes]}"
         )
+        source = SOURCE_TASK.get(task, task)
+        if source != task:
+            build_task(source, os.path.join(args.work_dir, "data", source))
         for backbone in args.backbones:
-            info = pretrain(task, backbone, args.work_dir, args.settings)
+            info = pretrain(source, backbone, args.work_dir, args.settings)
             pretrained[f"{task}/{backbone}"] = info
             for size in args.sizes:
                 for method in args.methods:
