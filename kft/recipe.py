@@ -293,9 +293,10 @@ def derive(
         ["crop", *(["flip"] if flip else []), *(["rot90"] if turn else []), *(["mixup"] if num_train >= SMALL else [])]
     )
     epochs = steps * batch / max(1, num_train)
+    per_pass = max(1, num_train // batch)
     reasons = (
         f"{num_train} training images in {num_classes} classes",
-        f"batch {batch}: {max(1, num_train // batch)} steps per pass over the training set",
+        f"batch {batch}: {per_pass} step{'s' if per_pass > 1 else ''} per pass over the training set",
         f"{steps} fine-tuning steps (BiT-HyperRule for {'<20k' if num_train < SMALL else '<500k' if num_train < MEDIUM else '>=500k'} "
         f"images, at least {MIN_EPOCHS} passes): about {epochs:.0f} passes",
         (

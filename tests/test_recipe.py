@@ -53,6 +53,9 @@ def test_a_given_batch_size_counts_the_schedule():
     derived = recipe.derive(45, 5, batch_size=45)
     assert derived.batch_size == 45
     assert schedule.parse_stages(derived.stages)[1].steps == 500
+    block = recipe.describe(derived, {"batch_size": 45})
+    assert "batch 45: 1 step per pass over the training set" in block
+    assert "batch 8: 5 steps per pass" in recipe.describe(recipe.derive(45, 5), {})
 
 
 def _parse(*argv):
