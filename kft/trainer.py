@@ -7,7 +7,8 @@ epoch it writes a complete resume checkpoint, so rerunning the same command cont
 same stage and epoch with its optimizer state.
 
 Files under MODEL_DIR:
-  ckpt/epoch-N/       resume checkpoints (model + optimizer + state), ckpt/latest names the newest
+  ckpt/epoch-N/       resume checkpoints (model + optimizer + state), the newest two while the run
+                      trains and the newest alone once it has finished; ckpt/latest names it
   anchors.npz         L2-SP theta0: the backbone as first loaded, kept across resume
   delta_attention.npz DELTA's channel weights (--delta_weighting=attention), kept across resume
   model.weights.h5    the classifier with the best validation accuracy
@@ -298,7 +299,9 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         validation_steps[tuner.on_features] = tuner.test_function
         logging.info("stage %d done in %.1fs", index + 1, time.time() - stage_started)
 
-    return _finish(config, classifier, splits, state, summaries, started, select_best, worker)
+    metrics = _finish(config, classifier, splits, state, summaries, started, select_best, worker)
+    ckpts.finish()  # After metrics.json: a run cut off before it still has its fallback.
+    return metrics
 
 
 def selects_best(selection: str, num_val: int) -> bool:

@@ -144,6 +144,9 @@ def test_resume_continues_at_same_stage_and_epoch(tmp_path, tiny_splits, monkeyp
         "history"
     ]
     ref_history = json.load(open(tmp_path / "ref" / "run" / "ckpt" / "epoch-3" / "state.json"))["history"]
+    # A finished run keeps its newest checkpoint alone (the one before was a write fallback).
+    assert sorted(os.listdir(tmp_path / "run" / "ckpt")) == sorted(os.listdir(tmp_path / "ref" / "run" / "ckpt"))
+    assert sorted(os.listdir(tmp_path / "run" / "ckpt")) == ["epoch-3", "latest"]
     # The optimizer's step counter came back: the learning rate continues exactly.
     assert [h["learning_rate"] for h in history] == pytest.approx([h["learning_rate"] for h in ref_history])
     # The anchors are the weights as first loaded, not as resumed.
