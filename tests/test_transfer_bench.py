@@ -97,6 +97,29 @@ def _check_test_folder_is_held_out(data):
     assert sorted(os.listdir(os.path.join(data, "test"))) == ["5", "6", "7", "8", "9"]
 
 
+def test_image_tasks_hold_their_test_images_out(tmp_path):
+    # The two tasks made from scikit-image's bundled images (no training: the folders only).
+    textures = tb.build_task("textures", str(tmp_path / "textures"))
+    assert textures["target_classes"] == sorted(tb.TEXTURE_CLASSES)
+    assert textures["source_classes"] == sorted(tb.PHOTO_CLASSES)
+    faces = tb.build_task("faces", str(tmp_path / "faces"))
+    assert faces["target_classes"] == ["face", "nonface"] and faces["source_classes"] == []
+    assert faces["counts"]["test"] == {"face": 50, "nonface": 50}
+    assert faces["counts"]["train_10"] == {"face": 10, "nonface": 10}
+    # faces has no source folder: it starts from the weights pretrained on textures' source.
+    assert not (tmp_path / "faces" / "source").exists() and tb.SOURCE_TASK["faces"] == "textures"
+    for task in ("textures", "faces"):
+        data = str(tmp_path / task)
+        test_files, test_pixels = _hashes(os.path.join(data, "test"))
+        assert test_files, task
+        for size in tb.SIZES:
+            files, pixels = _hashes(os.path.join(data, f"train_{size}"))
+            assert files and not files & test_files and not pixels & test_pixels, (task, size)
+        assert _hashes(os.path.join(data, "train_5"))[0] <= _hashes(os.path.join(data, "train_10"))[0]
+    # Rebuilding reuses the folders (same manifest, nothing rewritten).
+    assert tb.build_task("faces", str(tmp_path / "faces")) == faces
+
+
 def _check_kft_default_trained_on_train_and_was_evaluated_by_kft(result, work):
     (backbone,) = result["settings"]["backbones"]
     run_dir = os.path.join(work, "runs", "digits", "5", backbone, "kft_default", "seed0")
