@@ -238,10 +238,9 @@ class ResumeCheckpoints:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)
         write_text(os.path.join(self.root, "latest"), f"epoch-{index}\n")
-        self._prune(index)
+        self._prune(index, self.keep)
 
-    def _prune(self, newest: int, keep: int | None = None) -> None:
-        keep = self.keep if keep is None else keep
+    def _prune(self, newest: int, keep: int) -> None:
         for name in os.listdir(self.root):
             if name.startswith(".tmp-"):
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)

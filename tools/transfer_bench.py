@@ -269,22 +269,28 @@ def _digits_images() -> dict:
     return out
 
 
-def _photo(name: str) -> np.ndarray:
-    """One of scikit-image's bundled images (read from its wheel, never downloaded), as uint8
-    grayscale (PIL's ITU-R 601-2 luma for the colour ones)."""
+def _skimage_file(filename: str, task: str) -> str:
+    """The path of a file bundled in scikit-image's wheel (never downloaded); exits with one
+    line naming it when scikit-image or the file is missing."""
     import importlib.util
-
-    from PIL import Image
 
     spec = importlib.util.find_spec("skimage")
     folder = os.path.join(os.path.dirname(spec.origin), "data") if spec and spec.origin else ""
-    path = os.path.join(folder, PHOTO_FILES.get(name, f"{name}.png"))
+    path = os.path.join(folder, filename)
     if not os.path.isfile(path):
         raise SystemExit(
-            f"transfer_bench: error: the textures task reads {path!r}, an image "
-            "bundled in scikit-image's wheel; install it: pip install -e '.[bench]'"
+            f"transfer_bench: error: the {task} task reads {path!r}, bundled in scikit-image's "
+            "wheel; install it: pip install -e '.[bench]'"
         )
-    with Image.open(path) as image:
+    return path
+
+
+def _photo(name: str) -> np.ndarray:
+    """One of scikit-image's bundled images, as uint8 grayscale (PIL's ITU-R 601-2 luma for the
+    colour ones)."""
+    from PIL import Image
+
+    with Image.open(_skimage_file(PHOTO_FILES.get(name, f"{name}.png"), "textures")) as image:
         return np.asarray(image.convert("L"))
 
 
@@ -326,16 +332,8 @@ def _textures_images() -> dict:
 
 def _faces_images() -> dict:
     """{"target": {"face": [...], "nonface": [...]}} from scikit-image's lfw_subset.npy."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("skimage")
-    path = os.path.join(os.path.dirname(spec.origin), "data", "lfw_subset.npy") if spec and spec.origin else ""
-    if not os.path.isfile(path):
-        raise SystemExit(
-            f"transfer_bench: error: the faces task reads {path!r}, bundled in scikit-image's "
-            "wheel; install it: pip install -e '.[bench]'"
-        )
-    images = np.round(np.load(path) * 255.0).astype(np.uint8)  # (200, 25, 25), 0..1 floats
+    images = np.load(_skimage_file("lfw_subset.npy", "faces"))  # (200, 25, 25), 0..1 floats
+    images = np.round(images * 255.0).astype(np.uint8)
     # scikit-image documents the order: the first 100 are faces, the other 100 are not.
     return {
         "target": {
