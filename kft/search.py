@@ -16,6 +16,13 @@ The space and the Hyperband budgets: kft.search_space. The files under TUNE_DIR:
 Resume: rerunning the same command reloads KerasTuner's oracle; finished trials are kept, a
 trial that was running when the process stopped runs again under the same id and directory,
 where `trainer.train` resumes from its last epoch checkpoint.
+
+Ranking without a validation split: when the data has none (on a small set kft.train's recipe
+trains on every image, and kft.tune resolves the recipe as kft.train does), each trial is
+scored by stratified k-fold cross-validation instead (kft.crossval): it trains once per fold,
+in TUNE_DIR/trials/<id>/fold-<i>, and its objective is the accuracy of the folds' kept models
+on the images each held out, pooled over all the training images. best.cfg then trains on
+every image, as kft.train's recipe would.
 """
 
 import dataclasses
@@ -28,7 +35,7 @@ import keras
 import keras_tuner as kt
 from absl import logging
 
-from kft import data, runfiles, runtime, search_files, search_space, trainer
+from kft import crossval, data, runfiles, runtime, search_files, search_space, trainer
 from kft.config import Config
 
 # ----------------------------------------------------------------------------------------------
@@ -66,12 +73,22 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
         strength, the last stage's epochs under Hyperband, and its output settings).
       tune: kft.tune's settings.
       splits: the data, loaded once per process; None on the chief, which runs no trial.
+      folds: the cross-validation folds each trial trains on when the data has no validation
+        split (kft.crossval), else None.
     """
 
-    def __init__(self, oracle, config: Config, tune: search_space.TuneConfig, splits: data.Splits | None):
+    def __init__(
+        self,
+        oracle,
+        config: Config,
+        tune: search_space.TuneConfig,
+        splits: data.Splits | None,
+        folds: list[data.Splits] | None = None,
+    ):
         self.config = config
         self.tune = tune
         self.splits = splits
+        self.folds = folds
         self.ran = []  # Trial ids this process ran.
         self._idle = False
         super().__init__(oracle, directory=tune.tune_dir, project_name=search_files.ORACLE_DIR, overwrite=False)
@@ -105,15 +122,20 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
 
     def run_trial(self, trial, *args, **kwargs) -> dict:
         config, text = self.trial_config(trial.trial_id, trial.hyperparameters.values)
-        _discard_stale_run(config)
         values = {name: getattr(config, name) for name in search_space.searched_fields(config.regularizer)}
+        ranking = f", {len(self.folds)}-fold cross-validation" if self.folds else ""
         print(
-            f"trial {trial.trial_id}: {search_space.describe(values)} epochs={config.total_epochs}{_on_worker()}",
+            f"trial {trial.trial_id}: {search_space.describe(values)} epochs={config.total_epochs}{ranking}{_on_worker()}",
             flush=True,
         )
         started = time.time()
         try:
-            metrics = trainer.train(config, splits=self.splits, flagfile_text=text)
+            if self.folds:
+                objective, epochs, detail = self._cross_validate(config)
+            else:
+                _discard_stale_run(config)
+                metrics = trainer.train(config, splits=self.splits, flagfile_text=text)
+                objective, epochs, detail = metrics[search_space.OBJECTIVE], _epochs(metrics), ""
         except trainer.DivergenceError as e:
             print(f"trial {trial.trial_id}: failed, {e}", flush=True)
             raise kt.errors.FailedTrialError(str(e)) from None
@@ -123,20 +145,37 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
         finally:
             release_memory()
         seconds = time.time() - started
-        epochs = sum(s["epochs"] for s in metrics["stages"])
         self.ran.append(trial.trial_id)
-        search_files.write_trial_hparams(
-            self.tune.tune_dir, trial.trial_id, values, metrics[search_space.OBJECTIVE], epochs
-        )
+        search_files.write_trial_hparams(self.tune.tune_dir, trial.trial_id, values, objective, epochs)
         print(
-            f"trial {trial.trial_id}: {search_space.OBJECTIVE}={metrics[search_space.OBJECTIVE]:.4f} in {seconds:.1f}s",
+            f"trial {trial.trial_id}: {search_files.objective_name(self.folds)}={objective:.4f}{detail} in {seconds:.1f}s",
             flush=True,
         )
         return {
-            search_space.OBJECTIVE: float(metrics[search_space.OBJECTIVE]),
+            search_space.OBJECTIVE: float(objective),
             "epochs": float(epochs),
             "wall_seconds": round(seconds, 2),
         }
+
+    def _cross_validate(self, config: Config) -> tuple[float, int, str]:
+        """Trains `config` once per fold; returns the pooled held-out accuracy of the folds'
+        kept models, the epochs of one fold's run and the per-fold accuracies as text."""
+        correct, held_out, accuracies = 0.0, 0, []
+        for index, fold in enumerate(self.folds):
+            fold_config = dataclasses.replace(config, model_dir=os.path.join(config.model_dir, f"fold-{index}"))
+            _discard_stale_run(fold_config)
+            # No flags.cfg: a fold's images are not a --dataset kft.train could read.
+            metrics = trainer.train(fold_config, splits=fold)
+            release_memory()
+            accuracies.append(metrics["best_model_val_accuracy"])
+            correct += accuracies[-1] * fold.num_val
+            held_out += fold.num_val
+        detail = f" (folds: {', '.join(f'{a:.3f}' for a in accuracies)})"
+        return correct / held_out, _epochs(metrics), detail
+
+
+def _epochs(metrics: dict) -> int:
+    return sum(s["epochs"] for s in metrics["stages"])
 
 
 def _on_worker() -> str:
@@ -200,19 +239,37 @@ def run(config: Config, tune: search_space.TuneConfig, splits: data.Splits | Non
     search_space.make_oracle(tune, config)  # Checks the tuner name before anything is written.
     current = search_files.fingerprint(config, tune)
     who = role()
+    if who != "chief" and splits is None:
+        # Seeded as trainer.train seeds itself, so the data match a kft.train run's.
+        runtime.set_determinism(config.seed, config.deterministic)
+        splits = trainer.load_splits(config)
+    # Before anything is written: a set that cannot be cross-validated is refused untouched.
+    folds = crossval.folds(splits, config.seed) if splits is not None and splits.val is None else None
+    if folds:
+        print(
+            f"no validation split: kft.tune ranks its trials by {len(folds)}-fold cross-validation on the "
+            f"{splits.num_train} training images (each trial trains once per fold); best.cfg trains on all of them",
+            flush=True,
+        )
     if who == "worker":
         search_files.wait_for_search(tune, current)
-        return _search(config, tune, splits, who)
+        return _search(config, tune, splits, folds, who)
     # One chief (or single search) per directory; workers join the chief's.
     lock = search_files.prepare_tune_dir(tune, current)
     try:
         search_files.write_hparams_config(tune, config)
-        return _search(config, tune, splits, who)
+        return _search(config, tune, splits, folds, who)
     finally:
         lock.release()
 
 
-def _search(config: Config, tune: search_space.TuneConfig, splits: data.Splits | None, who: str) -> dict | None:
+def _search(
+    config: Config,
+    tune: search_space.TuneConfig,
+    splits: data.Splits | None,
+    folds: list[data.Splits] | None,
+    who: str,
+) -> dict | None:
     """`run` once the tune directory is checked (and locked, unless `who` is a worker)."""
     if config.pretrain_dataset:
         weights = os.path.join(os.path.abspath(tune.tune_dir), "pretrain", "backbone.weights.h5")
@@ -221,11 +278,7 @@ def _search(config: Config, tune: search_space.TuneConfig, splits: data.Splits |
             config = dataclasses.replace(config, weights=weights, pretrain_dataset="")
         else:
             config = pretrain(config, tune.tune_dir)
-    if who != "chief" and splits is None:
-        # Seeded as trainer.train seeds itself, so the data match a kft.train run's.
-        runtime.set_determinism(config.seed, config.deterministic)
-        splits = trainer.load_splits(config)
-    tuner = StageTuner(search_space.make_oracle(tune, config), config, tune, splits)
+    tuner = StageTuner(search_space.make_oracle(tune, config), config, tune, splits, folds)
     # Saved before the first trial, so a rerun after any interruption reloads the oracle.
     tuner.save()
     error = None
@@ -240,7 +293,7 @@ def _search(config: Config, tune: search_space.TuneConfig, splits: data.Splits |
         if error:
             raise error
         return None
-    summary = search_files.write_outputs(tuner.oracle, config, tune)
+    summary = search_files.write_outputs(tuner.oracle, config, tune, folds)
     if error:
         raise RuntimeError(str(error).splitlines()[0]) from None
     return summary

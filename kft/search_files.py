@@ -8,7 +8,8 @@ Files under TUNE_DIR:
                     with anything else is refused
     oracle/         KerasTuner's state (oracle.json, <tuner_id>.json, trial_<id>/trial.json)
     trials/<id>/    each trial's kft run (checkpoints, TensorBoard, flags.cfg, metrics.json);
-                    `python -m kft.train --flagfile=TUNE_DIR/trials/<id>/flags.cfg` redoes it
+                    `python -m kft.train --flagfile=TUNE_DIR/trials/<id>/flags.cfg` redoes it;
+                    ranked by cross-validation, one run per fold in trials/<id>/fold-<i>
     pretrain/       the source-task run, when the flags set --pretrain_dataset
     tb/             TensorBoard HParams: `tensorboard --logdir TUNE_DIR/tb`
     trials.csv      one row per trial
@@ -169,8 +170,18 @@ def trial_rows(oracle: kt.Oracle, regularizer: str) -> list[dict]:
     return rows
 
 
-def write_outputs(oracle: kt.Oracle, config: Config, tune: search_space.TuneConfig) -> dict:
-    """Writes trials.csv and best.cfg, prints the table; returns {"rows", "best"}."""
+def objective_name(folds: list | None) -> str:
+    """What a trial's objective is: its best validation accuracy, or with cross-validation
+    folds (kft.crossval) the folds' pooled held-out accuracy."""
+    return f"cv{len(folds)}_accuracy" if folds else search_space.OBJECTIVE
+
+
+def write_outputs(oracle: kt.Oracle, config: Config, tune: search_space.TuneConfig, folds: list | None = None) -> dict:
+    """Writes trials.csv and best.cfg, prints the table; returns {"rows", "best"}.
+
+    Args:
+      folds: the cross-validation folds the trials were ranked on, if any (names the objective).
+    """
     rows = trial_rows(oracle, config.regularizer)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=csv_columns(config.regularizer), lineterminator="\n")
@@ -179,12 +190,13 @@ def write_outputs(oracle: kt.Oracle, config: Config, tune: search_space.TuneConf
     checkpoint.write_text(os.path.join(tune.tune_dir, "trials.csv"), buffer.getvalue())
 
     best = best_row(rows)
+    name = objective_name(folds)
     if best:
-        checkpoint.write_text(os.path.join(tune.tune_dir, "best.cfg"), best_flagfile(best, config, tune))
-    print(format_table(rows, best, search_space.searched_fields(config.regularizer)))
+        checkpoint.write_text(os.path.join(tune.tune_dir, "best.cfg"), best_flagfile(best, config, tune, name))
+    print(format_table(rows, best, search_space.searched_fields(config.regularizer), name))
     if best:
         print(
-            f"best trial {best['trial_id']}: {search_space.OBJECTIVE}={best['objective']:.4f}; train it with:\n"
+            f"best trial {best['trial_id']}: {name}={best['objective']:.4f}; train it with:\n"
             f"  python -m kft.train --flagfile={os.path.join(tune.tune_dir, 'best.cfg')}"
         )
     else:
@@ -201,8 +213,11 @@ def best_row(rows: list[dict]) -> dict | None:
     return max(completed, key=lambda r: (r["objective"], r["epochs"] or 0, -int(r["trial_id"])))
 
 
-def best_flagfile(best: dict, config: Config, tune: search_space.TuneConfig) -> str:
-    """The full resolved kft.train flags with the best trial's lr_scale and strength."""
+def best_flagfile(
+    best: dict, config: Config, tune: search_space.TuneConfig, objective: str = search_space.OBJECTIVE
+) -> str:
+    """The full resolved kft.train flags with the best trial's lr_scale and strength (`objective`
+    names what the trials were ranked on)."""
     model_dir = os.path.abspath(os.path.join(tune.tune_dir, "best"))
     epochs_note = ""
     if best["epochs"] is not None and best["epochs"] < config.total_epochs:
@@ -212,20 +227,31 @@ def best_flagfile(best: dict, config: Config, tune: search_space.TuneConfig) -> 
         )
     header = (
         f"# The best trial ({best['trial_id']}) of the kft.tune search in {os.path.abspath(tune.tune_dir)} "
-        f"({tune.tuner}, {search_space.OBJECTIVE}={best['objective']:.4f}).{epochs_note}\n"
+        f"({tune.tuner}, {objective}={best['objective']:.4f}).{epochs_note}\n"
         f"# Purpose: train the tuned recipe. Command: python -m kft.train --flagfile=THIS_FILE\n"
-        f"# Expected: validation accuracy near the trial's {best['objective']:.4f}. Hardware: as the search.\n"
+        f"# Expected: {_expected(objective, best['objective'])}. Hardware: as the search.\n"
     )
     searched = {name: float(best[name]) for name in search_space.searched_fields(config.regularizer)}
     body = runfiles.flagfile_of(dataclasses.replace(config, **searched, model_dir=model_dir))
     return header + body.partition("\n")[2]
 
 
-def format_table(rows: list[dict], best: dict | None, searched: tuple[str, ...]) -> str:
+def _expected(objective: str, value: float) -> str:
+    if objective == search_space.OBJECTIVE:
+        return f"validation accuracy near the trial's {value:.4f}"
+    return (
+        f"accuracy on new images near the trial's cross-validated {value:.4f} (each fold trained on "
+        "fewer images than this run, so usually a little above); no validation split, every image trains"
+    )
+
+
+def format_table(
+    rows: list[dict], best: dict | None, searched: tuple[str, ...], objective: str = search_space.OBJECTIVE
+) -> str:
     """The trials as a fixed-width text table, one column per searched field; the best is marked *."""
     widths = {name: max(len(name), 9) + 1 for name in searched}
     names = " ".join(f"{name:>{width}}" for name, width in widths.items())
-    lines = [f"{'trial':>6} {names} {'epochs':>6} {search_space.OBJECTIVE:>18} {'seconds':>8}  status"]
+    lines = [f"{'trial':>6} {names} {'epochs':>6} {objective:>18} {'seconds':>8}  status"]
     for r in rows:
         mark = "*" if best and r["trial_id"] == best["trial_id"] else " "
         values = " ".join(f"{r[name]:>{width}.4g}" for name, width in widths.items())

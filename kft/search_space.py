@@ -13,6 +13,9 @@ search space (ranges from kft.tune's flags), written here for --regularizer=delt
                  switch is on, ignored when it is off (sampled always, so every oracle, the
                  Bayesian one included, sees the same fixed-size space)
 
+The first trial is the run as its flags give it (--lr_scale and the strength, clipped into the
+ranges; kft.train's recipe unchanged by default), so the search ranks what it draws against it.
+
 Hyperband budgets. KerasTuner's Hyperband gives each trial a budget `tuner/epochs` (total
 epochs). kft maps it onto the stage schedule by shortening only the LAST stage, the one that
 trains the most backbone: every earlier stage, the head stage first of all, always runs its
@@ -77,14 +80,20 @@ class SearchSpace:
                     f"{'empty' if low == high else 'inverted'})"
                 )
 
-    def hyperparameters(self, regularizer: str) -> kt.HyperParameters:
-        """lr_scale, and for a regularizer with a strength its on/off switch and its strength."""
+    def hyperparameters(self, regularizer: str, lr_scale: float = 1.0, strength: float = 0.0) -> kt.HyperParameters:
+        """lr_scale, and for a regularizer with a strength its on/off switch and its strength.
+
+        Their defaults, the search's first trial (`_RunFirst`), are the run's own `lr_scale` and
+        `strength` (0: the regularizer off), each clipped into its range.
+        """
         hp = kt.HyperParameters()
-        hp.Float("lr_scale", self.lr_scale_min, self.lr_scale_max, sampling="log")
+        low, high = self.lr_scale_min, self.lr_scale_max
+        hp.Float("lr_scale", low, high, sampling="log", default=min(max(lr_scale, low), high))
         field = regularizers.strength_field(regularizer)
         if field:
-            hp.Boolean(regularizer, default=True)
-            hp.Float(field, self.strength_min, self.strength_max, sampling="log")
+            low, high = self.strength_min, self.strength_max
+            hp.Boolean(regularizer, default=strength > 0)
+            hp.Float(field, low, high, sampling="log", default=min(max(strength, low), high))
         return hp
 
 
@@ -143,7 +152,27 @@ def budget_stages(stages: tuple[schedule.Stage, ...], budget: int) -> tuple[sche
     return stages[:-1] + (dataclasses.replace(last, epochs=epochs, steps=steps),)
 
 
-class _StageHyperbandOracle(kt.oracles.HyperbandOracle):
+class _RunFirst:
+    """Makes an oracle's first trial the run as configured (the hyperparameters' defaults: the
+    flags' --lr_scale and strength) before it draws any: what kft.train would train is always a
+    candidate, so the search never keeps a trial it did not rank above it."""
+
+    def _random_values(self):
+        values = dict(self.hyperparameters.values)
+        if self._compute_values_hash(values) not in self._tried_so_far:
+            return values
+        return super()._random_values()
+
+
+class _RandomSearchOracle(_RunFirst, kt.oracles.RandomSearchOracle):
+    pass
+
+
+class _BayesianOracle(_RunFirst, kt.oracles.BayesianOptimizationOracle):
+    pass
+
+
+class _StageHyperbandOracle(_RunFirst, kt.oracles.HyperbandOracle):
     """KerasTuner's Hyperband with its smallest budget raised from 1 epoch to `min_epochs`."""
 
     def __init__(self, min_epochs: int, **kwargs):
@@ -155,11 +184,18 @@ class _StageHyperbandOracle(kt.oracles.HyperbandOracle):
         self._start_new_bracket()
 
 
+def _strength(config: Config, regularizer: str) -> float:
+    field = regularizers.strength_field(regularizer)
+    return getattr(config, field) if field else 0.0
+
+
 def make_oracle(tune: TuneConfig, config: Config) -> kt.Oracle:
     """The KerasTuner oracle named by `tune.tuner`, seeded from `config.seed`."""
     common = dict(
         objective=kt.Objective(OBJECTIVE, direction="max"),
-        hyperparameters=tune.space.hyperparameters(config.regularizer),
+        hyperparameters=tune.space.hyperparameters(
+            config.regularizer, config.lr_scale, _strength(config, config.regularizer)
+        ),
         # KerasTuner takes seed 0 to mean "pick one at random".
         seed=config.seed + 1,
     )
@@ -173,9 +209,9 @@ def make_oracle(tune: TuneConfig, config: Config) -> kt.Oracle:
         )
         oracle.max_trials = tune.max_trials
     elif tune.tuner == "bayesian":
-        oracle = kt.oracles.BayesianOptimizationOracle(max_trials=tune.max_trials, **common)
+        oracle = _BayesianOracle(max_trials=tune.max_trials, **common)
     elif tune.tuner == "random":
-        oracle = kt.oracles.RandomSearchOracle(max_trials=tune.max_trials, **common)
+        oracle = _RandomSearchOracle(max_trials=tune.max_trials, **common)
     else:
         raise ValueError(f"unknown tuner {tune.tuner!r}; choose one of: {', '.join(TUNERS)}")
     oracle.verbose = 0  # kft prints its own one line per trial.

@@ -17,7 +17,15 @@ the search over. Trials never export and never train the --compare_scratch basel
 keeps both settings for the final run). With --pretrain_dataset, the source task is trained
 once, in D/pretrain, exactly as kft.train would; every trial, and best.cfg, starts from its
 backbone.weights.h5. The search space and the Hyperband budget -> stage mapping are described
-in kft/search_space.py, the files in D in kft/search_files.py.
+in kft/search_space.py, the files in D in kft/search_files.py. The first trial is the flagfile's
+recipe as kft.train would run it; the tuner draws the others.
+
+Trials are ranked on the validation split. kft.tune resolves --recipe=auto as kft.train does,
+so on a small set the recipe trains on every image and there is none: trials are then ranked by
+3-fold cross-validation on the training images (kft.crossval; each trial trains once per fold,
+scored on the images its fold held out, pooled), and best.cfg trains on every image. A
+validation split of the user's own (--val_fraction, a val/ folder) is always ranked on, with a
+warning when it has fewer than 100 images.
 
 Rerunning the same command resumes: finished trials are kept, an interrupted one continues from
 its last epoch checkpoint. A rerun may raise --max_trials to extend the search; any change that
@@ -36,7 +44,7 @@ that every process can read and write (a shared filesystem):
 The chief (any id containing "chief") holds the oracle: it checks and records the search
 (D/search.json, --overwrite acts here only), runs the source-task pretraining if any, serves
 trials over gRPC, and once every worker has finished writes trials.csv, best.cfg and the table.
-It loads no data and trains nothing, so it fits on a small CPU host. Each worker waits for the
+It trains nothing, so it fits on a small CPU host. Each worker waits for the
 chief's D/search.json, refuses to join a search with other flags, loads the data once and runs
 trials until the oracle says stop. Start order does not matter; rerunning the chief and workers
 with the same command resumes the search.
@@ -105,17 +113,13 @@ def main(argv):
     tune = tune_config_from_flags()
     try:
         tune.space.validate()  # Before the data is read: a bad range needs no data to be found.
-        config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits)
+        # As kft.train resolves it: a carved validation split too small to rank on trains too.
+        config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits, may_drop_validation=True)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    if splits.val is None:
-        raise cli.UsageError(
-            "--val_fraction=0 holds out no validation images, and kft.tune ranks its trials on "
-            "validation accuracy; give --val_fraction > 0"
-        )
     if recipe_block:
         print(recipe_block, flush=True)
-    if splits.num_val < schedule.MIN_RANKING_VAL:
+    if splits.val is not None and splits.num_val < schedule.MIN_RANKING_VAL:
         print(_few_validation_images(splits.num_val), flush=True)
     try:
         if tune.overwrite:  # Nothing is removed before every check has passed.

@@ -16,11 +16,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from absl import flags
+from PIL import Image
 
+from kft import crossval, data, regularizers, runfiles, schedule, search, search_files, search_space, trainer
 from kft import flags as kft_flags
-from kft import regularizers, runfiles, schedule, search, search_files, search_space, trainer
 from kft import tune as tune_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,7 +114,8 @@ class FakeTrain:
     def __call__(self, config, splits=None, flagfile_text=""):
         os.makedirs(config.model_dir, exist_ok=True)
         flags_path = os.path.join(config.model_dir, "flags.cfg")
-        self.calls.append({"config": config, "resumed": os.path.exists(flags_path)})
+        resumed = os.path.exists(os.path.join(config.model_dir, "run.json"))
+        self.calls.append({"config": config, "splits": splits, "resumed": resumed})
         runfiles.write_config(config)
         if flagfile_text:
             with open(flags_path, "w") as f:
@@ -123,10 +126,20 @@ class FakeTrain:
         if len(self.calls) in self.diverge_at or -1 in self.diverge_at:
             raise trainer.DivergenceError("loss became nan in stage 2")
         score = 1.0 / (1.0 + abs(math.log10(config.lr_scale))) * (1.0 if config.l2sp_alpha else 0.9)
-        return {"best_val_accuracy": score, "stages": [{"epochs": s.epochs} for s in config.stages]}
+        kept = score * (1 - 0.1 * _fold_index(config.model_dir))  # Cross-validation folds differ.
+        return {
+            "best_val_accuracy": score,
+            "best_model_val_accuracy": kept,
+            "stages": [{"epochs": s.epochs} for s in config.stages],
+        }
 
     def trial_dirs(self):
         return [os.path.basename(c["config"].model_dir) for c in self.calls]
+
+
+def _fold_index(model_dir: str) -> int:
+    name = os.path.basename(model_dir)
+    return int(name.removeprefix("fold-")) if name.startswith("fold-") else 0
 
 
 @pytest.fixture
@@ -376,6 +389,143 @@ def test_diverged_trials_fail_without_stopping_the_search_until_three_in_a_row(t
     assert not (tmp_path / "nan" / "best.cfg").exists()
 
 
+@pytest.mark.parametrize("tuner", search_space.TUNERS)
+@pytest.mark.parametrize(
+    "args, first",
+    [
+        ([], {"lr_scale": 1.0, "l2sp_alpha": 0.01}),
+        (["--lr_scale=2", "--l2sp_alpha=0.003"], {"lr_scale": 2.0, "l2sp_alpha": 0.003}),
+        (["--l2sp_alpha=0"], {"lr_scale": 1.0, "l2sp_alpha": 0.0}),  # The regularizer off.
+        (["--lr_scale=50", "--l2sp_alpha=0.5"], {"lr_scale": 10.0, "l2sp_alpha": 0.1}),  # Clipped into range.
+    ],
+)
+def test_the_first_trial_is_the_run_as_its_flags_give_it(tmp_path, fake_train, tuner, args, first):
+    run_tune([*FAKE, *args, f"--tune_dir={tmp_path / 'tune'}", f"--tuner={tuner}", "--max_trials=3"])
+    first_call = next(c["config"] for c in fake_train.calls if c["config"].model_dir.endswith(os.sep + "0"))
+    assert {"lr_scale": first_call.lr_scale, "l2sp_alpha": first_call.l2sp_alpha} == first
+    later = [c["config"] for c in fake_train.calls if not c["config"].model_dir.endswith(os.sep + "0")]
+    assert later and all((c.lr_scale, c.l2sp_alpha) != (first["lr_scale"], first["l2sp_alpha"]) for c in later)
+
+
+# ----------------------------------------------------------------------------------------------
+# No validation split: trials ranked by cross-validation.
+
+
+def _digits(limit: int, seed: int = 0) -> data.Splits:
+    return data.load(
+        "digits:0-2", image_size=32, batch_size=8, val_fraction=0.0, seed=seed, train_limit_per_class=limit
+    )
+
+
+def _image_keys(dataset) -> list[bytes]:
+    return sorted(x.tobytes() + bytes([int(y)]) for images, labels in dataset for x, y in zip(images.numpy(), labels))
+
+
+def test_folds_hold_every_training_image_out_once_stratified_and_seeded():
+    splits = _digits(limit=7)
+    folds = crossval.folds(splits, seed=0)
+    everything = _image_keys(splits.train_in_order)
+    assert len(folds) == crossval.FOLDS == 3 and len(everything) == 21
+    held_out = []
+    for fold in folds:
+        val = _image_keys(fold.val)
+        assert sorted(_image_keys(fold.train_in_order) + val) == everything  # Train and val partition the set.
+        assert sorted(val[i][-1] for i in range(len(val))) in ([0] * 3 + [1] * 3 + [2] * 3, [0] * 2 + [1] * 2 + [2] * 2)
+        assert fold.num_val == len(val) and fold.num_train == 21 - len(val) and fold.class_names == ("0", "1", "2")
+        assert fold.train.element_spec[0].shape[1:] == (32, 32, 3)
+        held_out += val
+    assert sorted(held_out) == everything
+    assert [_image_keys(f.val) for f in crossval.folds(splits, seed=0)] == [_image_keys(f.val) for f in folds]
+    assert [_image_keys(f.val) for f in crossval.folds(splits, seed=1)] != [_image_keys(f.val) for f in folds]
+    # Two images of a class make two folds; one cannot be both trained on and held out.
+    assert len(crossval.folds(_digits(limit=2), seed=0)) == 2
+    with pytest.raises(ValueError, match=r"^class '0' has 1 training image: ranking kft.tune's trials"):
+        crossval.folds(_digits(limit=1), seed=0)
+    with pytest.raises(ValueError, match=r"^kft.tune ranks .* 2001 training images is more than the 2000"):
+        crossval.check(2001, ("a", "b"), [1000, 1001])
+
+
+def test_without_a_validation_split_each_trial_is_scored_by_cross_validation(tmp_path, monkeypatch, capsys):
+    tune_dir = tmp_path / "tune"
+    argv = [*FAKE, "--val_fraction=0", f"--tune_dir={tune_dir}", "--tuner=random", "--max_trials=2"]
+    stopped = FakeTrain(interrupt_at=5)  # In trial 1's second fold.
+    monkeypatch.setattr(trainer, "train", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(argv)
+    rerun = FakeTrain()
+    monkeypatch.setattr(trainer, "train", rerun)
+    run_tune(argv)
+    out = capsys.readouterr().out
+    assert "ranks its trials by 3-fold cross-validation on the 12 training images" in out
+
+    # Trial 0 trained 3 folds; the rerun trained trial 1's 3 folds again (where the real trainer
+    # resumes the two it had begun).
+    dirs = [os.path.relpath(c["config"].model_dir, tune_dir / "trials") for c in stopped.calls + rerun.calls]
+    fold_dirs = [os.path.join(t, f"fold-{i}") for t in ("0", "1") for i in range(3)]
+    assert dirs == fold_dirs[:5] + fold_dirs[3:]
+    assert [c["resumed"] for c in rerun.calls] == [True, True, False]
+    # Stratified folds of 4 images per class: 2, 1 and 1 of each class held out.
+    assert [(c["splits"].num_train, c["splits"].num_val) for c in rerun.calls] == [(6, 6), (9, 3), (9, 3)]
+    rows = read_rows(tune_dir)
+    for row in rows:
+        calls = [
+            c
+            for c in stopped.calls[:3] + rerun.calls
+            if f"{os.sep}{row['trial_id']}{os.sep}fold-" in c["config"].model_dir
+        ]
+        assert len(calls) == 3
+        assert {dataclasses.replace(c["config"], model_dir="") for c in calls} == {  # Folds differ in model_dir alone.
+            dataclasses.replace(calls[0]["config"], model_dir="")
+        }
+        assert calls[0]["config"].val_fraction == 0.0
+        score = 1.0 / (1.0 + abs(math.log10(float(row["lr_scale"])))) * (1.0 if float(row["l2sp_alpha"]) else 0.9)
+        # The fake scores fold i's held-out images (1 - 0.1 i) x score; pooled over all 12 images.
+        assert float(row["objective"]) == pytest.approx(score * (6 * 1.0 + 3 * 0.9 + 3 * 0.8) / 12)
+    assert "cv3_accuracy" in out
+    tuned = best_cfg_config(tune_dir)
+    assert tuned.val_fraction == 0.0  # The tuned run trains on every image.
+    assert "cross-validated" in (tune_dir / "best.cfg").read_text()
+
+
+def test_cross_validated_search_trains_for_real_and_its_best_cfg_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    root = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(6):  # Few enough that the recipe holds out no validation split.
+            pixels = rng.integers(0, 80, (24, 24, 3)) + 120 * index
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+    tune_dir = tmp_path / "tune"
+    run_tune(
+        [
+            f"--dataset=folder:{root}",
+            "--backbone=MobileNet",
+            "--weights=none",
+            "--image_size=32",
+            "--stages=head:1@1e-3",
+            "--augment=none",
+            "--verbose=0",
+            f"--tune_dir={tune_dir}",
+            "--tuner=random",
+            "--max_trials=2",
+        ]
+    )
+    assert "3-fold cross-validation on the 12 training images" in capsys.readouterr().out
+    for row in read_rows(tune_dir):
+        metrics = [
+            json.loads((tune_dir / "trials" / row["trial_id"] / f"fold-{i}" / "metrics.json").read_text())
+            for i in range(3)
+        ]
+        assert [(m["num_train"], m["num_val"]) for m in metrics] == [(8, 4)] * 3
+        pooled = sum(m["best_model_val_accuracy"] * m["num_val"] for m in metrics) / 12
+        assert float(row["objective"]) == pytest.approx(pooled)
+    result = run_module("kft.train", f"--flagfile={tune_dir / 'best.cfg'}", timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tune_dir / "best" / "metrics.json").read_text())
+    assert (metrics["num_train"], metrics["num_val"]) == (12, 0)
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [
@@ -389,7 +539,10 @@ def test_diverged_trials_fail_without_stopping_the_search_until_three_in_a_row(t
         ),
         (["--lr_scale_min=0"], "--lr_scale_min=0 must be a finite number > 0"),
         (["--tune_dir="], "--tune_dir is required"),
-        (["--val_fraction=0"], "--val_fraction=0 holds out no validation images, and kft.tune ranks"),
+        (
+            ["--val_fraction=0", "--train_limit_per_class=1"],
+            "class '0' has 1 training image: ranking kft.tune's trials by cross-validation needs at least 2",
+        ),
     ],
 )
 def test_bad_ranges_are_one_line_usage_errors(tmp_path, fake_train, args, fragment):
