@@ -132,10 +132,12 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
         try:
             if self.folds:
                 objective, epochs, detail = self._cross_validate(config)
+                ranked_on = sum(fold.num_val for fold in self.folds)
             else:
                 _discard_stale_run(config)
                 metrics = trainer.train(config, splits=self.splits, flagfile_text=text)
                 objective, epochs, detail = metrics[search_space.OBJECTIVE], _epochs(metrics), ""
+                ranked_on = metrics["num_val"]
         except trainer.DivergenceError as e:
             print(f"trial {trial.trial_id}: failed, {e}", flush=True)
             raise kt.errors.FailedTrialError(str(e)) from None
@@ -154,6 +156,7 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
         return {
             search_space.OBJECTIVE: float(objective),
             "epochs": float(epochs),
+            "ranked_on": float(ranked_on),  # Images the objective was measured on.
             "wall_seconds": round(seconds, 2),
         }
 

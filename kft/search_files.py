@@ -19,6 +19,7 @@ Files under TUNE_DIR:
 import csv
 import dataclasses
 import io
+import math
 import os
 import time
 
@@ -144,7 +145,15 @@ def wait_for_search(tune: search_space.TuneConfig, current: dict, timeout: float
 
 def csv_columns(regularizer: str) -> tuple[str, ...]:
     """trials.csv's header: the searched fields are named as kft.train's flags."""
-    return ("trial_id", *search_space.searched_fields(regularizer), "objective", "epochs", "wall_seconds", "status")
+    return (
+        "trial_id",
+        *search_space.searched_fields(regularizer),
+        "objective",
+        "ranked_on",
+        "epochs",
+        "wall_seconds",
+        "status",
+    )
 
 
 def trial_rows(oracle: kt.Oracle, regularizer: str) -> list[dict]:
@@ -156,12 +165,13 @@ def trial_rows(oracle: kt.Oracle, regularizer: str) -> list[dict]:
         def last(name, trial=trial):
             return trial.metrics.get_last_value(name) if trial.metrics.exists(name) else None
 
-        epochs = last("epochs")
+        epochs, ranked_on = last("epochs"), last("ranked_on")
         rows.append(
             {
                 "trial_id": trial_id,
                 **search_space.trial_values(trial.hyperparameters.values, regularizer),
                 "objective": trial.score if trial.status == "COMPLETED" else None,
+                "ranked_on": int(ranked_on) if ranked_on is not None else None,
                 "epochs": int(epochs) if epochs is not None else None,
                 "wall_seconds": last("wall_seconds"),
                 "status": trial.status,
@@ -189,11 +199,13 @@ def write_outputs(oracle: kt.Oracle, config: Config, tune: search_space.TuneConf
     writer.writerows(rows)
     checkpoint.write_text(os.path.join(tune.tune_dir, "trials.csv"), buffer.getvalue())
 
-    best = best_row(rows)
     name = objective_name(folds)
+    best, note = choose_best(rows, search_space.searched_fields(config.regularizer), name)
     if best:
         checkpoint.write_text(os.path.join(tune.tune_dir, "best.cfg"), best_flagfile(best, config, tune, name))
     print(format_table(rows, best, search_space.searched_fields(config.regularizer), name))
+    if note:
+        print(note)
     if best:
         print(
             f"best trial {best['trial_id']}: {name}={best['objective']:.4f}; train it with:\n"
@@ -204,10 +216,55 @@ def write_outputs(oracle: kt.Oracle, config: Config, tune: search_space.TuneConf
     return {"rows": rows, "best": best}
 
 
+def choose_best(rows: list[dict], searched: tuple[str, ...], objective: str) -> tuple[dict | None, str | None]:
+    """The trial best.cfg trains, and a line saying why when it is not the top-scoring one.
+
+    The first trial is the run as its flags give it (kft.search_space). A trial that scores
+    above it by no more than one standard error of an accuracy measured on the images the trials
+    were ranked on (binomial, at their mean accuracy) is not evidence enough to replace it: on
+    small sets that is most differences (one image of 30 is 3.3 points), and the flags' settings,
+    kft.train's recipe by default, are the better bet (the one-standard-error rule: Hastie,
+    Tibshirani and Friedman, The Elements of Statistical Learning, 7.10).
+
+    Args:
+      rows: `trial_rows`.
+      searched: the searched fields, whose values identify the first trial's settings.
+      objective: the objective's name, for the line.
+
+    Returns:
+      (the chosen row, None when no trial completed; the line, or None).
+    """
+    best = best_row(rows)
+    first = next((r for r in rows if r["trial_id"] == "0"), None)
+    if best is None or first is None or not best["ranked_on"]:
+        return best, None
+    # The first trial's settings at their longest budget (Hyperband may have promoted them).
+    own = max(
+        (r for r in _completed(rows) if all(r[name] == first[name] for name in searched)),
+        key=lambda r: (r["epochs"] or 0, r["objective"]),
+        default=None,
+    )
+    if own is None or all(best[name] == own[name] for name in searched):
+        return best, None
+    mean = (best["objective"] + own["objective"]) / 2
+    error = math.sqrt(mean * (1 - mean) / best["ranked_on"])
+    if best["objective"] - own["objective"] > error:
+        return best, None
+    return own, (
+        f"trial {best['trial_id']} scored {objective}={best['objective']:.4f}, within one standard error "
+        f"({error:.3f} on {best['ranked_on']} images) of the flags' own settings (trial {own['trial_id']}, "
+        f"{own['objective']:.4f}): best.cfg keeps them"
+    )
+
+
+def _completed(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "COMPLETED" and r["objective"] is not None]
+
+
 def best_row(rows: list[dict]) -> dict | None:
     """The completed trial with the highest objective; on a tie, the one trained longest, then
     the earliest (a Hyperband round-0 trial and its promoted rerun can score the same)."""
-    completed = [r for r in rows if r["status"] == "COMPLETED" and r["objective"] is not None]
+    completed = _completed(rows)
     if not completed:
         return None
     return max(completed, key=lambda r: (r["objective"], r["epochs"] or 0, -int(r["trial_id"])))

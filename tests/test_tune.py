@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -130,6 +131,7 @@ class FakeTrain:
         return {
             "best_val_accuracy": score,
             "best_model_val_accuracy": kept,
+            "num_val": splits.num_val if splits is not None else 0,
             "stages": [{"epochs": s.epochs} for s in config.stages],
         }
 
@@ -254,7 +256,16 @@ def test_delta_search_sets_delta_alpha_in_trials_csv_table_and_best_cfg(tmp_path
     tune_dir = tmp_path / "tune"
     run_tune([*FAKE, f"--tune_dir={tune_dir}", "--regularizer=delta", "--tuner=random", "--max_trials=4"])
     rows = read_rows(tune_dir)
-    assert list(rows[0]) == ["trial_id", "lr_scale", "delta_alpha", "objective", "epochs", "wall_seconds", "status"]
+    assert list(rows[0]) == [
+        "trial_id",
+        "lr_scale",
+        "delta_alpha",
+        "objective",
+        "ranked_on",
+        "epochs",
+        "wall_seconds",
+        "status",
+    ]
     base = config_of([*FAKE, "--regularizer=delta"])
     for row, call in zip(rows, sorted(fake_train.calls, key=lambda c: int(os.path.basename(c["config"].model_dir)))):
         config = call["config"]
@@ -275,7 +286,7 @@ def test_regularizer_none_searches_lr_scale_alone(tmp_path, fake_train):
     tune_dir = tmp_path / "tune"
     run_tune([*FAKE, f"--tune_dir={tune_dir}", "--regularizer=none", "--tuner=random", "--max_trials=3"])
     rows = read_rows(tune_dir)
-    assert list(rows[0]) == ["trial_id", "lr_scale", "objective", "epochs", "wall_seconds", "status"]
+    assert list(rows[0]) == ["trial_id", "lr_scale", "objective", "ranked_on", "epochs", "wall_seconds", "status"]
     base = config_of([*FAKE, "--regularizer=none"])
     for call in fake_train.calls:  # Only lr_scale and the trial's output settings differ from the flags.
         config = call["config"]
@@ -407,6 +418,42 @@ def test_the_first_trial_is_the_run_as_its_flags_give_it(tmp_path, fake_train, t
     assert later and all((c.lr_scale, c.l2sp_alpha) != (first["lr_scale"], first["l2sp_alpha"]) for c in later)
 
 
+def _row(trial_id, lr_scale, objective, epochs=3, ranked_on=30, status="COMPLETED"):
+    return {
+        "trial_id": str(trial_id),
+        "lr_scale": lr_scale,
+        "l2sp_alpha": 0.01,
+        "objective": objective,
+        "ranked_on": ranked_on,
+        "epochs": epochs,
+        "status": status,
+    }
+
+
+def test_a_trial_within_one_standard_error_of_the_flags_settings_does_not_replace_them():
+    searched = ("lr_scale", "l2sp_alpha")
+
+    def choose(rows):
+        best, note = search_files.choose_best(rows, searched, "cv3_accuracy")
+        return best["trial_id"], note
+
+    # 0.8333 vs 0.8000 on 30 images: one image; the standard error is sqrt(0.817 * 0.183 / 30).
+    trial, note = choose([_row(0, 1.0, 0.8), _row(1, 0.2, 0.8333)])
+    assert trial == "0" and note == (
+        "trial 1 scored cv3_accuracy=0.8333, within one standard error (0.071 on 30 images) of the "
+        "flags' own settings (trial 0, 0.8000): best.cfg keeps them"
+    )
+    assert choose([_row(0, 1.0, 0.8), _row(1, 0.2, 0.95)]) == ("1", None)  # 15 points: evidence.
+    assert choose([_row(0, 1.0, 0.8, ranked_on=3000), _row(1, 0.2, 0.8333, ranked_on=3000)]) == ("1", None)
+    assert choose([_row(0, 1.0, 0.9), _row(1, 0.2, 0.8)]) == ("0", None)  # The flags' settings on top.
+    # Hyperband promoted the first trial's settings (trial 3): those are what the rule keeps.
+    rows = [_row(0, 1.0, 0.80, epochs=2), _row(1, 0.2, 0.84, epochs=11), _row(3, 1.0, 0.82, epochs=11)]
+    assert choose(rows)[0] == "3"
+    # No first trial to keep (it failed), or nothing to measure the error on: the top score.
+    assert choose([_row(0, 1.0, None, status="FAILED"), _row(1, 0.2, 0.8333)]) == ("1", None)
+    assert choose([_row(0, 1.0, 0.8, ranked_on=None), _row(1, 0.2, 0.8333, ranked_on=None)]) == ("1", None)
+
+
 # ----------------------------------------------------------------------------------------------
 # No validation split: trials ranked by cross-validation.
 
@@ -481,6 +528,7 @@ def test_without_a_validation_split_each_trial_is_scored_by_cross_validation(tmp
         score = 1.0 / (1.0 + abs(math.log10(float(row["lr_scale"])))) * (1.0 if float(row["l2sp_alpha"]) else 0.9)
         # The fake scores fold i's held-out images (1 - 0.1 i) x score; pooled over all 12 images.
         assert float(row["objective"]) == pytest.approx(score * (6 * 1.0 + 3 * 0.9 + 3 * 0.8) / 12)
+        assert row["ranked_on"] == "12"
     assert "cv3_accuracy" in out
     tuned = best_cfg_config(tune_dir)
     assert tuned.val_fraction == 0.0  # The tuned run trains on every image.
@@ -651,8 +699,15 @@ def test_smoke_config_searches_end_to_end_and_a_rerun_keeps_it(tmp_path, monkeyp
     assert f"warning: kft.tune ranks its trials on {num_val} validation images, too few to tell them apart" in out
 
     # best.cfg: kft.train's flags with the best trial's values, a model_dir of its own.
-    # Highest objective; on a tie the longest-trained, then the earliest trial.
+    # Highest objective; on a tie the longest-trained, then the earliest trial; but the first
+    # trial's settings (the flags' own) when the top is within one standard error of them.
     best = max(rows, key=lambda r: (float(r["objective"]), int(r["epochs"]), -int(r["trial_id"])))
+    if "within one standard error" in out:
+        first = (rows[0]["lr_scale"], rows[0]["l2sp_alpha"])
+        best = max(
+            (r for r in rows if (r["lr_scale"], r["l2sp_alpha"]) == first),
+            key=lambda r: (int(r["epochs"]), float(r["objective"])),
+        )
     base = config_of(["--flagfile=configs/smoke/tune.cfg"])
     tuned = best_cfg_config(tune_dir)
     assert tuned == dataclasses.replace(
@@ -720,8 +775,9 @@ def test_bss_search_trains_each_trial_with_its_bss_eta(tmp_path, monkeypatch):
         assert config.l2sp_alpha == 0.01 and config.delta_alpha == 0.01  # kft.train's defaults, unused.
         # The trial's flags.cfg reproduces it with kft.train.
         assert f"--bss_eta={config.bss_eta!r}\n" in (tune_dir / "trials" / row["trial_id"] / "flags.cfg").read_text()
-    best = max(rows, key=lambda r: (float(r["objective"]), -int(r["trial_id"])))
     best_cfg = (tune_dir / "best.cfg").read_text()
+    # The chosen trial (test_a_trial_within_one_standard_error_... tests which) sets --bss_eta.
+    best = rows[int(re.search(r"The best trial \((\d+)\)", best_cfg).group(1))]
     assert f"--bss_eta={float(best['bss_eta'])!r}\n" in best_cfg and "--regularizer=bss\n" in best_cfg
     assert _hparams_names(tune_dir / "tb") == ["lr_scale", "bss_eta", "epochs"]
 
