@@ -212,3 +212,27 @@ def test_a_recipe_fingerprint_holds_its_own_settings_only():
     assert "kft_flags" in settings("kft_default") and "probe_cs" not in settings("kft_default")
     assert "tune_trials" in settings("kft_tune") and "kft_flags" in settings("kft_tune")
     assert settings("seed_head_only") == settings("seed_all_sgd")
+
+
+def test_a_missing_scikit_image_file_is_one_line_and_exit_1(tmp_path):
+    # A scikit-image without its bundled data (a stripped install) stands in for a missing one:
+    # both reach the same check.
+    fake = tmp_path / "site" / "skimage"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(tmp_path / "site"))
+    work = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, TOOL, "--quick", f"--work_dir={work}", "--tasks=faces", f"--out={tmp_path / 'out.json'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"transfer_bench: error: the faces task reads {str(fake / 'data' / 'lfw_subset.npy')!r}, bundled in "
+        "scikit-image's wheel; install it: pip install -e '.[bench]'"
+    )
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.json").exists()
