@@ -365,6 +365,7 @@ def build(spec: BackboneSpec, image_size: int, weights: str | None) -> keras.Mod
 
     Raises:
       ValueError: `image_size` below the minimum, or `weights` not "imagenet"/None.
+      WeightsUnavailableError: the ImageNet weights are not cached and cannot be downloaded.
     """
     if weights not in ("imagenet", None):
         raise ValueError(f"weights must be 'imagenet' or None, got {weights!r}")
@@ -375,12 +376,36 @@ def build(spec: BackboneSpec, image_size: int, weights: str | None) -> keras.Mod
         # 224 ones with a warning. Without the classifier the conv weights do not depend
         # on the input size, so the fallback is exactly what we want.
         warnings.filterwarnings("ignore", message=r".*will be loaded as the default")
-        return spec.constructor(
-            include_top=False,
-            weights=weights,
-            input_shape=(image_size, image_size, 3),
-            pooling=None,
-        )
+        try:
+            return spec.constructor(
+                include_top=False,
+                weights=weights,
+                input_shape=(image_size, image_size, 3),
+                pooling=None,
+            )
+        except Exception as e:  # Keras's get_file raises a bare Exception when a download fails.
+            if weights == "imagenet" and str(e).startswith(_FETCH_FAILURE):
+                raise WeightsUnavailableError(_unavailable_message(spec.name, str(e))) from None
+            raise
+
+
+# How keras.utils.get_file's message starts when a download fails: "URL fetch failure on
+# URL: CODE -- REASON".
+_FETCH_FAILURE = "URL fetch failure on "
+
+
+class WeightsUnavailableError(ValueError):
+    """The ImageNet weights are neither in Keras's cache nor downloadable from here."""
+
+
+def _unavailable_message(name: str, keras_message: str) -> str:
+    reason = keras_message.rpartition(" -- ")[2].strip() or "no reason given"
+    return (
+        f"--weights=imagenet: the ImageNet weights of {name} are not in Keras's cache "
+        f"(~/.keras/models, or $KERAS_HOME/models) and could not be downloaded ({reason}); "
+        "give --weights=PATH (a backbone.weights.h5 a kft run wrote) or --weights=none, "
+        "or copy Keras's weights file into that cache from a machine with network"
+    )
 
 
 # ---------------------------------------------------------------------------------------

@@ -101,7 +101,9 @@ def check_before_work(config: Config, class_names, build_model: bool = False) ->
       build_model: also build the model (without ImageNet weights) to check the stages against
         its blocks and a --weights file against the backbone, as trainer.train does first;
         costs one model build, so kft.train does it when a failure later would cost more (an
-        --overwrite, a source task to train first).
+        --overwrite, a source task to train first). With --weights=imagenet the backbone is
+        built with them in any case, so a machine that can neither find nor download them
+        stops here.
 
     Raises:
       ValueError: one line naming the flag.
@@ -129,6 +131,7 @@ def check_before_work(config: Config, class_names, build_model: bool = False) ->
         export.check_class_names(class_names)
     if build_model:
         finetuner.check_model(config, len(class_names))
+    finetuner.check_weights_reachable(config)
 
 
 def run(config: Config, flagfile_text: str = "", splits=None) -> dict:

@@ -50,6 +50,22 @@ def check_model(config: Config, num_classes: int) -> None:
         keras.backend.clear_session()
 
 
+def check_weights_reachable(config: Config) -> None:
+    """With --weights=imagenet, builds the backbone with them once, so that weights neither in
+    Keras's cache nor downloadable stop the run before it writes anything (the download, if
+    any, lands in Keras's cache and serves the run).
+
+    Raises:
+      backbones.WeightsUnavailableError: one line.
+    """
+    if config.weights != "imagenet":
+        return
+    try:
+        backbones.build(backbones.get(config.backbone), config.image_size, "imagenet")
+    finally:
+        keras.backend.clear_session()
+
+
 def make_finetuner(config: Config, classifier: model.Classifier, anchors: dict) -> "FineTuner":
     """The FineTuner around `classifier`: the regularizers toward `anchors` (theta0), the
     augmentation, label smoothing and EMA that `config` asks for."""

@@ -399,10 +399,12 @@ def _rotation_check(config: Config, num_classes: int, images: np.ndarray, labels
     started = time.time()
     try:
         classifier, _ = finetuner.build_classifier(config, num_classes)
+    except backbones.WeightsUnavailableError:
+        raise  # The run needs them too: it stops here, before writing anything.
     except Exception as e:  # Keras raises a bare Exception when a download fails.
-        # The check is advice. A backbone that cannot be built now (ImageNet weights out of
-        # reach, a weights file for another backbone) fails the run where it always did, after
-        # the other checks, with that error's own message; the recipe goes without rot90.
+        # The check is advice. A backbone that cannot be built now (a weights file for another
+        # backbone) fails the run where it always did, after the other checks, with that
+        # error's own message; the recipe goes without rot90.
         logging.warning("rotation check skipped: the backbone could not be built (%s)", str(e).splitlines()[0][:200])
         return None
     batch = features.feature_batch_size(config.image_size)

@@ -159,10 +159,11 @@ def write_outputs(result: dict, output_dir: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments {' '.join(argv[1:])!r}; flags look like --name=value")
-    from kft import trainer
+    from kft import finetuner, trainer
 
     try:
         config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits, may_drop_validation=True)
+        finetuner.check_weights_reachable(config)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     if recipe_block:

@@ -242,8 +242,9 @@ def run(config: Config, tune: search_space.TuneConfig, splits: data.Splits | Non
     search_space.make_oracle(tune, config)  # Checks the tuner name before anything is written.
     current = search_files.fingerprint(config, tune)
     who = role()
-    if who != "chief" and splits is None:
-        # Seeded as trainer.train seeds itself, so the data match a kft.train run's.
+    if splits is None:
+        # Seeded as trainer.train seeds itself, so the data match a kft.train run's. The chief
+        # trains nothing, but names the objective by them: validation or cross-validation.
         runtime.set_determinism(config.seed, config.deterministic)
         splits = trainer.load_splits(config)
     # Before anything is written: a set that cannot be cross-validated is refused untouched.
@@ -260,7 +261,7 @@ def run(config: Config, tune: search_space.TuneConfig, splits: data.Splits | Non
     # One chief (or single search) per directory; workers join the chief's.
     lock = search_files.prepare_tune_dir(tune, current)
     try:
-        search_files.write_hparams_config(tune, config)
+        search_files.write_hparams_config(tune, config, folds)
         return _search(config, tune, splits, folds, who)
     finally:
         lock.release()

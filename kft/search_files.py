@@ -186,6 +186,11 @@ def objective_name(folds: list | None) -> str:
     return f"cv{len(folds)}_accuracy" if folds else search_space.OBJECTIVE
 
 
+def objective_display_name(folds: list | None) -> str:
+    """The objective in words, for the HParams dashboard."""
+    return f"{len(folds)}-fold cross-validated accuracy" if folds else "best val accuracy"
+
+
 def write_outputs(oracle: kt.Oracle, config: Config, tune: search_space.TuneConfig, folds: list | None = None) -> dict:
     """Writes trials.csv and best.cfg, prints the table; returns {"rows", "best"}.
 
@@ -319,8 +324,12 @@ def format_table(
     return "\n".join(lines)
 
 
-def write_hparams_config(tune: search_space.TuneConfig, config: Config) -> None:
-    """Declares the HParams dashboard's columns once, in TUNE_DIR/tb."""
+def write_hparams_config(tune: search_space.TuneConfig, config: Config, folds: list | None = None) -> None:
+    """Declares the HParams dashboard's columns once, in TUNE_DIR/tb.
+
+    Args:
+      folds: the cross-validation folds the trials are ranked on, if any (names the metric).
+    """
     logdir = os.path.join(tune.tune_dir, "tb")
     if os.path.isdir(logdir) and any(n.startswith("events.") for n in os.listdir(logdir)):
         return
@@ -334,7 +343,7 @@ def write_hparams_config(tune: search_space.TuneConfig, config: Config) -> None:
     with tf.summary.create_file_writer(logdir).as_default():
         hparams_api.hparams_config(
             hparams=hparams,
-            metrics=[hparams_api.Metric(search_space.OBJECTIVE, display_name="best val accuracy")],
+            metrics=[hparams_api.Metric(search_space.OBJECTIVE, display_name=objective_display_name(folds))],
         )
 
 

@@ -126,6 +126,7 @@ def main(argv):
     try:
         if tune.overwrite:  # Nothing is removed before every check has passed.
             finetuner.check_model(config, len(splits.class_names))
+        finetuner.check_weights_reachable(config)
         search.run(config, tune, splits=splits)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None

@@ -112,6 +112,48 @@ def test_bad_flags_fail_in_one_line_before_writing(tmp_path, args, fragment):
     assert not model_dir.exists()
 
 
+@pytest.mark.parametrize(
+    "module, args",
+    [
+        ("kft.train", []),  # The recipe's rotation check builds the backbone first.
+        ("kft.train", ["--augment=crop"]),  # No rotation check: the checks before writing build it.
+        ("kft.tune", ["--augment=crop", "--max_trials=1"]),
+        ("kft.lr_find", ["--augment=crop"]),
+    ],
+)
+def test_imagenet_weights_out_of_reach_stop_the_run_in_one_line_before_writing(tmp_path, module, args):
+    # An empty Keras cache, and a proxy that refuses every connection: no download, network or not.
+    proxy = "http://127.0.0.1:9"
+    env = {**os.environ, "PYTHONPATH": ROOT, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_HOME": str(tmp_path / "keras")}
+    env.update({name: proxy for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")})
+    env.update(NO_PROXY="", no_proxy="")
+    out_dir = tmp_path / "out"
+    out_flag = "--tune_dir" if module == "kft.tune" else "--model_dir"  # kft.lr_find writes in MODEL_DIR too.
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            module,
+            f"{out_flag}={out_dir}",
+            "--dataset=digits:0-2",
+            "--backbone=MobileNetV2",
+            "--image_size=32",
+            "--train_limit_per_class=10",
+            *args,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{module}: error: --weights=imagenet: the ImageNet weights of MobileNetV2 are not in ")
+    assert "give --weights=PATH" in last and "Traceback" not in result.stderr
+    assert not out_dir.exists()
+
+
 def test_stage_naming_missing_block_and_resume_conflicts(tmp_path):
     model_dir = tmp_path / "run"
     common = [

@@ -568,6 +568,7 @@ def test_cross_validated_search_trains_for_real_and_its_best_cfg_trains(tmp_path
         assert [(m["num_train"], m["num_val"]) for m in metrics] == [(8, 4)] * 3
         pooled = sum(m["best_model_val_accuracy"] * m["num_val"] for m in metrics) / 12
         assert float(row["objective"]) == pytest.approx(pooled)
+    assert _hparams_metric_names(tune_dir / "tb") == ["3-fold cross-validated accuracy"]
     result = run_module("kft.train", f"--flagfile={tune_dir / 'best.cfg'}", timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tune_dir / "best" / "metrics.json").read_text())
@@ -717,6 +718,7 @@ def test_smoke_config_searches_end_to_end_and_a_rerun_keeps_it(tmp_path, monkeyp
 
     # TensorBoard HParams: the experiment at tb/, one session per trial with its objective.
     assert _hparams_tags(tune_dir / "tb") == {"_hparams_/experiment"}
+    assert _hparams_metric_names(tune_dir / "tb") == ["best val accuracy"]
     for row in rows:
         assert _hparams_tags(tune_dir / "tb" / row["trial_id"]) == {"_hparams_/session_start_info", "best_val_accuracy"}
 
@@ -738,8 +740,8 @@ def _hparams_tags(logdir) -> set[str]:
     return tags
 
 
-def _hparams_names(logdir) -> list[str]:
-    """The hparams the HParams experiment at `logdir` declares."""
+def _hparams_experiment(logdir):
+    """The HParams experiment declared at `logdir` (its hparam_infos and metric_infos)."""
     import tensorflow as tf
     from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -748,9 +750,20 @@ def _hparams_names(logdir) -> list[str]:
             for event in tf.compat.v1.train.summary_iterator(str(logdir / name)):
                 for value in event.summary.value:
                     if value.tag == "_hparams_/experiment":
-                        data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
-                        return [h.name for h in data.experiment.hparam_infos]
-    return []
+                        return plugin_data_pb2.HParamsPluginData.FromString(
+                            value.metadata.plugin_data.content
+                        ).experiment
+    raise AssertionError(f"no HParams experiment in {logdir}")
+
+
+def _hparams_names(logdir) -> list[str]:
+    """The hparams the HParams experiment at `logdir` declares."""
+    return [h.name for h in _hparams_experiment(logdir).hparam_infos]
+
+
+def _hparams_metric_names(logdir) -> list[str]:
+    """The display names of the metrics the HParams experiment at `logdir` declares."""
+    return [m.display_name for m in _hparams_experiment(logdir).metric_infos]
 
 
 def test_bss_search_trains_each_trial_with_its_bss_eta(tmp_path, monkeypatch):
