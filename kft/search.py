@@ -21,8 +21,9 @@ Ranking without a validation split: when the data has none (on a small set kft.t
 trains on every image, and kft.tune resolves the recipe as kft.train does), each trial is
 scored by stratified k-fold cross-validation instead (kft.crossval): it trains once per fold,
 in TUNE_DIR/trials/<id>/fold-<i>, and its objective is the accuracy of the folds' kept models
-on the images each held out, pooled over all the training images. best.cfg then trains on
-every image, as kft.train's recipe would.
+on the images each held out, pooled over all the training images. A scored fold keeps its
+metrics.json, run.json and TensorBoard logs, not its weights. best.cfg then trains on every
+image, as kft.train's recipe would.
 """
 
 import dataclasses
@@ -35,7 +36,7 @@ import keras
 import keras_tuner as kt
 from absl import logging
 
-from kft import crossval, data, runfiles, runtime, search_files, search_space, trainer
+from kft import checkpoint, crossval, data, runfiles, runtime, search_files, search_space, trainer
 from kft.config import Config
 
 # ----------------------------------------------------------------------------------------------
@@ -166,15 +167,38 @@ class StageTuner(kt.engine.base_tuner.BaseTuner):
         correct, held_out, accuracies = 0.0, 0, []
         for index, fold in enumerate(self.folds):
             fold_config = dataclasses.replace(config, model_dir=os.path.join(config.model_dir, f"fold-{index}"))
-            _discard_stale_run(fold_config)
-            # No flags.cfg: a fold's images are not a --dataset kft.train could read.
-            metrics = trainer.train(fold_config, splits=fold)
+            metrics = _train_fold(fold_config, fold)
             release_memory()
             accuracies.append(metrics["best_model_val_accuracy"])
             correct += accuracies[-1] * fold.num_val
             held_out += fold.num_val
         detail = f" (folds: {', '.join(f'{a:.3f}' for a in accuracies)})"
         return correct / held_out, _epochs(metrics), detail
+
+
+# What a finished fold no longer needs: its weights and resume checkpoints. A fold's model
+# (trained on part of the data) serves nothing once scored, and each is the size of a run's
+# (ResNet50 with its checkpoint: about 560 MB), times folds, times trials.
+FOLD_WEIGHTS = ("ckpt", "model.weights.h5", "backbone.weights.h5", "anchors.npz")
+
+
+def _train_fold(config: Config, fold: data.Splits) -> dict:
+    """One cross-validation fold's metrics: read back from its finished earlier run (an
+    interrupted trial runs again), else trained now; then its weights are deleted."""
+    _discard_stale_run(config)
+    finished = os.path.join(config.model_dir, "metrics.json")
+    if os.path.exists(finished):  # Written last by trainer.train.
+        metrics = checkpoint.read_json(finished)
+    else:
+        # No flags.cfg: a fold's images are not a --dataset kft.train could read.
+        metrics = trainer.train(config, splits=fold)
+    for name in FOLD_WEIGHTS:
+        path = os.path.join(config.model_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    return metrics
 
 
 def _epochs(metrics: dict) -> int:

@@ -128,12 +128,15 @@ class FakeTrain:
             raise trainer.DivergenceError("loss became nan in stage 2")
         score = 1.0 / (1.0 + abs(math.log10(config.lr_scale))) * (1.0 if config.l2sp_alpha else 0.9)
         kept = score * (1 - 0.1 * _fold_index(config.model_dir))  # Cross-validation folds differ.
-        return {
+        metrics = {
             "best_val_accuracy": score,
             "best_model_val_accuracy": kept,
             "num_val": splits.num_val if splits is not None else 0,
             "stages": [{"epochs": s.epochs} for s in config.stages],
         }
+        with open(os.path.join(config.model_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f)  # Last, as the real trainer writes it.
+        return metrics
 
     def trial_dirs(self):
         return [os.path.basename(c["config"].model_dir) for c in self.calls]
@@ -505,19 +508,22 @@ def test_without_a_validation_split_each_trial_is_scored_by_cross_validation(tmp
     out = capsys.readouterr().out
     assert "ranks its trials by 3-fold cross-validation on the 12 training images" in out
 
-    # Trial 0 trained 3 folds; the rerun trained trial 1's 3 folds again (where the real trainer
-    # resumes the two it had begun).
+    # Trial 0 trained 3 folds, trial 1 its first; the rerun read that fold's score back, resumed
+    # the fold that was stopped and trained the last.
     dirs = [os.path.relpath(c["config"].model_dir, tune_dir / "trials") for c in stopped.calls + rerun.calls]
     fold_dirs = [os.path.join(t, f"fold-{i}") for t in ("0", "1") for i in range(3)]
-    assert dirs == fold_dirs[:5] + fold_dirs[3:]
-    assert [c["resumed"] for c in rerun.calls] == [True, True, False]
+    assert dirs == fold_dirs[:5] + fold_dirs[4:]
+    assert [c["resumed"] for c in rerun.calls] == [True, False]
     # Stratified folds of 4 images per class: 2, 1 and 1 of each class held out.
-    assert [(c["splits"].num_train, c["splits"].num_val) for c in rerun.calls] == [(6, 6), (9, 3), (9, 3)]
+    assert [(c["splits"].num_train, c["splits"].num_val) for c in stopped.calls[:3]] == [(6, 6), (9, 3), (9, 3)]
+    # A scored fold keeps its metrics and settings, not its weights.
+    for fold_dir in fold_dirs:
+        assert sorted(os.listdir(tune_dir / "trials" / fold_dir)) == ["metrics.json", "run.json"]
     rows = read_rows(tune_dir)
     for row in rows:
         calls = [
             c
-            for c in stopped.calls[:3] + rerun.calls
+            for c in stopped.calls[:4] + rerun.calls
             if f"{os.sep}{row['trial_id']}{os.sep}fold-" in c["config"].model_dir
         ]
         assert len(calls) == 3
@@ -566,6 +572,9 @@ def test_cross_validated_search_trains_for_real_and_its_best_cfg_trains(tmp_path
             for i in range(3)
         ]
         assert [(m["num_train"], m["num_val"]) for m in metrics] == [(8, 4)] * 3
+        for i in range(3):  # Scored: the fold's weights and checkpoints are gone, its logs stay.
+            kept = sorted(os.listdir(tune_dir / "trials" / row["trial_id"] / f"fold-{i}"))
+            assert kept == [".kft-run", "classes.json", "metrics.json", "run.json", "tb"], kept
         pooled = sum(m["best_model_val_accuracy"] * m["num_val"] for m in metrics) / 12
         assert float(row["objective"]) == pytest.approx(pooled)
     assert _hparams_metric_names(tune_dir / "tb") == ["3-fold cross-validated accuracy"]
