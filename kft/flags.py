@@ -401,7 +401,7 @@ def _rotation_check(config: Config, num_classes: int, images: np.ndarray, labels
         classifier, _ = finetuner.build_classifier(config, num_classes)
     except backbones.WeightsUnavailableError:
         raise  # The run needs them too: it stops here, before writing anything.
-    except Exception as e:  # Keras raises a bare Exception when a download fails.
+    except Exception as e:  # Keras raises bare Exceptions.
         # The check is advice. A backbone that cannot be built now (a weights file for another
         # backbone) fails the run where it always did, after the other checks, with that
         # error's own message; the recipe goes without rot90.
