@@ -234,8 +234,15 @@ def _scan(
     return files, bad
 
 
+# The skips already logged: the recipe may load a small folder twice (with and without its
+# validation split), and the same files need saying once.
+_LOGGED_SKIPS: set[tuple] = set()
+
+
 def _log_skipped(spec: str, bad: Sequence[str], total: int) -> None:
-    if bad:
+    key = (spec, total, tuple(bad))
+    if bad and key not in _LOGGED_SKIPS:
+        _LOGGED_SKIPS.add(key)
         examples = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
         logging.warning(
             "data %s: skipped %d of %d image files that could not be decoded: %s", spec, len(bad), total, examples

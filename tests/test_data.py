@@ -330,6 +330,11 @@ def test_folder_formats_modes_and_skipped(tmp_path, caplog):
     assert splits.num_train + splits.num_val == good
     assert (splits.num_train, splits.num_val) == (27, 9)  # 12 per class, 3 val each.
     assert f"skipped {bad} of {good + bad}" in caplog.text and "bad_" in caplog.text
+    # Loaded again (as the recipe does without the validation split): counted, not said twice.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert data.load(f"folder:{tmp_path}", image_size=SIZE, batch_size=4, val_fraction=0).skipped == bad
+    assert "could not be decoded" not in caplog.text
     _check_batch_types(splits.train)
     for dataset, count in ((splits.train, 24), (splits.val, 9)):  # Train drops 27 % 4.
         images, labels = _batches(dataset)
