@@ -279,6 +279,9 @@ def run(config: Config, tune: search_space.TuneConfig, splits: data.Splits | Non
             f"{splits.num_train} training images (each trial trains once per fold); best.cfg trains on all of them",
             flush=True,
         )
+    shortfall = search_space.hyperband_shortfall(tune, config)
+    if shortfall and who != "worker":
+        print(shortfall, flush=True)
     if who == "worker":
         search_files.wait_for_search(tune, current)
         return _search(config, tune, splits, folds, who)

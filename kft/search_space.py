@@ -184,6 +184,26 @@ class _StageHyperbandOracle(_RunFirst, kt.oracles.HyperbandOracle):
         self._start_new_bracket()
 
 
+def hyperband_shortfall(tune: TuneConfig, config: Config) -> str | None:
+    """The warning for a Hyperband search that --max_trials ends before any trial has trained
+    the whole schedule (best.cfg would be chosen on shortened runs), or None."""
+    if tune.tuner != "hyperband":
+        return None
+    oracle = make_oracle(tune, config)
+    bracket = oracle._get_num_brackets() - 1  # The first bracket: the most trials, the shortest.
+    # Its rounds before the last, then the first trial of its last round, the full schedule.
+    needed = sum(oracle._get_size(bracket, r) for r in range(bracket)) + 1
+    if tune.max_trials >= needed:
+        return None
+    return (
+        f"warning: --max_trials={tune.max_trials} stops Hyperband before any trial trains the whole "
+        f"schedule: its first bracket trains {oracle._get_size(bracket, 0)} trials for "
+        f"{oracle._get_epochs(bracket, 0)} of the schedule's {config.total_epochs} epochs, and its first "
+        f"full-length trial is trial {needed - 1}, so best.cfg would be chosen on shortened runs; give "
+        f"--max_trials={needed} or more, or --tuner=random or bayesian (every trial trains in full)"
+    )
+
+
 def _strength(config: Config, regularizer: str) -> float:
     field = regularizers.strength_field(regularizer)
     return getattr(config, field) if field else 0.0

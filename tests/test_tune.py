@@ -204,6 +204,41 @@ def test_hyperband_budgets_never_cut_into_the_head_stage(tmp_path):
     assert oracle.create_trial("tuner0").status == "STOPPED"  # --max_trials caps Hyperband.
 
 
+def test_too_few_trials_for_hyperband_to_train_one_in_full_is_said_with_how_many_would(tmp_path, capsys):
+    config = config_of([*FAKE, "--stages=head:1@1e-3,top1:8@1e-4", "--seed=3"])
+    tune = search_space.TuneConfig(tune_dir=str(tmp_path), tuner="hyperband", max_trials=6)
+    oracle = search_space.make_oracle(tune, config)
+    oracle._set_project_dir(str(tmp_path), "oracle")
+    budgets = []
+    for _ in range(6):
+        trial = oracle.create_trial("tuner0")
+        budgets.append(trial.hyperparameters.values["tuner/epochs"])
+        oracle.update_trial(trial.trial_id, {search_space.OBJECTIVE: 0.5})
+        trial.status = "COMPLETED"
+        oracle.end_trial(trial)
+    assert budgets == [3] * 5 + [9]  # KerasTuner's first bracket: its 6th trial is the first in full.
+    assert search_space.hyperband_shortfall(tune, config) is None
+    assert search_space.hyperband_shortfall(dataclasses.replace(tune, tuner="random", max_trials=1), config) is None
+    assert search_space.hyperband_shortfall(dataclasses.replace(tune, max_trials=5), config) == (
+        "warning: --max_trials=5 stops Hyperband before any trial trains the whole schedule: its first "
+        "bracket trains 5 trials for 3 of the schedule's 9 epochs, and its first full-length trial is "
+        "trial 5, so best.cfg would be chosen on shortened runs; give --max_trials=6 or more, or "
+        "--tuner=random or bayesian (every trial trains in full)"
+    )
+
+
+def test_kft_tune_warns_when_hyperband_would_choose_on_shortened_runs(tmp_path, fake_train, capsys):
+    argv = [*FAKE, "--stages=head:1@1e-3,top1:8@1e-4", "--tuner=hyperband", "--max_trials=2"]
+    run_tune([*argv, f"--tune_dir={tmp_path / 'short'}"])
+    assert (
+        "warning: --max_trials=2 stops Hyperband before any trial trains the whole schedule" in capsys.readouterr().out
+    )
+    assert [r["epochs"] for r in read_rows(tmp_path / "short")] == ["3", "3"]
+    run_tune([*argv, "--tuner=random", f"--tune_dir={tmp_path / 'full'}"])
+    assert "stops Hyperband" not in capsys.readouterr().out
+    assert [r["epochs"] for r in read_rows(tmp_path / "full")] == ["9", "9"]
+
+
 # ----------------------------------------------------------------------------------------------
 # --regularizer -> the strength searched.
 

@@ -42,8 +42,9 @@ Methods, each on the same data, weights and 32 px images, each seed a separate r
   --image_size=32 --model_dir=RUN --seed=S --export_dir=none` (kft's defaults; the export is
   skipped: it does not change the weights evaluated), then `python -m kft.evaluate
   --model_dir=RUN --dataset=folder:TEST`; the accuracy is read from RUN/eval/eval.json.
-* kft_tune: `python -m kft.tune` with the same flags plus --tune_dir and --max_trials (this
-  tool's --tune_trials, default 4), then `python -m kft.train --flagfile=TUNE/best.cfg
+* kft_tune: `python -m kft.tune` with the same flags plus --tune_dir, --max_trials (this
+  tool's --tune_trials, default 4) and --tuner (--tune_tuner, default random: at 4 trials
+  Hyperband would train none of them in full, and kft.tune warns so), then `python -m kft.train --flagfile=TUNE/best.cfg
   --model_dir=RUN --export_dir=none`, evaluated the same way.
 * linear_probe: scikit-learn LogisticRegression on the frozen backbone's global-average-pooled
   features (standardized), C chosen from 1e-4..1e3 (one per decade) by stratified 5-fold
@@ -158,6 +159,7 @@ class Settings:
     probe_cs: tuple = tuple(10.0**k for k in range(-4, 4))  # 1e-4 .. 1e3, one per decade
     probe_folds: int = 5
     tune_trials: int = 4
+    tune_tuner: str = "random"
     # Flags added to every kft.train/kft.tune command of the kft methods: none, kft's defaults.
     kft_flags: tuple = ()
 
@@ -540,12 +542,18 @@ def run_kft_default(job: "Job") -> dict:
 
 
 def run_kft_tune(job: "Job") -> dict:
-    """kft.tune with kft's defaults and --max_trials, kft.train --flagfile=best.cfg, kft.evaluate."""
+    """kft.tune with kft's defaults, --max_trials and --tuner, kft.train --flagfile=best.cfg, kft.evaluate."""
     _fresh(job)
     tune_dir = os.path.join(job.run_dir, "tune")
     model_dir = os.path.join(job.run_dir, "best")
     log_path = job.run_dir + ".log"  # beside it: kft.train wants an empty or kft-made dir
-    tune = ["kft.tune", *_kft_job_flags(job), f"--tune_dir={tune_dir}", f"--max_trials={job.settings.tune_trials}"]
+    tune = [
+        "kft.tune",
+        *_kft_job_flags(job),
+        f"--tune_dir={tune_dir}",
+        f"--max_trials={job.settings.tune_trials}",
+        f"--tuner={job.settings.tune_tuner}",
+    ]
     train = [
         "kft.train",
         f"--flagfile={os.path.join(tune_dir, 'best.cfg')}",
@@ -1002,6 +1010,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="methods to recompute even if cached (e.g. kft_default after kft's defaults changed), or all",
     )
     parser.add_argument("--tune_trials", type=int, default=None, help="kft_tune's --max_trials (default 4)")
+    parser.add_argument(
+        "--tune_tuner",
+        choices=("random", "bayesian", "hyperband"),
+        default=None,
+        help="kft_tune's --tuner (default random)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     args.tasks = _list(args.tasks or ("digits" if quick else ",".join(TASKS)), TASKS, "tasks")
@@ -1017,6 +1031,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     settings = QUICK if quick else Settings()
     if args.tune_trials:
         settings = dataclasses.replace(settings, tune_trials=args.tune_trials)
+    if args.tune_tuner:
+        settings = dataclasses.replace(settings, tune_tuner=args.tune_tuner)
     args.settings = settings
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
