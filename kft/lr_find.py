@@ -163,7 +163,6 @@ def main(argv):
 
     try:
         config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits, may_drop_validation=True)
-        finetuner.check_weights_reachable(config)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
     if recipe_block:
@@ -178,6 +177,10 @@ def main(argv):
         )
     if not FLAGS.min_lr < FLAGS.max_lr or FLAGS.min_lr <= 0:
         raise cli.UsageError(f"--min_lr={FLAGS.min_lr} and --max_lr={FLAGS.max_lr}: need 0 < min_lr < max_lr")
+    try:
+        finetuner.check_weights_reachable(config)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
     output_dir = FLAGS.output_dir or os.path.join(config.model_dir, "lr_find")
     # kft.train's lock: a sweep and a run (or two sweeps) never share a run directory.
     flag = f"--model_dir={config.model_dir}"

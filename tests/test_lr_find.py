@@ -67,7 +67,7 @@ def test_lr_find_end_to_end_leaves_no_training_state(tmp_path):
     assert (out / "loss_vs_lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(os.listdir(model_dir)) == [".kft-lock", "lr_find"]  # The run directory's lock, released.
     bad = subprocess.run(
-        [sys.executable, "-m", "kft.lr_find", f"--model_dir={model_dir}", "--stage=5"],
+        [sys.executable, "-m", "kft.lr_find", f"--model_dir={model_dir}", "--weights=none", "--stage=5"],
         cwd=ROOT,
         env=env,
         capture_output=True,
