@@ -44,8 +44,8 @@ Methods, each on the same data, weights and 32 px images, each seed a separate r
   --model_dir=RUN --dataset=folder:TEST`; the accuracy is read from RUN/eval/eval.json.
 * kft_tune: `python -m kft.tune` with the same flags plus --tune_dir, --max_trials (this
   tool's --tune_trials, default 4) and --tuner (--tune_tuner, default random: at 4 trials
-  Hyperband would train none of them in full, and kft.tune warns so), then `python -m kft.train --flagfile=TUNE/best.cfg
-  --model_dir=RUN --export_dir=none`, evaluated the same way.
+  Hyperband would train none of them in full, and kft.tune warns so), then `python -m
+  kft.train --flagfile=TUNE/best.cfg --model_dir=RUN --export_dir=none`, evaluated the same way.
 * linear_probe: scikit-learn LogisticRegression on the frozen backbone's global-average-pooled
   features (standardized), C chosen from 1e-4..1e3 (one per decade) by stratified 5-fold
   cross-validation on the training images only (fewer folds when a class has fewer than 5).
