@@ -15,6 +15,7 @@ and prints the per-class table. Which examples are evaluated: a TFDS test split,
 subfolder per class), or the held-out split of `digits`; see `kft.data.load_eval`.
 """
 
+import json
 import os
 import sys
 import time
@@ -80,6 +81,37 @@ def define_flags() -> None:
 
 # Log a progress line every this many batches.
 _PROGRESS_EVERY = 20
+
+# What kft.evaluate writes into its output folder, and the keys that mark an eval.json as its own.
+_REPORT, _PNG = "eval.json", "confusion_matrix.png"
+_REPORT_KEYS = {"accuracy", "confusion_matrix", "dataset", "model", "tta"}
+
+
+def _check_output_dir(output_dir: str) -> None:
+    """Refuses an output folder whose eval.json or confusion_matrix.png kft.evaluate did not write:
+    a report kft wrote before is replaced, a file of the user's of the same name never is."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise cli.UsageError(f"--output_dir={output_dir} is a file, not a directory")
+    report_path, png_path = os.path.join(output_dir, _REPORT), os.path.join(output_dir, _PNG)
+    ours = False
+    if os.path.lexists(report_path):
+        try:
+            with open(report_path) as f:
+                existing = json.load(f)
+            ours = isinstance(existing, dict) and _REPORT_KEYS <= existing.keys()
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise cli.UsageError(
+                f"{report_path} exists and is not a report kft.evaluate wrote; it is left as it is: "
+                "move it or give another --output_dir"
+            )
+    # kft.evaluate writes eval.json before the picture, so its picture always has its report.
+    if os.path.lexists(png_path) and not ours:
+        raise cli.UsageError(
+            f"{png_path} exists beside no report of kft.evaluate's; it is left as it is: "
+            "move it or give another --output_dir"
+        )
 
 
 def _training_settings(run_dir: str, defaults: dict) -> dict:
@@ -195,6 +227,9 @@ def evaluate(
     from kft import checkpoint, data, export, report  # Heavy imports after the flags are known to be good.
 
     predict, model_classes, model_image_size, model_path, run_dir = _load_model(export_dir, model_dir)
+    # Before the images are read: a pass of minutes must not end in a refusal to write the report.
+    output_dir = output_dir or os.path.join(model_path, "eval")
+    _check_output_dir(output_dir)
     try:
         # The model's own size: the loader then resizes exactly as the model does for a whole image.
         image_size = export.choose_image_size(image_size, model_image_size, model_path)
@@ -236,9 +271,8 @@ def evaluate(
         log_loss=_log_loss(labels, probabilities),
     )
 
-    output_dir = output_dir or os.path.join(model_path, "eval")
-    json_path = os.path.join(output_dir, "eval.json")
-    png_path = os.path.join(output_dir, "confusion_matrix.png")
+    json_path = os.path.join(output_dir, _REPORT)
+    png_path = os.path.join(output_dir, _PNG)
     checkpoint.write_json(json_path, result)
     png = report.confusion_png(result["confusion_matrix"], model_classes)
     with checkpoint.atomic_path(png_path, suffix=".png") as tmp, open(tmp, "wb") as f:

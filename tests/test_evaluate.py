@@ -122,6 +122,47 @@ def assert_usage_error(result, *expected):
         assert text in lines[0], lines[0]
 
 
+def test_output_files_kft_did_not_write_are_never_replaced(exported, tmp_path):
+    """An eval.json or confusion_matrix.png of the user's in --output_dir stops the run in one line
+    before any image is read, and stays as it was; a report kft.evaluate wrote is replaced."""
+    from kft import cli, evaluate
+    from kft import flags as kft_flags  # noqa: F401  (defines --dataset, --model_dir, ... too)
+
+    _, base, _ = exported
+    write_folder(tmp_path / "data", {"blue": [2], "green": [1], "red": [0]})
+    dataset = f"folder:{tmp_path / 'data'}"
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "eval.json").write_text('{"accuracy": 0.99, "notes": "my own numbers"}')
+    result = run_evaluate(f"--export_dir={base}", f"--dataset={dataset}", f"--output_dir={mine}")
+    assert_usage_error(result, str(mine / "eval.json"), "not a report kft.evaluate wrote")
+    assert sorted(os.listdir(mine)) == ["eval.json"]
+    assert (mine / "eval.json").read_text() == '{"accuracy": 0.99, "notes": "my own numbers"}'
+
+    picture = tmp_path / "picture"
+    picture.mkdir()
+    (picture / "confusion_matrix.png").write_bytes(b"my picture")
+    with pytest.raises(cli.UsageError, match="confusion_matrix.png exists beside no report"):
+        evaluate.evaluate(export_dir=base, dataset=dataset, image_size=SIZE, output_dir=str(picture))
+    assert sorted(os.listdir(picture)) == ["confusion_matrix.png"]
+    assert (picture / "confusion_matrix.png").read_bytes() == b"my picture"
+
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(cli.UsageError, match="is a file, not a directory"):
+        evaluate.evaluate(export_dir=base, dataset=dataset, image_size=SIZE, output_dir=str(tmp_path / "a_file"))
+
+    # kft.evaluate's own report is replaced by the next one, here on another test folder.
+    ours = tmp_path / "ours"
+    write_folder(tmp_path / "more", {"blue": [2, 2], "green": [1, 1], "red": [0]})
+    first = evaluate.evaluate(export_dir=base, dataset=dataset, image_size=SIZE, output_dir=str(ours))
+    second = evaluate.evaluate(
+        export_dir=base, dataset=f"folder:{tmp_path / 'more'}", image_size=SIZE, output_dir=str(ours)
+    )
+    assert (first["num_examples"], second["num_examples"]) == (3, 5)
+    assert json.loads((ours / "eval.json").read_text())["num_examples"] == 5
+
+
 def test_neither_or_both_model_flags(tmp_path):
     assert_usage_error(run_evaluate("--dataset=digits"), "--export_dir", "--model_dir", "export_dir=None")
     both = run_evaluate(f"--export_dir={tmp_path}", f"--model_dir={tmp_path}", "--dataset=digits")
