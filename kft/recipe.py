@@ -21,7 +21,9 @@ The recipe, for N training images:
             test accuracy 0.832 with this recipe; the probe alone 0.555) nothing tried did
             better: --ema_decay=0.99 0.833, peak rate 1e-4 0.763 and 5.6e-4 0.802, 250 steps
             0.776, --l2sp_alpha=0.1 0.803, --label_smoothing=0.1 0.798, interpolating toward the
-            probe's weights (WiSE-FT) lower at every mix; 1,000 steps 0.847, within the spread
+            probe's weights (WiSE-FT) lower at every mix; 1,000 steps 0.847, within the spread.
+            No head penalty after the probe (--l2sp_beta=0) lost EfficientNetB0 5 points on
+            patches of four photographs (BENCHMARKS.md), so the penalty stays
   augment   crop; flip too unless the images are not mirror-symmetric (`mirror_check`: digits,
             letters and text change meaning when mirrored); rot90 (quarter turns) where turned
             images look like their class to the pretrained backbone (`rotation_check`:
