@@ -91,7 +91,7 @@ def _check_output_dir(output_dir: str) -> None:
     """Refuses an output folder whose eval.json or confusion_matrix.png kft.evaluate did not write:
     a report kft wrote before is replaced, a file of the user's of the same name never is."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise cli.UsageError(f"--output_dir={output_dir} is a file, not a directory")
+        raise cli.UsageError(f"the output folder {output_dir} is a file, not a directory")
     report_path, png_path = os.path.join(output_dir, _REPORT), os.path.join(output_dir, _PNG)
     ours = False
     if os.path.lexists(report_path):
@@ -99,8 +99,8 @@ def _check_output_dir(output_dir: str) -> None:
             with open(report_path) as f:
                 existing = json.load(f)
             ours = isinstance(existing, dict) and _REPORT_KEYS <= existing.keys()
-        except (OSError, ValueError):
-            ours = False
+        except (OSError, ValueError):  # unreadable, or not JSON: not a report of kft's
+            pass
         if not ours:
             raise cli.UsageError(
                 f"{report_path} exists and is not a report kft.evaluate wrote; it is left as it is: "
