@@ -15,7 +15,6 @@ and prints the per-class table. Which examples are evaluated: a TFDS test split,
 subfolder per class), or the held-out split of `digits`; see `kft.data.load_eval`.
 """
 
-import json
 import os
 import sys
 import time
@@ -95,9 +94,10 @@ def _check_output_dir(output_dir: str) -> None:
     report_path, png_path = os.path.join(output_dir, _REPORT), os.path.join(output_dir, _PNG)
     ours = False
     if os.path.lexists(report_path):
+        from kft import checkpoint
+
         try:
-            with open(report_path) as f:
-                existing = json.load(f)
+            existing = checkpoint.read_json(report_path)
             ours = isinstance(existing, dict) and _REPORT_KEYS <= existing.keys()
         except (OSError, ValueError):  # unreadable, or not JSON: not a report of kft's
             pass
