@@ -27,7 +27,7 @@ SECTIONS = {
         "pretrain_dataset",
         "pretrain_batch_size",
     ),
-    "model": ("backbone", "weights", "image_size", "dropout", "hidden_units"),
+    "model": ("backbone", "weights", "image_size", "dropout", "hidden_units", "test_views"),
     "schedule": (
         "stages",
         "pretrain_stages",
@@ -53,6 +53,7 @@ SECTIONS = {
     "outputs": ("model_dir", "export_dir", "export_tflite", "compare_scratch"),
 }
 _STAGE_FIELDS = ("stages", "pretrain_stages")
+_TUPLE_FIELDS = ("augment", "test_views")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Config:
     dropout: float = 0.2
     hidden_units: int = 0
     augment: tuple[str, ...] = ("crop", "flip")
+    test_views: tuple[str, ...] = ()
     pretrain_dataset: str = ""
     pretrain_stages: tuple[Stage, ...] = (Stage("all", 5, 1e-3, bn="train"),)
     pretrain_batch_size: int = 0  # 0 = batch_size
@@ -117,7 +119,7 @@ class Config:
         values = dataclasses.asdict(self)  # Stages become dicts of their fields.
         out: dict = {"version": RUN_JSON_VERSION}
         for section, names in SECTIONS.items():
-            out[section] = {name: list(values[name]) if name == "augment" else values[name] for name in names}
+            out[section] = {name: list(values[name]) if name in _TUPLE_FIELDS else values[name] for name in names}
         return out
 
     @classmethod
@@ -139,6 +141,7 @@ class Config:
         for name in _STAGE_FIELDS:
             if name in values:
                 values[name] = tuple(Stage(**stage) for stage in values[name])
-        if "augment" in values:
-            values["augment"] = tuple(values["augment"])
+        for name in _TUPLE_FIELDS:
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)

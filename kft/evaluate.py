@@ -146,6 +146,8 @@ def _load_model(export_dir: str | None, model_dir: str | None):
         classifier, class_names, image_size = runfiles.load_classifier(model_dir)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
+    if classifier.test_views:
+        logging.info("the run's model averages its predictions over %s (--test_views)", "+".join(classifier.test_views))
     predict = tf.function(lambda images: classifier(images, training=False), reduce_retracing=True)
     return (lambda images: predict(images).numpy()), tuple(class_names), image_size, model_dir, model_dir
 

@@ -15,7 +15,8 @@ The class names are also the asset `assets/labels.txt`, one per line, in class-i
 An export of a kft model also records, in the asset `assets/kft.json`, the image size it was
 trained at (`{"image_size": S}`): kft.evaluate and kft.predict resize files to S with
 `kft.data.resize_images`, the resize inside the graph, so that they and a server fed the full
-image compute the same numbers.
+image compute the same numbers. It also lists the test-time views the graph averages its
+probabilities over (`"test_views"`, from kft.train's --test_views; [] for one view).
 """
 
 import json
@@ -328,7 +329,8 @@ def export_saved_model(
             if image_size is not None:
                 info_path = os.path.join(labels_dir, INFO_FILE)
                 with open(info_path, "w", encoding="utf-8") as f:
-                    json.dump({"image_size": int(image_size)}, f)
+                    views = list(getattr(model, "test_views", ()))
+                    json.dump({"image_size": int(image_size), "test_views": views}, f)
             module = _ServingModule(model, class_names, labels_path, info_path)
             tf.saved_model.save(module, tmp, signatures={SIGNATURE_KEY: module.serve})
         rundir.default_modes_under(tmp)

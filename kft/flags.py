@@ -12,7 +12,7 @@ import time
 import numpy as np
 from absl import flags, logging
 
-from kft import augment, backbones, data, recipe, regularizers, schedule
+from kft import augment, backbones, data, model, recipe, regularizers, schedule
 from kft.config import Config
 
 FLAGS = flags.FLAGS
@@ -55,7 +55,7 @@ flags.DEFINE_enum(
     "recipe",
     "auto",
     ["auto", "none"],
-    "auto: derive --batch_size, --stages, --augment (and --val_fraction=0 when the validation split would be too small to rank checkpoints) from the training set's size (a linear probe, then every block for a number of optimizer steps that follows BiT-HyperRule; see kft/recipe.py); a flag you give wins. none: the flags' own defaults. The resolved values are printed and written to MODEL_DIR/flags.cfg.",
+    "auto: derive --batch_size, --stages, --augment, --test_views (and --val_fraction=0 when the validation split would be too small to rank checkpoints) from the training set's size (a linear probe, then every block for a number of optimizer steps that follows BiT-HyperRule; see kft/recipe.py); a flag you give wins. none: the flags' own defaults. The resolved values are printed and written to MODEL_DIR/flags.cfg.",
 )
 # Data.
 flags.DEFINE_string(
@@ -162,6 +162,11 @@ flags.DEFINE_string(
     "crop,flip",
     "Comma list of on-device augmentations from: crop, flip, rot90 (quarter turns; square images), translate, colour, mixup, cutmix; none for no augmentation.",
 )
+flags.DEFINE_string(
+    "test_views",
+    "none",
+    "Test-time augmentation built into the finished model (its export, TFLite file, kft.evaluate and kft.predict): the mean probability over the image and its mirror (flip), its quarter turns (rot90, square images), or both (flip,rot90: 8 passes); none for one pass. Costs that many passes per prediction.",
+)
 # Transfer check (the quickstart uses these).
 flags.DEFINE_string(
     "pretrain_dataset",
@@ -232,6 +237,7 @@ _checked("backbone", backbones.get)
 _checked("stages", schedule.parse_stages)
 _checked("pretrain_stages", schedule.parse_stages)
 _checked("augment", augment.parse)
+_checked("test_views", model.parse_test_views)
 _range("val_fraction", 0.0, 0.9)
 _range("train_limit_per_class", 0)
 _range("image_size", 0, MAX_IMAGE_SIZE)
@@ -307,6 +313,7 @@ def config_from_flags() -> Config:
         ema_decay=FLAGS.ema_decay,
         cache_features=FLAGS.cache_features,
         augment=augment.parse(FLAGS.augment),
+        test_views=model.parse_test_views(FLAGS.test_views),
         pretrain_dataset=FLAGS.pretrain_dataset,
         pretrain_stages=schedule.parse_stages(FLAGS.pretrain_stages),
         pretrain_batch_size=FLAGS.pretrain_batch_size or FLAGS.batch_size,
@@ -322,7 +329,7 @@ def config_from_flags() -> Config:
     )
 
 
-RECIPE_FLAGS = ("batch_size", "stages", "augment", "val_fraction")
+RECIPE_FLAGS = ("batch_size", "stages", "augment", "test_views", "val_fraction")
 
 
 def apply_recipe(num_train: int, num_classes: int, mirror=None, rotation=None, unused_val: int = 0) -> str | None:
@@ -343,6 +350,7 @@ def apply_recipe(num_train: int, num_classes: int, mirror=None, rotation=None, u
         num_classes,
         hidden_units=FLAGS.hidden_units,
         batch_size=given.get("batch_size"),
+        augment=augment.parse(given["augment"]) if "augment" in given else None,
         mirror=mirror,
         rotation=rotation,
         unused_val=unused_val,

@@ -17,6 +17,9 @@ import tensorflow as tf
 
 from kft import backbones, data
 
+# The symmetries a model may average its predictions over (--test_views).
+TEST_VIEWS = ("flip", "rot90")
+
 
 @dataclasses.dataclass(frozen=True)
 class HeadConfig:
@@ -72,6 +75,9 @@ class Classifier(keras.Model):
         # Set per stage by kft.finetuner.apply_stage; read when the step function is traced,
         # which is why a stage change recompiles.
         self.backbone_training = False
+        # Symmetries a finished model averages its predictions over (kft.runfiles.load_classifier
+        # sets them from --test_views); training and validation always see one view.
+        self.test_views: tuple[str, ...] = ()
         self.pool = keras.layers.GlobalAveragePooling2D(name="head_pool")
         self.dropout = keras.layers.Dropout(head.dropout, name="head_dropout")
         self.hidden = (
@@ -108,7 +114,49 @@ class Classifier(keras.Model):
         return preprocessed, feature_map, pooled, self.head(pooled, training=training)
 
     def call(self, images, training=False):
-        return self.forward_parts(images, training=training)[-1]
+        if training or not self.test_views:
+            return self.forward_parts(images, training=training)[-1]
+        # Test-time augmentation: the mean probability over the symmetries the model trained
+        # with, taken after the resize so that every view is square. One view at a time: an
+        # 8x batch would need 8x the memory.
+        views = _views(self.preprocess(images), self.test_views)
+        total = 0.0
+        for view in views:
+            total += self.head(self.pool(self.backbone(view, training=False)), training=False)
+        return total / len(views)
+
+
+def parse_test_views(spec: str) -> tuple[str, ...]:
+    """Parses --test_views: a comma list from TEST_VIEWS, or "none" (or "") for one view.
+
+    Raises:
+      ValueError: an unknown or repeated name, naming it and the allowed ones (one line).
+    """
+    names = [part.strip().lower() for part in spec.split(",") if part.strip()]
+    if names in ([], ["none"]):
+        return ()
+    for name in names:
+        if name not in TEST_VIEWS or names.count(name) > 1:
+            what = "repeats" if name in TEST_VIEWS else "has"
+            raise ValueError(
+                f"--test_views={spec!r} {what} {name!r}; allowed: none, or a comma list from {', '.join(TEST_VIEWS)}"
+            )
+    return tuple(name for name in TEST_VIEWS if name in names)
+
+
+def view_count(test_views: tuple[str, ...]) -> int:
+    """How many forward passes a prediction takes: 2 with flip, 4 with rot90, 8 with both."""
+    return (2 if "flip" in test_views else 1) * (4 if "rot90" in test_views else 1)
+
+
+def _views(images, test_views: tuple[str, ...]) -> list:
+    """Square images [B, S, S, C] as the views test_views names: itself, quarter turns, mirrors."""
+    views = [images]
+    if "rot90" in test_views:
+        views = [tf.image.rot90(images, k) for k in range(4)]
+    if "flip" in test_views:
+        views += [tf.reverse(view, axis=[2]) for view in views]  # [B, H, W, C]: W is axis 2.
+    return views
 
 
 def build_classifier(

@@ -81,7 +81,7 @@ def _flag_line(name: str, value) -> str:
         return f"--{name}" if value else f"--no{name}"
     if name in ("stages", "pretrain_stages"):
         value = ",".join(stage.describe() for stage in value)
-    elif name == "augment":
+    elif name in ("augment", "test_views"):
         value = ",".join(value) or "none"
     elif name == "weights" and value is None:
         value = "none"
@@ -269,7 +269,8 @@ def load_classifier(model_dir: str) -> tuple[model.Classifier, tuple[str, ...], 
     ones differ between graph optimizations by ~0.03 in probability, and run slowly without AMX).
 
     Returns:
-      (classifier mapping raw uint8 images to probabilities, class names, image size).
+      (classifier mapping raw uint8 images to probabilities, averaged over the run's
+      --test_views, class names, image size).
     """
     meta_path = os.path.join(model_dir, "classes.json")
     weights_path = os.path.join(model_dir, "model.weights.h5")
@@ -281,7 +282,7 @@ def load_classifier(model_dir: str) -> tuple[model.Classifier, tuple[str, ...], 
             "its kft.train command to finish it"
         )
     meta = checkpoint.read_json_or_fail(meta_path, "the run's class list")
-    settings = recorded_settings(model_dir, {"dropout": 0.2, "hidden_units": 0})
+    settings = recorded_settings(model_dir, {"dropout": 0.2, "hidden_units": 0, "test_views": "none"})
     head = model.HeadConfig(len(meta["class_names"]), settings["dropout"], settings["hidden_units"])
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("float32")
@@ -290,4 +291,6 @@ def load_classifier(model_dir: str) -> tuple[model.Classifier, tuple[str, ...], 
     finally:
         keras.mixed_precision.set_global_policy(previous)
     checkpoint.load_model_weights(classifier, weights_path)
+    views = settings["test_views"]  # A tuple from run.json; a flags.cfg line is text.
+    classifier.test_views = model.parse_test_views(views) if isinstance(views, str) else tuple(views)
     return classifier, tuple(meta["class_names"]), meta["image_size"]

@@ -6,7 +6,7 @@ import json
 import pytest
 from absl import flags
 
-from kft import augment, runfiles, schedule
+from kft import augment, model, runfiles, schedule
 from kft import flags as kft_flags  # noqa: F401  (defines kft.train's flags)
 from kft.config import RUN_JSON_VERSION, SECTIONS, Config
 
@@ -18,6 +18,8 @@ def _flag_default(name: str):
     value = FLAGS[name].default
     if name == "augment":
         return augment.parse(value)
+    if name == "test_views":
+        return model.parse_test_views(value)
     if name.endswith("stages"):
         return schedule.parse_stages(value)
     if name == "weights" and value == "none":
@@ -58,6 +60,7 @@ def _config(**overrides) -> Config:
         stages=schedule.parse_stages("probe,all:500steps@0.00028284271247:bn=train"),
         model_dir="/runs/a",
         augment=("crop",),
+        test_views=("flip",),
         regularizer="delta",
         weights=None,
         image_size=32,
@@ -75,6 +78,7 @@ def test_run_json_round_trips_exactly():
         "image_size": 32,
         "dropout": 0.2,
         "hidden_units": 0,
+        "test_views": ["flip"],
     }
     assert written["schedule"]["stages"][1]["lr"] == 0.00028284271247
     assert Config.from_json(written) == config

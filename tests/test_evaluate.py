@@ -236,6 +236,71 @@ def test_evaluates_a_training_run_dir(tmp_path):
     ]
 
 
+def test_a_run_with_test_views_is_evaluated_and_exported_as_their_average(tmp_path):
+    """A run recorded with --test_views=flip,rot90 (run.json): kft.evaluate and the export give
+    the mean probability over the 8 mirrors and quarter turns of each image, which no turn or
+    mirror of the image changes; one view of the same weights is not so invariant."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from kft import checkpoint, data, runfiles, schedule
+    from kft import model as model_lib
+    from kft.config import Config
+
+    keras.utils.set_random_seed(0)
+    classifier = model_lib.build_classifier("VGG16", 32, None, model_lib.HeadConfig(len(CLASSES)))
+    kernel, bias = classifier.classify.get_weights()  # A zero head: uniform from every view.
+    classifier.classify.set_weights([np.random.default_rng(0).normal(0, 0.3, kernel.shape), bias])
+    run = tmp_path / "run"
+    checkpoint.save_model_weights(classifier, str(run / "model.weights.h5"))
+    checkpoint.write_json(str(run / "classes.json"), {"class_names": CLASSES, "backbone": "VGG16", "image_size": 32})
+    config = Config(
+        dataset="unused",
+        backbone="VGG16",
+        stages=schedule.parse_stages("probe"),
+        model_dir=str(run),
+        weights=None,
+        image_size=32,
+        test_views=("flip", "rot90"),
+    )
+    runfiles.write_config(config)
+    checkpoint.write_json(str(run / "metrics.json"), {})
+    paths = write_folder(tmp_path / "data", {"blue": [2, 2], "green": [1], "red": [0, 0]})
+    result = run_evaluate(f"--model_dir={run}", f"--dataset=folder:{tmp_path / 'data'}")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((run / "eval" / "eval.json").read_text())
+
+    images, labels = [], []
+    for index, name in enumerate(CLASSES):
+        for path in paths[name]:
+            images.append(data.resize_uint8(tf.constant(np.asarray(Image.open(path))), 32).numpy())
+            labels.append(index)
+    images, labels = np.stack(images), np.array(labels)
+    views = [np.rot90(x, k, axes=(1, 2)) for x in (images, images[:, :, ::-1]) for k in range(4)]
+    single = [np.asarray(classifier(np.ascontiguousarray(view))) for view in views]
+    averaged = np.mean(single, axis=0)
+    assert np.abs(single[0] - single[5]).max() > 1e-4  # one view: a mirror turned changes it
+
+    def log_loss(probabilities):
+        return float(np.mean(-np.log(probabilities[np.arange(len(labels)), labels])))
+
+    assert report["log_loss"] == pytest.approx(log_loss(averaged), abs=1e-5)
+    assert abs(report["log_loss"] - log_loss(single[0])) > 1e-5
+
+    loaded, _, _ = runfiles.load_classifier(str(run))
+    assert tuple(loaded.test_views) == ("flip", "rot90")
+    version = export.export_saved_model(loaded, CLASSES, str(tmp_path / "export"), images, image_size=32)
+    with open(os.path.join(version, "assets", export.INFO_FILE)) as f:
+        assert json.load(f)["test_views"] == ["flip", "rot90"]
+    served = export.load_serving(str(tmp_path / "export"))
+    for view in views:
+        np.testing.assert_allclose(served(np.ascontiguousarray(view)), averaged, atol=1e-5)
+    # A run recorded without test views (run.json from before them) keeps one view.
+    runfiles.write_config(dataclasses.replace(config, test_views=()))
+    assert runfiles.load_classifier(str(run))[0].test_views == ()
+
+
 ORIENTATION_CLASSES = ["left", "middle", "right"]
 
 

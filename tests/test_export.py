@@ -256,7 +256,7 @@ def test_export_records_the_image_size_and_checks_whole_large_images(tmp_path):
             continue
         version = export.export_saved_model(model, CLASS_NAMES, str(base), check_images(size=16), image_size=16)
         with open(os.path.join(version, "assets", export.INFO_FILE)) as f:
-            assert json.load(f) == {"image_size": 16}
+            assert json.load(f) == {"image_size": 16, "test_views": []}
         assert export.load_serving(str(base)).image_size == 16
 
 

@@ -58,6 +58,50 @@ def test_a_given_batch_size_counts_the_schedule():
     assert "batch 8: 5 steps per pass" in recipe.describe(recipe.derive(45, 5), {})
 
 
+def test_small_sets_average_the_symmetries_they_train_with():
+    turns = recipe.RotationCheck(accuracy=0.9, turned_accuracy=0.9, chance=0.25)
+    mirror_only = recipe.MirrorCheck(accuracy=0.9, mirrored_accuracy=0.2, chance=0.25, margin=0.1)
+    assert not mirror_only.symmetric
+    below = recipe.TEST_VIEWS_BELOW - 1
+    assert recipe.derive(45, 5, rotation=turns).test_views == "flip,rot90"
+    assert recipe.derive(below, 5).test_views == "flip"
+    assert recipe.derive(45, 5, mirror=mirror_only, rotation=turns).test_views == "rot90"
+    assert recipe.derive(45, 5, mirror=mirror_only).test_views == "none"
+    assert recipe.derive(below + 1, 5, rotation=turns).test_views == "none"  # serving cost wins
+    # The user's --augment: its symmetries, not the checks', are averaged.
+    given = recipe.derive(45, 5, augment=("crop", "rot90"), rotation=None)
+    assert given.test_views == "rot90" and given.augment == "crop,rot90"
+    assert "averages 8 views (flip+rot90)" in recipe.describe(recipe.derive(45, 5, rotation=turns), {})
+    assert "8x the inference cost" in recipe.describe(recipe.derive(45, 5, rotation=turns), {})
+
+
+def test_given_augment_or_test_views_win_in_the_flags():
+    try:
+        _parse("--augment=crop")
+        block = kft_flags.apply_recipe(num_train=45, num_classes=5)
+        assert FLAGS.test_views == "none" and "--test_views=none" in block
+        assert kft_flags.config_from_flags().test_views == ()
+        _parse("--test_views=none")
+        kft_flags.apply_recipe(num_train=45, num_classes=5)
+        assert FLAGS.test_views == "none" and FLAGS.augment == "crop,flip"
+        _parse()
+        kft_flags.apply_recipe(num_train=45, num_classes=5)
+        assert kft_flags.config_from_flags().test_views == ("flip",)
+    finally:
+        FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("value", ["mirror", "flip,flip", "none,flip"])
+def test_bad_test_views_are_refused_by_name(value):
+    try:
+        with pytest.raises(
+            flags.IllegalFlagValueError, match=f"--test_views={value!r}.*allowed: none, or a comma list"
+        ):
+            _parse(f"--test_views={value}")
+    finally:
+        FLAGS.unparse_flags()
+
+
 def _parse(*argv):
     FLAGS.unparse_flags()
     FLAGS(["kft.train", "--model_dir=unused", *argv])
