@@ -311,13 +311,14 @@ def derive(
     stages = f"{first},all:{steps}steps@{lr:.2g}"
     flip = mirror is None or mirror.symmetric
     turn = rotation is not None and rotation.invariant
-    ops = augment or (
+    ops = (
         "crop",
         *(["flip"] if flip else []),
         *(["rot90"] if turn else []),
         *(["mixup"] if num_train >= SMALL else []),
     )
-    views = [op for op in ops if op in model.TEST_VIEWS] if num_train < TEST_VIEWS_BELOW else []
+    trained = ops if augment is None else augment  # The views are the symmetries the run trains with.
+    views = [op for op in trained if op in model.TEST_VIEWS] if num_train < TEST_VIEWS_BELOW else []
     epochs = steps * batch / max(1, num_train)
     per_pass = max(1, num_train // batch)
     reasons = (
@@ -333,7 +334,7 @@ def derive(
         f"then every block at peak rate {lr:.2g} (Adam, warmup + cosine, BatchNorm frozen)",
         *([mirror.describe()] if mirror else []),
         *([rotation.describe()] if rotation else []),
-        f"augmentation {','.join(ops)}" + (" (mixup from 20k images)" if num_train >= SMALL and not augment else ""),
+        f"augmentation {','.join(ops)}" + (" (mixup from 20k images)" if num_train >= SMALL else ""),
         _describe_views(views, num_train),
         *(
             [

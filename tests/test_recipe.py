@@ -70,7 +70,8 @@ def test_small_sets_average_the_symmetries_they_train_with():
     assert recipe.derive(below + 1, 5, rotation=turns).test_views == "none"  # serving cost wins
     # The user's --augment: its symmetries, not the checks', are averaged.
     given = recipe.derive(45, 5, augment=("crop", "rot90"), rotation=None)
-    assert given.test_views == "rot90" and given.augment == "crop,rot90"
+    assert given.test_views == "rot90" and given.augment == "crop,flip"  # the recipe's own, unused
+    assert recipe.derive(45, 5, augment=(), rotation=turns).test_views == "none"
     assert "averages 8 views (flip+rot90)" in recipe.describe(recipe.derive(45, 5, rotation=turns), {})
     assert "8x the inference cost" in recipe.describe(recipe.derive(45, 5, rotation=turns), {})
 

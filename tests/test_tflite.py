@@ -99,6 +99,22 @@ def test_float32_file_matches_keras_on_new_images(exported):
     np.testing.assert_allclose(one, got[:1], atol=1e-5)
 
 
+def test_test_views_are_inside_the_file(tmp_path):
+    """A classifier averaging flip and rot90 views (--test_views) converts with them: the file
+    gives the Keras model's averaged probabilities, the same for every turn and mirror."""
+    model = informative_classifier()
+    new = images(4, seed=3)
+    one_view = np.asarray(model(new))
+    model.test_views = ("flip", "rot90")
+    tflite.export_tflite(model, str(tmp_path), images(8), quantize="none")
+    with open(tmp_path / tflite.FLOAT32_FILE, "rb") as f:
+        content = f.read()
+    averaged = np.asarray(model(new))
+    assert np.abs(averaged - one_view).max() > 1e-3
+    for turned in (new, np.rot90(new, 1, axes=(1, 2)), new[:, :, ::-1]):
+        np.testing.assert_allclose(tflite.run_tflite(content, np.ascontiguousarray(turned)), averaged, atol=1e-4)
+
+
 def test_int8_numbers_are_what_the_file_gives(exported):
     model, out, check, labels, report = exported
     with open(os.path.join(out, tflite.INT8_DYNAMIC_FILE), "rb") as f:
