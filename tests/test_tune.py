@@ -22,7 +22,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
-from kft import crossval, data, regularizers, runfiles, schedule, search, search_files, search_space, trainer
+from kft import crossval, data, model, regularizers, runfiles, schedule, search, search_files, search_space, trainer
 from kft import flags as kft_flags
 from kft import tune as tune_main
 
@@ -74,6 +74,12 @@ def config_of(argv: list[str], prog: str = "kft.tune"):
         return kft_flags.config_from_flags()
     finally:
         FLAGS.unparse_flags()
+
+
+def with_recipe_views(config):
+    """`config` with the test views kft.tune's recipe adds to these small sets: the symmetries
+    of its --augment (config_of parses the flags without resolving the recipe)."""
+    return dataclasses.replace(config, test_views=tuple(op for op in config.augment if op in model.TEST_VIEWS))
 
 
 def best_cfg_config(tune_dir):
@@ -283,7 +289,8 @@ def test_best_cfg_holds_the_best_trial_and_parses_as_kft_train_flags(tmp_path, f
     assert float(best["objective"]) == pytest.approx(
         1 / (1 + abs(math.log10(float(best["lr_scale"])))) * (1.0 if float(best["l2sp_alpha"]) else 0.9)
     )
-    base = config_of([*FAKE])
+    base = with_recipe_views(config_of([*FAKE]))
+    assert base.test_views == ("flip",)
     tuned = best_cfg_config(tune_dir)
     assert tuned == dataclasses.replace(
         base, lr_scale=float(best["lr_scale"]), l2sp_alpha=float(best["l2sp_alpha"]), model_dir=str(tune_dir / "best")
@@ -304,7 +311,7 @@ def test_delta_search_sets_delta_alpha_in_trials_csv_table_and_best_cfg(tmp_path
         "wall_seconds",
         "status",
     ]
-    base = config_of([*FAKE, "--regularizer=delta"])
+    base = with_recipe_views(config_of([*FAKE, "--regularizer=delta"]))
     for row, call in zip(rows, sorted(fake_train.calls, key=lambda c: int(os.path.basename(c["config"].model_dir)))):
         config = call["config"]
         assert float(row["delta_alpha"]) == config.delta_alpha
@@ -325,7 +332,7 @@ def test_regularizer_none_searches_lr_scale_alone(tmp_path, fake_train):
     run_tune([*FAKE, f"--tune_dir={tune_dir}", "--regularizer=none", "--tuner=random", "--max_trials=3"])
     rows = read_rows(tune_dir)
     assert list(rows[0]) == ["trial_id", "lr_scale", "objective", "ranked_on", "epochs", "wall_seconds", "status"]
-    base = config_of([*FAKE, "--regularizer=none"])
+    base = with_recipe_views(config_of([*FAKE, "--regularizer=none"]))
     for call in fake_train.calls:  # Only lr_scale and the trial's output settings differ from the flags.
         config = call["config"]
         assert (
