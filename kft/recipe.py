@@ -62,8 +62,9 @@ MIN_BATCH = 8
 
 
 # Below this many training images the finished model averages its predictions over the
-# symmetries it trained with (flip, rot90). Where images are few, averaging views gained 1-7
-# points (BENCHMARKS.md); on large sets, serving cost matters more than what is left to gain.
+# symmetries it trained with (flip, rot90). At 5 images per class averaging views gained 1-7
+# points on texture patches and cost 0.7 on faces (BENCHMARKS.md); on large sets, serving cost
+# matters more than what is left to gain.
 TEST_VIEWS_BELOW = SMALL
 
 # The mirror check looks at up to this many training images, shrunk to this many pixels a side.
