@@ -35,6 +35,7 @@ The recipe, for N training images:
             (`--test_views`; training sees one view). On a development task (patches of four
             photographs, 5 per class, 3 seeds) the 8 views gained 1.8 points on MobileNetV2 and
             2.7 on EfficientNetB0; on large sets, serving cost matters more than what is left
+            to gain
   val       none carved out when the split kft would carve (--val_fraction of a source without
             one of its own) is too small to rank checkpoints (kft.schedule.MIN_RANKING_VAL):
             such a split only decides nothing, and on 5 images per class it took a fifth of
