@@ -364,6 +364,37 @@ def apply_recipe(num_train: int, num_classes: int, mirror=None, rotation=None, u
     return recipe.describe(derived, given)
 
 
+def adopt_recorded_recipe(model_dir: str) -> str | None:
+    """With --recipe=auto, a rerun into a directory holding a recipe run resumes it with the
+    recipe that run resolved (its run.json), for the recipe's flags the user did not give.
+    Derived again, the recipe could differ (a newer kft; a check near its threshold on another
+    CPU), and the resume would be refused over flags the user never gave.
+
+    Returns:
+      The recipe block the run printed, to print and record again. None with
+      --recipe=none or --overwrite, or where no recipe run is recorded (nothing there, a run
+      with --recipe=none, an unreadable run.json: kft.runfiles.prepare_model_dir names why).
+    """
+    if FLAGS.recipe == "none" or FLAGS.overwrite or not model_dir:
+        return None
+    from kft import runfiles  # TensorFlow; the flags module stays light.
+
+    try:
+        saved = runfiles.read_config(model_dir)
+    except ValueError:
+        return None
+    recorded = runfiles.recorded_recipe_block(model_dir) if saved else ""
+    if not recorded:
+        return None
+    for name in (*RECIPE_FLAGS, "pretrain_batch_size"):
+        if not FLAGS[name].present:
+            value = getattr(saved, name)
+            setattr(FLAGS, name, runfiles.flag_text(name, value) if isinstance(FLAGS[name].value, str) else value)
+    FLAGS.recipe = "none"
+    logging.info("resuming %s with the recipe it recorded (--overwrite derives it anew)", model_dir)
+    return recorded
+
+
 def config_and_splits(load_splits, *, may_drop_validation: bool = False):
     """The run's Config and data, with --recipe=auto resolved against the training set.
 

@@ -211,6 +211,27 @@ def prepare_model_dir(model_dir: str, fine_tune: Config, overwrite: bool) -> run
     return lock
 
 
+def recorded_recipe_block(model_dir: str) -> str:
+    """The recipe block the run in `model_dir` printed, as its flags.cfg keeps it (the comment
+    lines after the first); "" if it has none (a run with --recipe=none)."""
+    try:
+        with open(os.path.join(model_dir, "flags.cfg")) as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return ""
+    block = []
+    for line in lines:
+        if not line.startswith("#"):
+            break
+        block.append(line.removeprefix("#").removeprefix(" "))
+    return "\n".join(block)
+
+
+def flag_text(name: str, value) -> str:
+    """A Config field's value as its kft.train flag takes it (the text after `--name=`)."""
+    return _flag_line(name, value).partition("=")[2]
+
+
 def recorded_settings(model_dir: str, defaults: dict) -> dict:
     """The Config fields named in `defaults` as the run in `model_dir` recorded them: its
     run.json, or for a run from kft before run.json the flags.cfg lines given (read as the

@@ -53,10 +53,13 @@ def _start(worker):
     """
     from kft import experiment, runfiles, trainer  # Import TensorFlow, as main's do.
 
+    # One machine only: other workers need not see MODEL_DIR, so all derive the recipe.
+    recorded_recipe = kft_flags.adopt_recorded_recipe(FLAGS.model_dir) if worker is None else None
     try:
         config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits, may_drop_validation=True)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
+    recipe_block = recipe_block or recorded_recipe
     if recipe_block and (worker is None or worker.is_chief):
         print(recipe_block, flush=True)
     flagfile_text = kft_flags.with_comment(runfiles.flagfile_of(config), recipe_block)

@@ -184,6 +184,35 @@ def test_stage_naming_missing_block_and_resume_conflicts(tmp_path):
     assert (model_dir / "metrics.json").exists()
 
 
+def test_rerunning_a_recipe_run_resumes_it_with_the_recipe_it_recorded(tmp_path):
+    model_dir = tmp_path / "run"
+    command = [
+        f"--model_dir={model_dir}",
+        "--dataset=digits:0-1",
+        "--train_limit_per_class=8",
+        "--backbone=MobileNetV2",
+        "--weights=none",
+        "--image_size=32",
+        "--stages=probe,all:2steps@1e-4",
+        "--verbose=0",
+        "--export_dir=none",
+    ]
+    first = run_module("kft.train", *command)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # A run from a kft whose recipe gave no test views (before --test_views): this kft's
+    # recipe derives flip views for 16 images, and deriving it again refused the resume.
+    run_json = model_dir / "run.json"
+    record = json.loads(run_json.read_text())
+    assert record["model"].pop("test_views") == ["flip"]
+    run_json.write_text(json.dumps(record))
+    again = run_module("kft.train", *command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming {model_dir} with the recipe it recorded" in again.stderr
+    assert "the finished model averages 2 views (flip)" in again.stdout  # The recorded block.
+    assert json.loads(run_json.read_text())["model"]["test_views"] == []
+    assert "--test_views=none" in (model_dir / "flags.cfg").read_text()
+
+
 def test_unwritable_model_dir_is_found_before_training(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

@@ -148,6 +148,49 @@ def test_flags_given_win_and_flags_cfg_reproduces_without_deriving_again(tmp_pat
         FLAGS.unparse_flags()
 
 
+def test_a_rerun_resumes_with_the_recipe_its_run_recorded(tmp_path):
+    """A recipe derived again may differ from the one a run recorded (a newer kft, a check
+    near its threshold on another CPU): rerunning the command resumes with the recorded one."""
+    from kft import trainer
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    command = ["--dataset=digits:0-2", "--train_limit_per_class=10", "--weights=none", f"--model_dir={run_dir}"]
+    command += ["--backbone=MobileNetV2", "--image_size=32"]
+    try:
+        _parse(*command)
+        config, _, block = kft_flags.config_and_splits(trainer.load_splits, may_drop_validation=True)
+        assert config.test_views == ("flip",) and config.batch_size == 8
+        # What an older kft recorded: another schedule, no test views.
+        older = dataclasses.replace(config, stages=schedule.parse_stages("probe,all:300steps@3e-4"), test_views=())
+        runfiles.write_config(older)
+        (run_dir / "flags.cfg").write_text(kft_flags.with_comment(runfiles.flagfile_of(older), block))
+        _parse(*command)
+        kft_flags.config_and_splits(trainer.load_splits, may_drop_validation=True)
+        assert _resume_conflict(run_dir).startswith("--stages")  # Derived again: refused.
+
+        _parse(*command)
+        assert kft_flags.adopt_recorded_recipe(str(run_dir)) == block
+        config, _, derived = kft_flags.config_and_splits(trainer.load_splits, may_drop_validation=True)
+        assert derived is None and config == older
+        assert _resume_conflict(run_dir) is None
+        # A flag the user gives still wins (and is compared with the run's).
+        _parse(*command, "--test_views=flip")
+        kft_flags.adopt_recorded_recipe(str(run_dir))
+        assert FLAGS.test_views == "flip" and FLAGS.stages == "probe,all:300steps@0.0003:bn=frozen:warmup=0.1"
+        assert _resume_conflict(run_dir).startswith("--test_views")
+        # Nothing is adopted with --overwrite or --recipe=none, or from a run without a recipe.
+        for argv in (["--overwrite"], ["--recipe=none"]):
+            _parse(*command, *argv)
+            assert kft_flags.adopt_recorded_recipe(str(run_dir)) is None and FLAGS.test_views == "none", argv
+        (run_dir / "flags.cfg").write_text(runfiles.flagfile_of(older))
+        _parse(*command)
+        assert kft_flags.adopt_recorded_recipe(str(run_dir)) is None and FLAGS.recipe == "auto"
+        assert kft_flags.adopt_recorded_recipe(str(tmp_path / "new")) is None
+    finally:
+        FLAGS.unparse_flags()
+
+
 def test_recipe_none_keeps_the_flag_defaults():
     try:
         _parse("--recipe=none")
