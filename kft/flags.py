@@ -55,7 +55,7 @@ flags.DEFINE_enum(
     "recipe",
     "auto",
     ["auto", "none"],
-    "auto: derive --batch_size, --stages, --augment, --test_views (and --val_fraction=0 when the validation split would be too small to rank checkpoints) from the training set's size (a linear probe, then every block for a number of optimizer steps that follows BiT-HyperRule; see kft/recipe.py); a flag you give wins. none: the flags' own defaults. The resolved values are printed and written to MODEL_DIR/flags.cfg.",
+    "auto: derive --batch_size, --stages, --augment, --test_views (and --val_fraction=0 when the validation split would be too small to rank checkpoints) from the training set's size (a linear probe, then every block for a number of optimizer steps that follows BiT-HyperRule; see kft/recipe.py); a flag you give wins. none: the flags' own defaults. The resolved values are printed and written to MODEL_DIR/flags.cfg; rerunning into that MODEL_DIR resumes with them.",
 )
 # Data.
 flags.DEFINE_string(
