@@ -372,19 +372,25 @@ def adopt_recorded_recipe(model_dir: str) -> str | None:
 
     Returns:
       The recipe block the run printed, to print and record again. None with
-      --recipe=none or --overwrite, or where no recipe run is recorded (nothing there, a run
-      with --recipe=none, an unreadable run.json: kft.runfiles.prepare_model_dir names why).
+      --recipe=none or --overwrite, where no recipe run is recorded (nothing there, a run
+      with --recipe=none, an unreadable run.json: kft.runfiles.prepare_model_dir names why),
+      or where a folder dataset no longer holds the files it held (the recipe is for the data
+      now there, and the resume check compares the rest).
     """
     if FLAGS.recipe == "none" or FLAGS.overwrite or not model_dir:
         return None
     from kft import runfiles  # TensorFlow; the flags module stays light.
 
     try:
-        saved = runfiles.read_config(model_dir)
+        run = runfiles.recorded_run(model_dir)
     except ValueError:
         return None
-    recorded = runfiles.recorded_recipe_block(model_dir) if saved else ""
+    recorded = runfiles.recorded_recipe_block(model_dir) if run else ""
     if not recorded:
+        return None
+    saved, identity = run
+    now = runfiles.data_identity(config_from_flags())
+    if any(identity.get(name) not in (None, now[name]) for name in now):
         return None
     for name in (*RECIPE_FLAGS, "pretrain_batch_size"):
         if not FLAGS[name].present:

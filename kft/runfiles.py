@@ -36,6 +36,16 @@ def write_config(config: Config) -> None:
     checkpoint.write_json(os.path.join(config.model_dir, RUN_JSON), record)
 
 
+def recorded_run(model_dir: str) -> tuple[Config, dict] | None:
+    """The Config a run recorded in run.json and what its folder datasets held then
+    (`data_identity`; {} if not recorded); None for a run without one.
+
+    Raises:
+      ValueError: an unreadable run.json (one line).
+    """
+    return _read_run_json(model_dir)
+
+
 def read_config(model_dir: str) -> Config | None:
     """The Config a run recorded in run.json; None for a run without one (kft before run.json).
 

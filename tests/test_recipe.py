@@ -191,6 +191,34 @@ def test_a_rerun_resumes_with_the_recipe_its_run_recorded(tmp_path):
         FLAGS.unparse_flags()
 
 
+def test_a_folder_that_changed_gets_its_recipe_derived_again(tmp_path):
+    from PIL import Image
+
+    from kft import trainer
+
+    folder, run_dir = tmp_path / "data", tmp_path / "run"
+    run_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (folder / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / name / f"{i}.png")
+    command = [f"--dataset=folder:{folder}", "--weights=none", "--backbone=MobileNetV2", "--image_size=32"]
+    command.append(f"--model_dir={run_dir}")
+    try:
+        _parse(*command)
+        config, _, block = kft_flags.config_and_splits(trainer.load_splits, may_drop_validation=True)
+        runfiles.write_config(config)
+        (run_dir / "flags.cfg").write_text(kft_flags.with_comment(runfiles.flagfile_of(config), block))
+        _parse(*command)
+        assert kft_flags.adopt_recorded_recipe(str(run_dir)) == block
+        Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(folder / "a" / "new.png")
+        _parse(*command)
+        assert kft_flags.adopt_recorded_recipe(str(run_dir)) is None and FLAGS.recipe == "auto"
+    finally:
+        FLAGS.unparse_flags()
+
+
 def test_recipe_none_keeps_the_flag_defaults():
     try:
         _parse("--recipe=none")
