@@ -36,29 +36,19 @@ def write_config(config: Config) -> None:
     checkpoint.write_json(os.path.join(config.model_dir, RUN_JSON), record)
 
 
-def recorded_run(model_dir: str) -> tuple[Config, dict] | None:
-    """The Config a run recorded in run.json and what its folder datasets held then
-    (`data_identity`; {} if not recorded); None for a run without one.
-
-    Raises:
-      ValueError: an unreadable run.json (one line).
-    """
-    return _read_run_json(model_dir)
-
-
 def read_config(model_dir: str) -> Config | None:
     """The Config a run recorded in run.json; None for a run without one (kft before run.json).
 
     Raises:
       ValueError: an unreadable run.json (one line).
     """
-    recorded = _read_run_json(model_dir)
+    recorded = recorded_run(model_dir)
     return None if recorded is None else recorded[0]
 
 
-def _read_run_json(model_dir: str) -> tuple[Config, dict] | None:
-    """run.json's Config and its data identities ({} if none are recorded); None without a
-    run.json.
+def recorded_run(model_dir: str) -> tuple[Config, dict] | None:
+    """The Config a run recorded in run.json and what its folder datasets held then
+    (`data_identity`; {} if not recorded); None for a run without one.
 
     Raises:
       ValueError: an unreadable run.json (one line).
@@ -163,7 +153,7 @@ def resume_conflict(model_dir: str, config: Config) -> str | None:
     reason).
     """
     try:
-        recorded = _read_run_json(model_dir)
+        recorded = recorded_run(model_dir)
     except ValueError as e:
         return str(e)
     if recorded is None:

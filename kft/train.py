@@ -53,9 +53,9 @@ def _start(worker):
     """
     from kft import experiment, runfiles, trainer  # Import TensorFlow, as main's do.
 
-    # One machine only: other workers need not see MODEL_DIR, so all derive the recipe.
-    recorded_recipe = kft_flags.adopt_recorded_recipe(FLAGS.model_dir) if worker is None else None
     try:
+        # One machine only: other workers need not see MODEL_DIR, so all derive the recipe.
+        recorded_recipe = kft_flags.adopt_recorded_recipe(FLAGS.model_dir) if worker is None else None
         config, splits, recipe_block = kft_flags.config_and_splits(trainer.load_seeded_splits, may_drop_validation=True)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
