@@ -359,7 +359,7 @@ def _describe_views(views: list[str], num_train: int) -> str:
     count = model.view_count(tuple(views))
     return (
         f"the finished model averages {count} views ({'+'.join(views)}), the symmetries it trained with: "
-        f"{count}x the inference cost (--test_views=none for one)"
+        f"{count} backbone passes per prediction (--test_views=none for one)"
     )
 
 

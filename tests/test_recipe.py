@@ -73,7 +73,7 @@ def test_small_sets_average_the_symmetries_they_train_with():
     assert given.test_views == "rot90" and given.augment == "crop,flip"  # the recipe's own, unused
     assert recipe.derive(45, 5, augment=(), rotation=turns).test_views == "none"
     assert "averages 8 views (flip+rot90)" in recipe.describe(recipe.derive(45, 5, rotation=turns), {})
-    assert "8x the inference cost" in recipe.describe(recipe.derive(45, 5, rotation=turns), {})
+    assert "8 backbone passes per prediction" in recipe.describe(recipe.derive(45, 5, rotation=turns), {})
 
 
 def test_given_augment_or_test_views_win_in_the_flags():
