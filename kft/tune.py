@@ -20,7 +20,8 @@ backbone.weights.h5. The search space and the Hyperband budget -> stage mapping 
 in kft/search_space.py, the files in D in kft/search_files.py. The first trial is the flagfile's
 recipe as kft.train would run it; the tuner draws the others. best.cfg keeps the first trial's
 settings unless another trial beat them by more than one standard error of an accuracy on the
-images they were ranked on (kft.search_files.choose_best).
+images they were ranked on, widened for the number of trials compared
+(kft.search_files.choose_best).
 
 Trials are ranked on the validation split. kft.tune resolves --recipe=auto as kft.train does,
 so on a small set the recipe trains on every image and there is none: trials are then ranked by
