@@ -475,7 +475,7 @@ def _row(trial_id, lr_scale, objective, epochs=3, ranked_on=30, status="COMPLETE
     }
 
 
-def test_a_trial_within_one_standard_error_of_the_flags_settings_does_not_replace_them():
+def test_a_trial_within_the_margin_of_the_flags_settings_does_not_replace_them():
     searched = ("lr_scale", "l2sp_alpha")
 
     def choose(rows):
