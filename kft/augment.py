@@ -7,7 +7,8 @@ shapes may not depend on data. What that rules out (checked with TF 2.21, Keras 
 `tf.function(jit_compile=True)` on CPU):
 
 - ImageProjectiveTransform (behind RandomTranslation/Rotation/Zoom, tensorflow#55194): crop,
-  flip and translate compose into one per-example index map, read with batched `tf.gather`.
+  flip and translate compose into one per-example index map, read with batched `tf.gather`;
+  rotate reads its bilinear neighbours with four such gathers.
 - StatelessRandomGamma (so also `keras.random.gamma` and `keras.random.beta`): mixup and
   cutmix draw Beta(alpha, alpha) from two Marsaglia-Tsang gammas built from uniform noise.
   (Inverting `tf.math.betainc` by bisection compiles, but took 4 s to compile on CPU.)
@@ -27,7 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-OPS = ("crop", "flip", "rot90", "translate", "colour", "mixup", "cutmix")
+OPS = ("rotate", "crop", "flip", "rot90", "translate", "colour", "mixup", "cutmix")
 _ALIASES = {"color": "colour"}
 
 # Colour jitter, modest: brightness, contrast and saturation factors in [1 - s, 1 + s] (timm's
@@ -36,6 +37,11 @@ BRIGHTNESS = 0.2
 CONTRAST = 0.2
 SATURATION = 0.2
 HUE = 0.05
+
+# rotate turns each image by an angle uniform in [-ROTATE_DEGREES, ROTATE_DEGREES]: a camera
+# held a little askew. (Keras's transfer-learning guide uses RandomRotation(0.1), up to 36
+# degrees, whose empty corners it fills with reflections too.)
+ROTATE_DEGREES = 15.0
 
 # How often a batch gets cutmix rather than mixup when both are on (timm's switch_prob).
 CUTMIX_PROBABILITY = 0.5
@@ -103,6 +109,7 @@ _ROWS = {
     "mixup": 2 * _GAMMA_ROWS,
     "cutmix": 2 * _GAMMA_ROWS + 2,  # two gammas and the box centre
     "rot90": 1,  # last, so that adding it left the other ops' draws where they were
+    "rotate": 1,  # after rot90, for the same reason
 }
 _OFFSETS = dict(zip(_ROWS, itertools.accumulate(_ROWS.values(), initial=0)))
 _TOTAL_ROWS = sum(_ROWS.values())
@@ -212,6 +219,7 @@ class Augmenter(keras.layers.Layer):
         random HxW window per example.
       translate_fraction: translate shifts each example by up to this fraction of the size in
         each direction, filling with zeros.
+      rotate_degrees: rotate turns each example by up to this many degrees either way.
     """
 
     def __init__(
@@ -223,6 +231,7 @@ class Augmenter(keras.layers.Layer):
         cutmix_alpha: float = 1.0,
         crop_padding: float = 0.125,
         translate_fraction: float = 0.1,
+        rotate_degrees: float = ROTATE_DEGREES,
         **kwargs,
     ):
         # float32 whatever the global mixed-precision policy: pixel arithmetic in 0..255 and the
@@ -236,11 +245,14 @@ class Augmenter(keras.layers.Layer):
             raise ValueError(f"crop_padding must be in [0, 1), got {crop_padding}")
         if not 0 <= translate_fraction < 1:
             raise ValueError(f"translate_fraction must be in [0, 1), got {translate_fraction}")
+        if not 0 <= rotate_degrees <= 180:
+            raise ValueError(f"rotate_degrees must be in [0, 180], got {rotate_degrees}")
         self.seed = int(seed)
         self.mixup_alpha = float(mixup_alpha)
         self.cutmix_alpha = float(cutmix_alpha)
         self.crop_padding = float(crop_padding)
         self.translate_fraction = float(translate_fraction)
+        self.rotate_degrees = float(rotate_degrees)
         self.seed_generator = keras.random.SeedGenerator(self.seed, name="augment_seed")
         # No shape-dependent state; building by tracing call() would only waste a trace.
         self.built = True
@@ -266,6 +278,9 @@ class Augmenter(keras.layers.Layer):
 
         # Each op's ops sit under a name scope of the op's name, so a compiled step's HLO
         # metadata shows which augmentations it holds (tools/bench.py --gpu checks them all).
+        if "rotate" in ops:
+            with tf.name_scope("rotate"):
+                images = _rotate(images, draws.rows("rotate")[0], self.rotate_degrees)
         if ops & {"crop", "flip", "rot90", "translate"}:
             images = self._geometry(images, draws, ops)
         if "colour" in ops:
@@ -288,7 +303,7 @@ class Augmenter(keras.layers.Layer):
         return images, labels
 
     def _geometry(self, images, draws, ops):
-        """crop, then flip, then rot90, then translate, as one row gather and one column gather
+        """After rotate: crop, then flip, then rot90, then translate, as one row gather and one column gather
         (and for rot90 a transpose of the examples that turn a quarter).
 
         Each op only moves pixels, so together they are a map from output to input positions
@@ -400,8 +415,38 @@ class Augmenter(keras.layers.Layer):
             cutmix_alpha=self.cutmix_alpha,
             crop_padding=self.crop_padding,
             translate_fraction=self.translate_fraction,
+            rotate_degrees=self.rotate_degrees,
         )
         return config
+
+
+def _rotate(images: tf.Tensor, u: tf.Tensor, max_degrees: float) -> tf.Tensor:
+    """Turns each image about its centre by an angle uniform in [-max, max] degrees, bilinear,
+    reflecting at the edges (so no empty corners). Four batched gathers on the flattened
+    pixels: XLA has no ImageProjectiveTransform kernel."""
+    height, width = images.shape[1], images.shape[2]
+    angle = (2.0 * u - 1.0) * (max_degrees * math.pi / 180.0)  # [B]
+    cos, sin = tf.cos(angle)[:, None, None], tf.sin(angle)[:, None, None]
+    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+    y = tf.range(height, dtype=tf.float32)[None, :, None] - cy  # [1, H, 1]
+    x = tf.range(width, dtype=tf.float32)[None, None, :] - cx  # [1, 1, W]
+    # Each output pixel reads the input at its position turned back by the angle.
+    src_y = cos * y - sin * x + cy  # [B, H, W]
+    src_x = sin * y + cos * x + cx
+    y0, x0 = tf.floor(src_y), tf.floor(src_x)
+    wy, wx = (src_y - y0)[..., None], (src_x - x0)[..., None]
+    y0, x0 = tf.cast(y0, tf.int32), tf.cast(x0, tf.int32)
+    flat = tf.reshape(images, [tf.shape(images)[0], height * width, images.shape[3]])
+
+    def read(rows, cols):
+        rows = _reflect(tf.clip_by_value(rows, -(height - 1), 2 * (height - 1)), height)
+        cols = _reflect(tf.clip_by_value(cols, -(width - 1), 2 * (width - 1)), width)
+        index = tf.reshape(rows * width + cols, [tf.shape(images)[0], height * width])
+        return tf.reshape(tf.gather(flat, index, axis=1, batch_dims=1), tf.shape(images))
+
+    top = (1 - wx) * read(y0, x0) + wx * read(y0, x0 + 1)
+    bottom = (1 - wx) * read(y0 + 1, x0) + wx * read(y0 + 1, x0 + 1)
+    return (1 - wy) * top + wy * bottom
 
 
 def _pixels(fraction: float, size: int) -> int:

@@ -160,7 +160,7 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     "augment",
     "crop,flip",
-    "Comma list of on-device augmentations from: crop, flip, rot90 (quarter turns; square images), translate, colour, mixup, cutmix; none for no augmentation.",
+    "Comma list of on-device augmentations from: rotate (up to 15 degrees either way), crop, flip, rot90 (quarter turns; square images), translate, colour, mixup, cutmix; none for no augmentation.",
 )
 flags.DEFINE_string(
     "test_views",

@@ -58,7 +58,7 @@ def _partners(y_in, y_out):
 def test_parse_returns_canonical_order_and_accepts_aliases():
     assert augment.parse("mixup,flip,crop") == ("crop", "flip", "mixup")
     assert augment.parse(" Flip , color ") == ("flip", "colour")
-    assert augment.parse("cutmix,colour,translate,mixup,rot90,flip,crop") == augment.OPS
+    assert augment.parse("cutmix,colour,translate,mixup,rot90,flip,crop,rotate") == augment.OPS
     assert augment.parse("") == ()
     assert augment.parse("none") == ()
     assert augment.parse("crop,") == ("crop",)
@@ -66,9 +66,10 @@ def test_parse_returns_canonical_order_and_accepts_aliases():
 
 def test_parse_errors_name_the_bad_value_and_the_choices():
     with pytest.raises(ValueError) as e:
-        augment.parse("crop,rotate")
+        augment.parse("crop,rotation")
     assert str(e.value) == (
-        "unknown augmentation 'rotate' in --augment; choose from: crop, flip, rot90, translate, colour, mixup, cutmix"
+        "unknown augmentation 'rotation' in --augment; choose from: "
+        "rotate, crop, flip, rot90, translate, colour, mixup, cutmix"
     )
     with pytest.raises(ValueError, match="'flip' is named twice"):
         augment.parse("flip,crop,flip")
@@ -155,6 +156,35 @@ def test_rot90_refuses_images_that_are_not_square():
     augmenter = augment.Augmenter(("rot90",), seed=0)
     with pytest.raises(ValueError, match="rot90 augmentation needs square images, got 16x8"):
         augmenter(tf.zeros([2, 16, 8, 3]), tf.one_hot([0, 1], 2))
+
+
+def test_rotate_turns_about_the_centre_by_a_quarter_at_the_extremes_of_90_degrees():
+    x, _ = _batch(3)
+    turned = augment._rotate(tf.constant(x), tf.constant([0.5, 1.0, 0.0]), 90.0).numpy()
+    np.testing.assert_allclose(turned[0], x[0], atol=1e-3)  # the middle of the range: no turn
+    np.testing.assert_allclose(turned[1], np.rot90(x[1], 3), atol=1e-3)  # +90 degrees
+    np.testing.assert_allclose(turned[2], np.rot90(x[2], 1), atol=1e-3)  # -90 degrees
+
+
+def test_rotate_stays_within_its_angle_and_fills_corners_by_reflection():
+    # A bright dot 6 pixels right of the centre: its centroid's angle is the turn's angle.
+    size = 33
+    dot = np.zeros((B, size, size, 3), np.float32)
+    dot[:, 16, 21:24] = 255.0
+    augmenter = augment.Augmenter(("rotate",), seed=0, rotate_degrees=15.0)
+    step = _compiled(augmenter)
+    angles = []
+    for _ in range(4):
+        xo, _ = step(tf.constant(dot), tf.constant(np.eye(B, dtype=np.float32)))
+        mass = xo.numpy()[..., 0]
+        rows, cols = np.mgrid[0:size, 0:size]
+        cy = (mass * rows).sum(axis=(1, 2)) / mass.sum(axis=(1, 2))
+        cx = (mass * cols).sum(axis=(1, 2)) / mass.sum(axis=(1, 2))
+        angles.extend(np.degrees(np.arctan2(cy - 16, cx - 16)))
+    assert max(abs(a) for a in angles) <= 15.5, angles
+    assert min(angles) < -5 and max(angles) > 5, angles  # both ways, not only tiny turns
+    flat = np.full((2, H, W, 3), 200.0, np.float32)  # reflection, not zeros, fills the corners
+    np.testing.assert_allclose(augment._rotate(tf.constant(flat), tf.constant([0.0, 1.0]), 30.0), flat, atol=1e-3)
 
 
 def test_crop_flip_rot90_compose_into_one_map():
@@ -341,11 +371,14 @@ def test_rng_state_is_saved_with_the_model_weights_and_resumes(tmp_path):
 
 
 def test_get_config_round_trips():
-    augmenter = augment.Augmenter(("cutmix", "crop"), seed=7, mixup_alpha=0.4, translate_fraction=0.2)
+    augmenter = augment.Augmenter(
+        ("cutmix", "crop", "rotate"), seed=7, mixup_alpha=0.4, translate_fraction=0.2, rotate_degrees=10.0
+    )
     config = augmenter.get_config()
-    assert config["ops"] == ["crop", "cutmix"] and config["seed"] == 7
+    assert config["ops"] == ["rotate", "crop", "cutmix"] and config["seed"] == 7
     clone = augment.Augmenter.from_config(config)
     assert clone.ops == augmenter.ops and clone.mixup_alpha == 0.4 and clone.translate_fraction == 0.2
+    assert clone.rotate_degrees == 10.0
     x, y = (tf.constant(a) for a in _batch())
     np.testing.assert_array_equal(augmenter(x, y)[0].numpy(), clone(x, y)[0].numpy())
 
