@@ -137,7 +137,16 @@ def test_gpu_check_smoke_writes_every_field(tmp_path):
 
     hlo = result["hlo"]
     # Every augmentation op lowered into the XLA train step, none through the host.
-    assert set(hlo["instructions_per_op"]) == {"crop", "flip", "rot90", "translate", "colour", "mixup", "cutmix"}
+    assert set(hlo["instructions_per_op"]) == {
+        "rotate",
+        "crop",
+        "flip",
+        "rot90",
+        "translate",
+        "colour",
+        "mixup",
+        "cutmix",
+    }
     assert all(count > 0 for count in hlo["instructions_per_op"].values()), hlo["instructions_per_op"]
     assert hlo["all_ops_in_hlo"] and hlo["no_host_round_trip"]
     assert not any(hlo["host_transfers"].values())
