@@ -94,7 +94,7 @@ def test_train_then_evaluate_model_dir_on_digits(tmp_path):
         (["--stages=head:3"], "malformed stage 'head:3'"),
         (["--lr_scale=0"], "flag --lr_scale=0.0: must be > 0.0"),
         (["--lr_scale=-1"], "--lr_scale=-1.0"),
-        (["--augment=rotate"], "unknown augmentation 'rotate'"),
+        (["--augment=shear"], "unknown augmentation 'shear'"),
         (["--dataset=imagenet"], "imagenet"),
         (["--weights=/nonexistent/backbone.weights.h5"], "--weights=/nonexistent/backbone.weights.h5"),
         (["--backbone=InceptionV3", "--image_size=32"], "--image_size=32 is below InceptionV3's minimum input size 75"),
