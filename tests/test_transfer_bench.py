@@ -236,3 +236,22 @@ def test_a_missing_scikit_image_file_is_one_line_and_exit_1(tmp_path):
         "scikit-image's wheel; install it: pip install -e '.[bench]'"
     )
     assert "Traceback" not in result.stderr and not (tmp_path / "out.json").exists()
+
+
+def test_a_work_dir_linked_to_another_never_deletes_that_ones_files(tmp_path):
+    # Work dir "b" reuses "a"'s pretrained weights through a link. Its pretraining command names
+    # its own data folder, so the cache entry does not match and would be trained again: that
+    # must stop before deleting anything of "a"'s.
+    weights = tmp_path / "a" / "pretrain" / "textures" / "ResNet50" / "backbone.weights.h5"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"a's weights")
+    (tmp_path / "b").mkdir()
+    os.symlink(tmp_path / "a" / "pretrain", tmp_path / "b" / "pretrain")
+    with pytest.raises(SystemExit) as e:
+        tb.pretrain("textures", "ResNet50", str(tmp_path / "b"), tb.Settings())
+    assert f"leads to {os.path.realpath(weights.parent)}, outside {tmp_path / 'b'}" in str(e.value)
+    assert weights.read_bytes() == b"a's weights"
+    own = tmp_path / "b" / "runs" / "old"  # What the benchmark wrote in its own work dir goes.
+    own.mkdir(parents=True)
+    tb._remove_tree(str(own), str(tmp_path / "b"))
+    assert not own.exists() and (tmp_path / "b" / "runs").is_dir()

@@ -345,6 +345,19 @@ def _faces_images() -> dict:
     }
 
 
+def _remove_tree(path: str, root: str) -> None:
+    """Deletes `path`, a folder the benchmark wrote under `root`, refusing one that a link takes
+    outside it: a work dir that links to another's pretrain/ or data/ folders must not delete
+    that one's weights or images (session 17 lost a pretraining that way)."""
+    real, real_root = os.path.realpath(path), os.path.realpath(root)
+    if os.path.commonpath([real, real_root]) != real_root:
+        raise SystemExit(
+            f"transfer_bench: error: {path} leads to {real}, outside {root}; the benchmark deletes only "
+            "what it wrote there. Give it a --work_dir of its own, without links to another one"
+        )
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _shuffled(items: list, index: int) -> list:
     """`items` in a seeded random order (class `index` gets its own stream)."""
     order = np.random.default_rng([DATA_SEED, index]).permutation(len(items))
@@ -382,7 +395,7 @@ def build_task(task: str, data_dir: str) -> dict:
             manifest = json.load(f)
         if manifest.get("version") == DATA_VERSION:
             return manifest
-    shutil.rmtree(data_dir, ignore_errors=True)
+    _remove_tree(data_dir, os.path.dirname(data_dir))
     if task == "digits":
         images = _digits_images()
         pool, test = _split_target(images["target"])
@@ -485,7 +498,7 @@ def pretrain(task: str, backbone: str, work_dir: str, settings: Settings) -> dic
             info = json.load(f)
         if info.get("command") == args and info.get("sha") == _sha256(weights):
             return info
-    shutil.rmtree(run_dir, ignore_errors=True)
+    _remove_tree(run_dir, work_dir)
     log(f"pretraining {backbone} on {task}/source ({settings.pretrain_epochs} epochs)")
     wall, cpu = time.time(), _child_cpu_s()
     run_cli(args, os.path.join(work_dir, "logs", f"pretrain-{task}-{backbone}.log"))
@@ -514,7 +527,7 @@ def kft_evaluate(run_dir: str, test_dir: str, log_path: str) -> dict:
 
 def _fresh(job: "Job") -> None:
     """Removes an earlier (or interrupted) run of this job and its log."""
-    shutil.rmtree(job.run_dir, ignore_errors=True)
+    _remove_tree(job.run_dir, job.work_dir)
     if os.path.exists(job.run_dir + ".log"):
         os.remove(job.run_dir + ".log")
 
