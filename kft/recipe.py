@@ -28,7 +28,8 @@ The recipe, for N training images:
             letters and text change meaning when mirrored); rot90 (quarter turns) where turned
             images look like their class to the pretrained backbone (`rotation_check`:
             textures, microscopy, aerial views; not digits or upright objects); mixup added from
-            20k images (BiT: mixup only for large sets)
+            20k images (BiT: mixup only for large sets). Small turns (rotate) and colour jitter
+            were tried for the smallest sets and not adopted (BENCHMARKS.md, session 17)
   views     below 20k images, the finished model (export, TFLite, kft.evaluate, kft.predict)
             averages its probabilities over the symmetries it trained with: the image and its
             mirror with flip, its four quarter turns with rot90, all 8 with both
