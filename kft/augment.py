@@ -303,8 +303,8 @@ class Augmenter(keras.layers.Layer):
         return images, labels
 
     def _geometry(self, images, draws, ops):
-        """After rotate: crop, then flip, then rot90, then translate, as one row gather and one column gather
-        (and for rot90 a transpose of the examples that turn a quarter).
+        """After rotate: crop, then flip, then rot90, then translate, as one row gather and one
+        column gather (and for rot90 a transpose of the examples that turn a quarter).
 
         Each op only moves pixels, so together they are a map from output to input positions
         per example, found by walking back from the output through the ops in reverse order.

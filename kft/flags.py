@@ -160,7 +160,8 @@ flags.DEFINE_enum(
 flags.DEFINE_string(
     "augment",
     "crop,flip",
-    "Comma list of on-device augmentations from: rotate (up to 15 degrees either way), crop, flip, rot90 (quarter turns; square images), translate, colour, mixup, cutmix; none for no augmentation.",
+    "Comma list of on-device augmentations from: rotate (up to %g degrees either way), crop, flip, rot90 (quarter turns; square images), translate, colour, mixup, cutmix; none for no augmentation."
+    % augment.ROTATE_DEGREES,
 )
 flags.DEFINE_string(
     "test_views",
