@@ -255,3 +255,34 @@ def test_a_work_dir_linked_to_another_never_deletes_that_ones_files(tmp_path):
     own.mkdir(parents=True)
     tb._remove_tree(str(own), str(tmp_path / "b"))
     assert not own.exists() and (tmp_path / "b" / "runs").is_dir()
+
+
+def test_a_drawn_size_trains_each_seed_on_its_own_draw_from_the_pool(tmp_path):
+    data = str(tmp_path / "data" / "faces")  # As the tool lays out its work dir (tmp_path).
+    tb.build_task("faces", data)
+    pool, _ = _hashes(os.path.join(data, "train_full"))
+    test_files, _ = _hashes(os.path.join(data, "test"))
+    draws = {seed: tb.draw_folder(data, "5d", seed) for seed in range(3)}
+    files = {seed: _hashes(path)[0] for seed, (path, _) in draws.items()}
+    # Seed 0 trains on the fixed draw, the other seeds on their own: 5 per class from the pool.
+    assert files[0] == _hashes(os.path.join(data, "train_5"))[0]
+    for seed, (path, _) in draws.items():
+        assert sorted(os.listdir(path)) == ["draw.json", "face", "nonface"]
+        assert [len(os.listdir(os.path.join(path, c))) for c in ("face", "nonface")] == [5, 5]
+        assert files[seed] <= pool and not files[seed] & test_files
+    assert len({frozenset(f) for f in files.values()}) == 3
+    assert len({draw_hash for _, draw_hash in draws.values()}) == 3
+    job = tb.Job("faces", "5d", "ResNet50", "kft_default", 1, str(tmp_path), "w.h5", 2, tb.Settings())
+    assert job.train_dir == draws[1][0] and job.key == "faces|5d|ResNet50|kft_default|1"
+    # A second call reuses the folder; one that lost a file is written again, whole.
+    path, draw_hash = draws[1]
+    first = sorted(os.listdir(os.path.join(path, "face")))[0]
+    before = os.stat(os.path.join(path, "face", first)).st_mtime_ns
+    assert tb.draw_folder(data, "5d", 1) == (path, draw_hash)
+    assert os.stat(os.path.join(path, "face", first)).st_mtime_ns == before
+    os.remove(os.path.join(path, "face", first))
+    assert tb.draw_folder(data, "5d", 1) == (path, draw_hash) and _hashes(path)[0] == files[1]
+    assert not [n for n in os.listdir(os.path.dirname(path)) if n.startswith(".")]  # No staging left.
+    assert tb.parse_args(["--sizes=5d,10"]).sizes == ["5d", "10"]
+    with pytest.raises(SystemExit):
+        tb.parse_args(["--sizes=fulld"])

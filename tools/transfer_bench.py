@@ -108,6 +108,11 @@ TASKS = ("digits", "textures", "faces")
 # A task pretrained on another task's source shares its weights (pretrain/SOURCE/BACKBONE).
 SOURCE_TASK = {"faces": "textures"}
 SIZES = ("5", "10", "50", "full")
+# The few-shot sizes again, each seed training on its own random draw of that many images per
+# class from the train pool (seed 0 on the fixed train_N): "5d" is 5 per class, a draw per seed.
+# With a fixed draw the seeds vary only the training's randomness, so one unlucky (or lucky)
+# set of 10 images decides a whole cell; few-shot results are usually averaged over draws.
+DRAWN_SIZES = tuple(f"{size}d" for size in SIZES if size != "full")
 BACKBONES = ("MobileNetV2", "ResNet50", "EfficientNetB0")
 IMAGE_SIZE = 32
 # Seeds the test/train split of the target images: fixed, so every run sees the same folders.
@@ -381,6 +386,50 @@ def _split_target(target: dict) -> tuple[dict, dict]:
 def _size_count(size: str) -> int | None:
     """Images per class of a train size; None (all of the pool) for "full"."""
     return None if size == "full" else int(size)
+
+
+def _train_count(manifest: dict, size: str) -> int:
+    """Training images of a size, from the manifest (a drawn size has its fixed size's count)."""
+    return sum(manifest["counts"][f"train_{size.removesuffix('d')}"].values())
+
+
+def draw_folder(data_dir: str, size: str, seed: int) -> tuple[str, str]:
+    """The training folder of a drawn size ("5d") for `seed`, written on first use; returns
+    (its path, a hash of the files drawn).
+
+    Seed 0 draws train_N's images (the fixed draw); seed s > 0 draws N per class at random from
+    train_full (the whole train pool, so never a test image), seeded by (DATA_SEED, class, s).
+    The images are copied, not linked: a user's folder holds files, and kft reads it as such.
+    """
+    count = int(size.removesuffix("d"))
+    pool = os.path.join(data_dir, "train_full")
+    path = os.path.join(data_dir, "draws", f"train_{count}_seed{seed}")
+    chosen = {}
+    for index, name in enumerate(sorted(os.listdir(pool))):
+        if seed == 0:
+            chosen[name] = sorted(os.listdir(os.path.join(data_dir, f"train_{count}", name)))
+        else:
+            files = sorted(os.listdir(os.path.join(pool, name)))
+            picked = np.random.default_rng([DATA_SEED, index, seed]).choice(len(files), count, replace=False)
+            chosen[name] = sorted(files[i] for i in picked)
+    listing = json.dumps(chosen, sort_keys=True)
+    draw_hash = hashlib.sha256(listing.encode()).hexdigest()[:16]
+    if os.path.isdir(path):
+        present = {n: sorted(os.listdir(os.path.join(path, n))) for n in os.listdir(path) if n != "draw.json"}
+        if present == chosen:
+            return path, draw_hash
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=".draw-")
+    for name, files in chosen.items():
+        os.makedirs(os.path.join(staging, name))
+        for file in files:
+            shutil.copyfile(os.path.join(pool, name, file), os.path.join(staging, name, file))
+    with open(os.path.join(staging, "draw.json"), "w") as f:
+        f.write(listing)
+    if os.path.exists(path):
+        _remove_tree(path, data_dir)
+    os.replace(staging, path)
+    return path, draw_hash
 
 
 def build_task(task: str, data_dir: str) -> dict:
@@ -818,6 +867,8 @@ class Job:
 
     @property
     def train_dir(self) -> str:
+        if self.size in DRAWN_SIZES:  # Written by draw_folder before the job runs.
+            return os.path.join(self.work_dir, "data", self.task, "draws", f"train_{self.size[:-1]}_seed{self.seed}")
         return os.path.join(self.work_dir, "data", self.task, f"train_{self.size}")
 
     @property
@@ -936,7 +987,7 @@ def summarize(entries: dict, methods: list[str]) -> list[dict]:
             row["best_baseline"] = best
             row["kft_default_margin"] = row["methods"]["kft_default"]["mean"] - baselines[best]
         rows.append(row)
-    order = {s: i for i, s in enumerate(SIZES)}
+    order = {s: i for i, s in enumerate(SIZES + DRAWN_SIZES)}
     rows.sort(key=lambda r: (r["task"], order.get(r["size"], 99), r["backbone"]))
     return rows
 
@@ -1013,7 +1064,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "(default runs/transfer_bench, runs/transfer_bench_quick with --quick)",
     )
     parser.add_argument("--tasks", default=None, help=f"comma list of {', '.join(TASKS)}")
-    parser.add_argument("--sizes", default=None, help="comma list of 5, 10, 50, full (images per class)")
+    parser.add_argument(
+        "--sizes",
+        default=None,
+        help="comma list of 5, 10, 50, full (images per class; the same images for every seed), "
+        "or 5d, 10d, 50d (that many per class, a new draw from the train pool for each seed)",
+    )
     parser.add_argument("--backbones", default=None, help=f"keras.applications names (default {','.join(BACKBONES)})")
     parser.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)}")
     parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 per method (default 3)")
@@ -1032,7 +1088,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     quick = args.quick
     args.tasks = _list(args.tasks or ("digits" if quick else ",".join(TASKS)), TASKS, "tasks")
-    args.sizes = _list(args.sizes or ("5" if quick else ",".join(SIZES)), SIZES, "sizes")
+    args.sizes = _list(args.sizes or ("5" if quick else ",".join(SIZES)), SIZES + DRAWN_SIZES, "sizes")
     args.backbones = _list(args.backbones or (QUICK_BACKBONE if quick else ",".join(BACKBONES)), None, "backbones")
     default_methods = [m for m in METHODS if not (quick and m == "kft_tune")]
     args.methods = _list(args.methods or ",".join(default_methods), METHODS, "methods")
@@ -1068,7 +1124,7 @@ def main(argv=None) -> dict:
         manifest = build_task(task, os.path.join(args.work_dir, "data", task))
         log(
             f"{task}: target {manifest['counts']['test']} test images per class, "
-            f"train sizes {[sum(manifest['counts'][f'train_{s}'].values()) for s in args.sizes]}"
+            f"train sizes {[_train_count(manifest, size) for size in args.sizes]}"
         )
         source = SOURCE_TASK.get(task, task)
         if source != task:
@@ -1090,7 +1146,11 @@ def main(argv=None) -> dict:
                             len(manifest["target_classes"]),
                             args.settings,
                         )
-                        expected = fingerprint(job, info["sha"], manifest["data_hash"])
+                        data_hash = manifest["data_hash"]
+                        if size in DRAWN_SIZES:
+                            _, draw_hash = draw_folder(os.path.join(args.work_dir, "data", task), size, seed)
+                            data_hash = f"{data_hash}/{draw_hash}"
+                        expected = fingerprint(job, info["sha"], data_hash)
                         entry = run_job(job, cache, expected, args.rerun)
                         if entry is None:
                             failed.append(job.key)
