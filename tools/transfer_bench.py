@@ -30,6 +30,10 @@ Each target task has a fixed, seeded held-out `test/` folder that no training ev
 flat class folders `train_5/`, `train_10/`, `train_50/`, `train_full/` (images per class; each
 a prefix of the next). kft gets the train folder as a user would (`folder:PATH`, flat: kft
 carves its own validation split from it); the hand-written recipes train on all of it.
+Those folders are the same for every seed, so a few-shot cell's seeds vary only the training's
+randomness. The drawn sizes `5d`, `10d`, `50d` vary the images too: seed s trains on its own
+random draw of N per class from train_full (seed 0 on train_N), written to
+`draws/train_N_seedS/`; the test folder stays the same.
 
 Pretrained weights: each backbone is trained from random init on the source task with
 `python -m kft.train --weights=none --stages=all:15@1e-3:bn=train --augment=crop
