@@ -397,6 +397,11 @@ def _train_count(manifest: dict, size: str) -> int:
     return sum(manifest["counts"][f"train_{size.removesuffix('d')}"].values())
 
 
+def draw_path(data_dir: str, size: str, seed: int) -> str:
+    """Where draw_folder writes the training folder of a drawn size ("5d") for `seed`."""
+    return os.path.join(data_dir, "draws", f"train_{size.removesuffix('d')}_seed{seed}")
+
+
 def draw_folder(data_dir: str, size: str, seed: int) -> tuple[str, str]:
     """The training folder of a drawn size ("5d") for `seed`, written on first use; returns
     (its path, a hash of the files drawn).
@@ -407,7 +412,7 @@ def draw_folder(data_dir: str, size: str, seed: int) -> tuple[str, str]:
     """
     count = int(size.removesuffix("d"))
     pool = os.path.join(data_dir, "train_full")
-    path = os.path.join(data_dir, "draws", f"train_{count}_seed{seed}")
+    path = draw_path(data_dir, size, seed)
     chosen = {}
     for index, name in enumerate(sorted(os.listdir(pool))):
         if seed == 0:
@@ -872,7 +877,7 @@ class Job:
     @property
     def train_dir(self) -> str:
         if self.size in DRAWN_SIZES:  # Written by draw_folder before the job runs.
-            return os.path.join(self.work_dir, "data", self.task, "draws", f"train_{self.size[:-1]}_seed{self.seed}")
+            return draw_path(os.path.join(self.work_dir, "data", self.task), self.size, self.seed)
         return os.path.join(self.work_dir, "data", self.task, f"train_{self.size}")
 
     @property
