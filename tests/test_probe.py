@@ -1,5 +1,6 @@
-"""The linear probe: the fitted head equals scikit-learn's model on raw features, C is chosen
-where it should be, and the binary and missing-class cases map onto a softmax head."""
+"""The linear probe: the fitted head equals scikit-learn's model on centred features scaled by one
+scalar, C is chosen where it should be, a feature that barely varies gets no outsized weight, and
+the binary and missing-class cases map onto a softmax head."""
 
 import numpy as np
 import pytest
@@ -32,21 +33,26 @@ def _record_fits(monkeypatch, measure) -> list:
     return seen
 
 
+def _scaled(x, *others):
+    """x and others centred on x's mean and divided by x's RMS standard deviation (the probe's)."""
+    mean, scale = x.mean(0), np.sqrt(np.mean(x.var(0)))
+    return [(a - mean) / scale for a in (x, *others)]
+
+
 def _softmax(logits):
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
 
-def test_head_reproduces_sklearn_on_standardized_features():
+def test_head_reproduces_sklearn_on_scaled_features():
     x, y = _blobs(20, 4)
     fitted = probe.fit(x, y, 4, val_x=x[::2], val_y=y[::2])
     assert fitted.chosen_by == "validation" and fitted.c in probe.C_GRID
-    mean, scale = x.mean(0), x.std(0)
-    scale[scale < 1e-6] = 1.0
-    reference = LogisticRegression(C=fitted.c, max_iter=probe.MAX_ITER, tol=1e-4).fit((x - mean) / scale, y)
     test_x, _ = _blobs(5, 4, seed=1)
+    scaled_x, scaled_test = _scaled(x, test_x)
+    reference = LogisticRegression(C=fitted.c, max_iter=probe.MAX_ITER, tol=1e-4).fit(scaled_x, y)
     ours = _softmax(test_x @ fitted.kernel + fitted.bias)
-    np.testing.assert_allclose(ours, reference.predict_proba((test_x - mean) / scale), atol=1e-4)
+    np.testing.assert_allclose(ours, reference.predict_proba(scaled_test), atol=1e-4)
     assert fitted.kernel.shape == (16, 4) and fitted.kernel.dtype == np.float32
 
 
@@ -73,11 +79,21 @@ def test_validation_picks_the_c_that_scores_best_there():
 
 
 def _val_score(x, y, val_x, val_y, c):
-    mean, scale = x.mean(0), x.std(0)
-    scale[scale < 1e-6] = 1.0
-    model = LogisticRegression(C=c, max_iter=probe.MAX_ITER, tol=1e-4).fit((x - mean) / scale, y)
+    scaled_x, scaled_val = _scaled(x, val_x)
+    model = LogisticRegression(C=c, max_iter=probe.MAX_ITER, tol=1e-4).fit(scaled_x, y)
     # Ties go to the smaller C, as probe does: subtract a tiny amount per grid position.
-    return np.mean(model.predict((val_x - mean) / scale) == val_y) - 1e-9 * probe.C_GRID.index(c)
+    return np.mean(model.predict(scaled_val) == val_y) - 1e-9 * probe.C_GRID.index(c)
+
+
+def test_a_feature_that_barely_varies_gets_no_outsized_weight():
+    # Feature 1 separates the classes perfectly but varies by 0.001 over the training images;
+    # augmented images move it by far more. Scaled by its own std it would get a weight ~1,000x
+    # the others' and the head's logits would swing with it; scaled with the rest it stays small.
+    x, y = _blobs(10, 2, spread=2.0, seed=4)
+    x[:, 1] = 0.5 + 0.001 * (2 * y - 1)
+    fitted = probe.fit(x, y, 2)
+    assert probe.accuracy(fitted, x, y) == 1.0
+    assert np.abs(fitted.kernel[1]).max() < np.abs(fitted.kernel[2:]).max()
 
 
 def test_binary_and_missing_classes_map_onto_a_softmax_head():
@@ -86,10 +102,9 @@ def test_binary_and_missing_classes_map_onto_a_softmax_head():
     fitted = probe.fit(x, y, 3)
     probs = _softmax(x @ fitted.kernel + fitted.bias)
     assert probs[:, 1].max() < 1e-6
-    mean, scale = x.mean(0), x.std(0)
-    scale[scale < 1e-6] = 1.0
-    reference = LogisticRegression(C=fitted.c, max_iter=probe.MAX_ITER, tol=1e-4).fit((x - mean) / scale, y)
-    np.testing.assert_allclose(probs[:, [0, 2]], reference.predict_proba((x - mean) / scale), atol=1e-4)
+    (scaled_x,) = _scaled(x)
+    reference = LogisticRegression(C=fitted.c, max_iter=probe.MAX_ITER, tol=1e-4).fit(scaled_x, y)
+    np.testing.assert_allclose(probs[:, [0, 2]], reference.predict_proba(scaled_x), atol=1e-4)
 
 
 def test_one_image_per_class_falls_back_to_a_fixed_c():
@@ -108,18 +123,15 @@ def test_selection_subsamples_big_sets(monkeypatch, limit):
     # Selection on the subsample; the final fit on every image, from the subsample's fit for C.
     assert seen == [limit] * (len(probe.C_GRID) + 1) + [len(y)]
     reference = LogisticRegression(C=fitted.c, max_iter=probe.MAX_ITER, tol=1e-4)
-    mean, scale = x.mean(0), x.std(0)
-    scale[scale < 1e-6] = 1.0
-    reference.fit((x - mean) / scale, y)
-    np.testing.assert_allclose(
-        _softmax(x @ fitted.kernel + fitted.bias), reference.predict_proba((x - mean) / scale), atol=0.02
-    )
+    (scaled_x,) = _scaled(x)
+    reference.fit(scaled_x, y)
+    np.testing.assert_allclose(_softmax(x @ fitted.kernel + fitted.bias), reference.predict_proba(scaled_x), atol=0.02)
 
 
 def test_a_subsample_without_every_class_gives_a_final_fit_from_zero(monkeypatch):
     monkeypatch.setattr(probe, "SELECTION_SUBSAMPLE", 10)
     x, y = _blobs(30, 3)
-    x, y = np.concatenate([x, x[:1] + 5]), np.concatenate([y, [3]])  # Class 3: one image.
+    x, y = np.concatenate([x, x[:1] + 5 * x.std(0)]), np.concatenate([y, [3]])  # Class 3: one image.
     assert 3 not in probe._subsample(x, y, 10, seed=0)[1]
     seen = _record_fits(monkeypatch, lambda x, y: len(y))
     fitted = probe.fit(x, y, 4, val_x=x, val_y=y)
