@@ -11,9 +11,11 @@ fine-tune's cropped and flipped images move such a feature by many of those stds
 set that made heads with squared kernel norms of 10^4-10^5 whose logits reached 2,400 on
 augmented images (cross-entropy 11 where the clean images gave 0.02), and one fine-tune diverged
 from such a head (faces, 10 per class, EfficientNetB0: test accuracy 0.72; 0.91 with one scale).
-One scale keeps the probe in the geometry the head then trains in: plain weights on raw features. Its inverse regularization C is chosen from `C_GRID` on the validation
-split when that split can rank models (`rankable`), else by stratified k-fold cross-validation
-on the training features: a handful of validation images cannot tell one C from another.
+One scale keeps the probe in the geometry the head then trains in: plain weights on raw features
+(BENCHMARKS.md, "The probe's scale"). Its inverse regularization C is chosen from `C_GRID` on
+the validation split when that split can rank models (`rankable`), else by stratified k-fold
+cross-validation on the training features: a handful of validation images cannot tell one C
+from another.
 """
 
 import dataclasses
