@@ -11,9 +11,10 @@ images move such a feature by many of those stds, and one fine-tune from a C = 1
 (faces, 10 per class, EfficientNetB0: test accuracy 0.72; 0.89 with C at most 0.1). Dividing
 all features by one scalar instead also stopped the divergence (0.91) but cost faces / 5 per
 class / ResNet50 3.4 points over 5 draws, which per-feature standardization with the cap keeps
-(BENCHMARKS.md, "The probe's scale"). C is chosen from `C_GRID` on the validation split when
-that split can rank models (`rankable`), else by stratified k-fold cross-validation on the
-training features: a handful of validation images cannot tell one C from another.
+(BENCHMARKS.md, "The probe's scale" and "The probe's scale, again"). C is chosen from `C_GRID`
+on the validation split when that split can rank models (`rankable`), else by stratified k-fold
+cross-validation on the training features: a handful of validation images cannot tell one C
+from another.
 """
 
 import dataclasses
