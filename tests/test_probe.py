@@ -1,6 +1,6 @@
 """The linear probe: the fitted head equals scikit-learn's model on standardized features, C is
-chosen where it should be and never above 0.1 (which bounds the head), and the binary and
-missing-class cases map onto a softmax head."""
+chosen where it should be and never above 0.1 (which bounds the head), a near-constant feature
+cannot get a huge raw weight, and the binary and missing-class cases map onto a softmax head."""
 
 import numpy as np
 import pytest
@@ -34,9 +34,10 @@ def _record_fits(monkeypatch, measure) -> list:
 
 
 def _standard_deviations(x):
-    """x's per-feature standard deviations as the probe divides by them (1 for constant ones)."""
+    """x's per-feature standard deviations as the probe divides by them: at least a tenth of
+    their root mean square."""
     std = x.std(0)
-    return np.where(std < 1e-6, 1.0, std)
+    return np.maximum(std, 0.1 * np.sqrt(np.mean(std**2)))
 
 
 def _scaled(x, *others):
@@ -123,6 +124,33 @@ def test_c_is_capped_so_the_head_stays_bounded(monkeypatch):
     fitted = probe.fit(x, y, 3)
     assert fitted.c <= 0.1
     assert half_squared_norm(fitted) <= bound
+
+
+def _near_constant_feature_task(seed=0):
+    """2 classes, 5 images each, with ordinary features that barely tell them apart and one
+    feature that tells them apart perfectly while varying a thousandth as much as the others."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(2), 5)
+    x = rng.normal(0, 1, size=(len(y), 32)) + 0.3 * y[:, None]
+    x[:, 0] = 1e-3 * (y - 0.5) + rng.normal(0, 1e-4, size=len(y))
+    return x.astype(np.float32), y
+
+
+def test_a_near_constant_feature_cannot_get_a_huge_raw_weight(monkeypatch):
+    # The cap bounds the weights on standardized features; the fine-tune sees the raw ones,
+    # weight / scale. Flooring each feature's scale at a tenth of the RMS standard deviation
+    # bounds a raw weight at 10 / RMS times its standardized weight.
+    x, y = _near_constant_feature_task()
+    rms = np.sqrt(np.mean(x.std(0) ** 2))
+    bound = 10 / rms * np.sqrt(2 * 0.1 * len(y) * np.log(2))
+    # The premise: dividing by the feature's own spread puts a huge raw weight on it.
+    with monkeypatch.context() as patched:
+        patched.setattr(probe, "MIN_SCALE_OF_RMS", 0.0)
+        unfloored = probe.fit(x, y, 2)
+    assert np.abs(unfloored.kernel[0]).max() > 10 * bound
+    fitted = probe.fit(x, y, 2)
+    assert np.abs(fitted.kernel).max() <= bound
+    assert probe.accuracy(fitted, x, y) == 1.0
 
 
 def test_binary_and_missing_classes_map_onto_a_softmax_head():
