@@ -12,12 +12,11 @@ images, gives raw weights in the hundreds, which the fine-tune's cropped and fli
 swing. One fine-tune from a C = 10 head diverged (faces, 10 per class, EfficientNetB0: test
 accuracy 0.72; 0.89 with C at most 0.1). With the cap but no floor, the three largest heads of
 38 benchmark runs were each the lowest draw of their cell (textures, 10 per class, ResNet50:
-0.807 against 0.95; 0.893 with the floor). Dividing all features by one scalar
-instead bounds the head too, but cost faces / 5 per class / ResNet50 3.4 points over 5 draws
-(BENCHMARKS.md, "The probe's scale" and the two sections after it). C is chosen from `C_GRID`
-on the validation split when that split can rank models (`rankable`), else by stratified k-fold
-cross-validation on the training features: a handful of validation images cannot tell one C
-from another.
+0.807 against 0.95; 0.893 with the floor). Dividing all features by one scalar instead bounds
+the head too, but cost faces / 5 per class / ResNet50 3.4 points over 5 draws (BENCHMARKS.md,
+"The probe's scale" and the two sections after it). C is chosen from `C_GRID` on the validation
+split when that split can rank models (`rankable`), else by stratified k-fold cross-validation
+on the training features: a handful of validation images cannot tell one C from another.
 """
 
 import dataclasses
@@ -86,7 +85,7 @@ def fit(
     """
     started = time.time()
     mean = train_x.mean(axis=0)
-    scale = feature_scale(train_x)
+    scale = _feature_scale(train_x)
     standard = (train_x - mean) / scale
     with _one_blas_thread():
         if val_x is not None:
@@ -101,7 +100,7 @@ def fit(
     return Probe(kernel.astype(np.float32), bias.astype(np.float32), c, chosen_by, time.time() - started)
 
 
-def feature_scale(train_x: np.ndarray) -> np.ndarray:
+def _feature_scale(train_x: np.ndarray) -> np.ndarray:
     """Each feature's standard deviation over the training images, floored at MIN_SCALE_OF_RMS
     times their RMS (1 where every feature is constant)."""
     std = train_x.std(axis=0)
