@@ -163,6 +163,8 @@ class Splits:
         the source again (see `with_batch_size`).
       val_carved: the validation split was carved out of the training images by
         `val_fraction` (else it is the source's own, or there is none).
+      classes_not_in_val: classes too small for `val_fraction` to hold any image out of
+        (`split_per_class`): all of their images train, and validation has none of them.
     """
 
     train: tf.data.Dataset
@@ -175,6 +177,7 @@ class Splits:
     batch_size: int = 0
     rebuild: Callable[[int], "Splits"] | None = dataclasses.field(default=None, repr=False, compare=False)
     val_carved: bool = False
+    classes_not_in_val: tuple[str, ...] = ()
 
     def with_batch_size(self, batch_size: int) -> "Splits":
         """These splits in batches of `batch_size` (a folder is not scanned again)."""
@@ -418,30 +421,30 @@ def _round_half_up(x: float) -> int:
 
 
 def split_per_class(
-    labels: np.ndarray, class_names: Sequence[str], val_fraction: float, seed: int, what: str
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Seeded stratified split; returns (train order, val indices in ascending order).
+    labels: np.ndarray, class_names: Sequence[str], val_fraction: float, seed: int
+) -> tuple[list[np.ndarray], np.ndarray, tuple[str, ...]]:
+    """Seeded stratified split: (train order per class, val indices in ascending order, the
+    classes the validation split has no image of).
 
     Each class is permuted by its own generator, seeded from (seed, class name), so a class
     gets the same split whatever other classes are present (digits:0-4 vs digits).
     The train indices keep the permuted order, so "the first N" is a seeded random subset.
+    A class holds out round(n * val_fraction) of its n images but never its last one: a class
+    too small to hold one out (under 1 / (2 * val_fraction) images, or a single image) trains
+    on all of its images, as users' folders with a few examples of a rare class need.
     val_fraction=0 holds out nothing.
     """
-    train, val = [], []
+    train, val, not_in_val = [], [], []
     for index, name in enumerate(class_names):
         members = np.flatnonzero(labels == index)
         rng = np.random.default_rng([seed % 2**32, zlib.crc32(name.encode())])
         members = rng.permutation(members)
-        num_val = _round_half_up(len(members) * val_fraction)
-        if (num_val == 0 and val_fraction > 0) or num_val == len(members):
-            raise ValueError(
-                f"{what}: val_fraction={val_fraction} leaves class {name!r} ({len(members)} "
-                f"images) with {len(members) - num_val} train and {num_val} val images; "
-                "both need at least 1"
-            )
+        num_val = max(0, min(_round_half_up(len(members) * val_fraction), len(members) - 1))
+        if num_val == 0 and val_fraction > 0:
+            not_in_val.append(name)
         val.append(members[:num_val])
         train.append(members[num_val:])
-    return train, np.sort(np.concatenate(val))
+    return train, np.sort(np.concatenate(val)), tuple(not_in_val)
 
 
 def limit_train(train_per_class: list[np.ndarray], limit: int | None) -> np.ndarray:

@@ -109,7 +109,7 @@ def _split(parsed: DigitsSpec, val_fraction: float, seed: int, train_limit_per_c
     train indices, validation indices)."""
     images, labels = _arrays(parsed.classes)
     class_names = tuple(str(c) for c in parsed.classes)
-    train_per_class, val_index = data.split_per_class(labels, class_names, val_fraction, seed, "digits")
+    train_per_class, val_index, _ = data.split_per_class(labels, class_names, val_fraction, seed)
     return images, labels, class_names, data.limit_train(train_per_class, train_limit_per_class), val_index
 
 

@@ -303,6 +303,7 @@ def _load(
     total = len(files.labels) + len(bad)
     val_root = os.path.join(root, "val")
     carved = not (split_layout and os.path.isdir(val_root))
+    not_in_val = ()  # A val/ folder's missing classes are warned about below.
     if not carved:
         val_classes = _class_dirs(spec, val_root)
         val_files, val_bad = _scan(spec, val_root, val_classes, allowed=class_names)
@@ -316,9 +317,7 @@ def _load(
         train_files = _subset(files, data.limit_train(train_per_class, train_limit_per_class))
         bad, total = bad + val_bad, total + len(val_files.labels) + len(val_bad)
     else:
-        train_per_class, val_index = data.split_per_class(
-            files.labels, class_names, val_fraction, seed, f"data spec {spec!r}"
-        )
+        train_per_class, val_index, not_in_val = data.split_per_class(files.labels, class_names, val_fraction, seed)
         train_files = _subset(files, data.limit_train(train_per_class, train_limit_per_class))
         val_files = _subset(files, val_index)
     _log_skipped(spec, bad, total)
@@ -342,6 +341,7 @@ def _load(
             batch_size=batch_size,
             rebuild=build,
             val_carved=carved and num_val > 0,
+            classes_not_in_val=not_in_val,
         )
 
     return build(batch_size)

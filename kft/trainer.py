@@ -194,6 +194,12 @@ def train(config: Config, splits: data.Splits | None = None, flagfile_text: str 
         len(splits.class_names),
         splits.skipped,
     )
+    if splits.classes_not_in_val:
+        logging.warning(
+            "validation has no image of %s: --val_fraction=%g of so few images holds none out, so all of them train",
+            ", ".join(repr(name) for name in splits.classes_not_in_val),
+            config.val_fraction,
+        )
 
     runfiles.check_same_classes(config.model_dir, splits.class_names)
     if worker:

@@ -219,3 +219,34 @@ def test_unwritable_model_dir_is_found_before_training(tmp_path):
     result = run_module("kft.train", f"--model_dir={blocker}/run", "--weights=none", "--image_size=32")
     assert result.returncode == 2
     assert f"--model_dir={blocker}/run is not writable" in result.stderr
+
+
+def test_a_folder_with_a_class_of_a_few_images_trains_with_the_defaults(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, count in {"common": 6, "usual": 6, "rare": 2}.items():
+        folder = tmp_path / "images" / name
+        os.makedirs(folder)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    common = [
+        f"--dataset=folder:{tmp_path / 'images'}",
+        "--backbone=MobileNetV2",
+        "--weights=none",
+        "--image_size=32",
+        "--stages=probe,all:2steps@1e-4",
+        "--verbose=0",
+        "--export_dir=none",
+    ]
+    # The recipe's default: no split to carve from 14 images, every image trains.
+    default = run_module("kft.train", f"--model_dir={tmp_path / 'default'}", *common)
+    assert default.returncode == 0, default.stderr[-3000:]
+    assert json.loads((tmp_path / "default" / "metrics.json").read_text())["num_train"] == 14
+    # A split the user asks for holds out 1 + 1 images; the rare class cannot spare one.
+    held = run_module("kft.train", f"--model_dir={tmp_path / 'held'}", "--val_fraction=0.2", *common)
+    assert held.returncode == 0, held.stderr[-3000:]
+    assert "validation has no image of 'rare': --val_fraction=0.2 of so few images" in held.stderr
+    metrics = json.loads((tmp_path / "held" / "metrics.json").read_text())
+    assert (metrics["num_train"], metrics["num_val"]) == (12, 2)

@@ -393,6 +393,32 @@ def test_folder_split_is_seeded_stratified_and_limit_applies(tmp_path):
     assert sorted(_ids(load(0, train_limit_per_class=3).train)[0]) == sorted(ids)
 
 
+def test_a_class_too_small_to_hold_an_image_out_trains_on_all_of_them(tmp_path):
+    # Users' folders are uneven: a rare class of a few images, or a few images per class.
+    _write_numbered(tmp_path / "uneven", {"a": 20, "b": 4, "c": 1})  # ids a 0-19, b 20-23, c 24.
+
+    def load(name, fraction):
+        return data.load(f"folder:{tmp_path / name}", image_size=SIZE, batch_size=64, val_fraction=fraction)
+
+    uneven = load("uneven", 0.1)
+    val_ids, val_labels = _ids(uneven.val)
+    train_ids = _ids(uneven.train)[0]
+    assert val_labels == [0, 0] and set(val_ids) < set(range(20))
+    assert sorted(train_ids + val_ids) == list(range(25))  # b and c train whole.
+    assert uneven.classes_not_in_val == ("b", "c") and uneven.val_carved
+    # A large fraction still leaves every class a training image.
+    most = load("uneven", 0.8)
+    assert np.bincount(_ids(most.val)[1]).tolist() == [16, 3]
+    assert np.bincount(_ids(most.train)[1]).tolist() == [4, 1, 1]
+    assert most.classes_not_in_val == ("c",)
+    # No class can spare one: no validation split, as with --val_fraction=0.
+    _write_numbered(tmp_path / "few", {"a": 4, "b": 3})
+    few = load("few", 0.1)
+    assert (few.num_train, few.num_val, few.val, few.val_carved) == (7, 0, None, False)
+    assert few.classes_not_in_val == ("a", "b")
+    assert load("few", 0.0).classes_not_in_val == ()
+
+
 def test_val_fraction_zero_holds_out_nothing_from_a_source_without_a_validation_split(tmp_path):
     _write_numbered(tmp_path / "flat", {"a": 3, "b": 4})
     flat = data.load(f"folder:{tmp_path / 'flat'}", image_size=SIZE, batch_size=8, val_fraction=0.0)
@@ -455,11 +481,6 @@ def test_folder_errors_name_the_value(tmp_path):
     _write_bad_images_only(tmp_path / "hollow" / "c")
     with pytest.raises(ValueError, match="class folder '.*hollow/c' has no usable images"):
         load(tmp_path / "hollow")
-    _write_numbered(tmp_path / "small", {"a": 5, "b": 2})
-    with pytest.raises(ValueError, match="val_fraction=0.1 leaves class 'b' .* 2 train and 0 val"):
-        load(tmp_path / "small", val_fraction=0.1)
-    with pytest.raises(ValueError, match="val_fraction=0.8 leaves class 'b' .* 0 train and 2 val"):
-        load(tmp_path / "small", val_fraction=0.8)
     _write_numbered(tmp_path / "split" / "train", {"a": 2, "b": 2})
     _write_numbered(tmp_path / "split" / "val", {"a": 1, "x": 1})
     with pytest.raises(ValueError, match=r"classes \['x'\] .* not among .*\['a', 'b'\]"):
