@@ -22,9 +22,10 @@ source is one registered class; this module holds what they share: the registry,
   has one, else the last `val_fraction` of train (TFDS split slicing); test=`test` (or
   `validation` if there is no test split). The test split is only read by `load_eval`.
   val_fraction=0 carves nothing: a source without a validation split of its own then has none.
-* `folder:PATH`: one subfolder per class. If PATH has `train/`, `val/` or `test/` subfolders it
-  is a split layout (each of those has one subfolder per class); otherwise the class folders
-  sit directly in PATH and `load` carves a seeded, stratified validation split.
+* `folder:PATH`: one subfolder per class. If PATH has `train/`, `val/` (or `valid/`,
+  `validation/`) or `test/` subfolders it is a split layout (each of those has one subfolder per
+  class); otherwise the class folders sit directly in PATH and `load` carves a seeded,
+  stratified validation split.
 * `digits[:CLASSES]`: the real 8x8 handwritten digits that ship inside scikit-learn (1797
   images), the offline quickstart dataset. CLASSES is `A-B` or a comma list (`1,3,7`) or a mix
   (`0-2,7`); labels are remapped to 0..k-1 in ascending digit order.

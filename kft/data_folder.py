@@ -1,7 +1,8 @@
 """The `folder:PATH` data source: a user's images, one subfolder per class.
 
 PATH holds the class folders directly (a flat layout: kft.data carves a seeded, stratified
-validation split), or `train/`, `val/` and `test/` folders that each hold them (a split layout).
+validation split), or `train/`, `val/` and `test/` folders that each hold them (a split layout;
+the validation folder may also be named `valid/`, as Roboflow exports it, or `validation/`).
 Every file is decoded once up front with the decoder the pipeline uses, so a file that cannot be
 read is skipped and counted before training, never discovered mid-epoch.
 """
@@ -46,7 +47,19 @@ def file_problem(path: str) -> str | None:
     return None
 
 
-_SPLIT_LAYOUT_DIRS = ("train", "val", "test")
+# A split layout's folders. Dataset exports name the validation folder differently (Roboflow:
+# valid/); a user's own validation images are never to be ignored for want of a name.
+_VAL_DIRS = ("val", "valid", "validation")
+_SPLIT_LAYOUT_DIRS = ("train", *_VAL_DIRS, "test")
+
+
+def _val_dir(spec: str, root: str) -> str | None:
+    """The name of the validation folder under `root` (one of _VAL_DIRS), or None."""
+    present = [name for name in _VAL_DIRS if os.path.isdir(os.path.join(root, name))]
+    if len(present) > 1:
+        folders = " and ".join(f"{name}/" for name in present)
+        raise ValueError(f"data spec {spec!r}: {root!r} has {folders}; keep one validation folder")
+    return present[0] if present else None
 
 
 @data.register_source("folder")
@@ -292,7 +305,7 @@ def _load(
     split_layout = os.path.isdir(root) and any(os.path.isdir(os.path.join(root, d)) for d in _SPLIT_LAYOUT_DIRS)
     train_root = os.path.join(root, "train") if split_layout else root
     if split_layout and not os.path.isdir(train_root):
-        raise ValueError(f"data spec {spec!r}: {root!r} has val/ or test/ but no train/ subfolder")
+        raise ValueError(f"data spec {spec!r}: {root!r} has a validation or test/ folder but no train/ subfolder")
     class_names = _class_dirs(spec, train_root)
     if len(class_names) < 2:
         raise ValueError(
@@ -301,15 +314,16 @@ def _load(
         )
     files, bad = _scan(spec, train_root, class_names)
     total = len(files.labels) + len(bad)
-    val_root = os.path.join(root, "val")
-    carved = not (split_layout and os.path.isdir(val_root))
+    val_name = _val_dir(spec, root) if split_layout else None
+    val_root = os.path.join(root, val_name or "val")
+    carved = val_name is None
     not_in_val = ()  # A val/ folder's missing classes are warned about below.
     if not carved:
         val_classes = _class_dirs(spec, val_root)
         val_files, val_bad = _scan(spec, val_root, val_classes, allowed=class_names)
         missing = sorted(set(class_names) - set(val_classes))
         if missing:
-            logging.warning("data %s: val/ has no folder for classes %s", spec, missing)
+            logging.warning("data %s: %s/ has no folder for classes %s", spec, val_name, missing)
         train_per_class = [
             np.random.default_rng([seed % 2**32, zlib.crc32(n.encode())]).permutation(np.flatnonzero(files.labels == i))
             for i, n in enumerate(class_names)
@@ -353,7 +367,7 @@ def _load_eval(spec: str, parsed: FolderSpec, image_size: int, batch_size: int, 
         raise ValueError(f"data spec {spec!r}: {root!r} does not exist or is not a directory")
     present = [d for d in _SPLIT_LAYOUT_DIRS if os.path.isdir(os.path.join(root, d))]
     if present:
-        eval_dir = "test" if "test" in present else "val" if "val" in present else None
+        eval_dir = "test" if "test" in present else _val_dir(spec, root)
         if eval_dir is None:
             raise ValueError(f"data spec {spec!r}: {root!r} has train/ but no test/ or val/ subfolder to evaluate on")
         eval_root = os.path.join(root, eval_dir)

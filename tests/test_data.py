@@ -439,9 +439,10 @@ def test_val_fraction_zero_holds_out_nothing_from_a_source_without_a_validation_
         data.load_eval("digits:0-1", image_size=SIZE, batch_size=8, val_fraction=0.0)
 
 
-def test_folder_train_val_layout_and_eval(tmp_path):
+@pytest.mark.parametrize("val_name", ["val", "valid", "validation"])
+def test_folder_train_val_layout_and_eval(tmp_path, val_name):
     _write_numbered(tmp_path / "train", {"a": 3, "b": 4})
-    _write_numbered(tmp_path / "val", {"b": 2})
+    _write_numbered(tmp_path / val_name, {"b": 2})
     splits = data.load(f"folder:{tmp_path}", image_size=SIZE, batch_size=8)
     assert splits.class_names == ("a", "b")
     assert (splits.num_train, splits.num_val) == (7, 2)
@@ -488,6 +489,12 @@ def test_folder_errors_name_the_value(tmp_path):
     _write_numbered(tmp_path / "notrain" / "val", {"a": 1, "b": 1})
     with pytest.raises(ValueError, match="no train/ subfolder"):
         load(tmp_path / "notrain")
+    _write_numbered(tmp_path / "two" / "train", {"a": 2, "b": 2})
+    for name in ("val", "valid"):
+        _write_numbered(tmp_path / "two" / name, {"a": 1, "b": 1})
+    for read in (load, lambda path: data.load_eval(f"folder:{path}", image_size=SIZE, batch_size=4)):
+        with pytest.raises(ValueError, match="has val/ and valid/; keep one validation folder"):
+            read(tmp_path / "two")
 
 
 def _write_bad_images_only(class_dir):
