@@ -9,6 +9,7 @@ read is skipped and counted before training, never discovered mid-epoch.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -24,7 +25,9 @@ from kft import data
 
 AUTOTUNE = tf.data.AUTOTUNE
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# TF decodes JPEG, PNG, GIF and BMP; the rest (WebP, common in images gathered from the web,
+# and TIFF, from scanners and microscopes) go to PIL like any file TF rejects.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # The largest image file kft reads (a 100-megapixel PNG is ~300 MB uncompressed, far less as
 # a file); anything bigger is skipped rather than read into memory.
@@ -109,7 +112,7 @@ def folder_identity(spec: str) -> str | None:
     for dirpath, dirnames, filenames in os.walk(parsed.path):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # As the loader walks.
         for name in sorted(filenames):
-            if name.lower().endswith(IMAGE_EXTENSIONS):
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
                 path = os.path.join(dirpath, name)
                 try:
                     size = os.stat(path).st_size
@@ -133,12 +136,14 @@ def _class_dirs(spec: str, root: str) -> list[str]:
     return names
 
 
-def _image_files(class_dir: str) -> list[str]:
-    found = []
+def _image_files(class_dir: str) -> tuple[list[str], list[str]]:
+    """The image files under `class_dir`, and the other files there (hidden ones aside)."""
+    found, other = [], []
     for dirpath, dirnames, filenames in os.walk(class_dir):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS))
-    return found
+        for name in sorted(f for f in filenames if not f.startswith(".")):
+            (found if name.lower().endswith(IMAGE_EXTENSIONS) else other).append(os.path.join(dirpath, name))
+    return found, other
 
 
 def _tf_decode_file(path: tf.Tensor) -> tf.Tensor:
@@ -156,6 +161,11 @@ def decode_with_pil(path) -> np.ndarray:
         path = path.numpy().decode()
     with Image.open(path) as image:
         image.seek(0)  # First frame of an animated GIF.
+        if image.mode.startswith("I;16"):
+            # 16-bit grayscale (TIFF): PIL's convert would clip it at 255; keep the top 8 bits,
+            # as TF's decoder does for 16-bit PNGs.
+            gray = (np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=-1)
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
@@ -224,11 +234,13 @@ def _scan(
         raise ValueError(
             f"data spec {spec!r}: classes {unknown} in {root!r} are not among the training classes {allowed}"
         )
-    paths, labels = [], []
+    paths, labels, other = [], [], []
     for name in class_names:
-        found = _image_files(os.path.join(root, name))
+        found, not_images = _image_files(os.path.join(root, name))
         paths.extend(found)
         labels.extend([allowed.index(name)] * len(found))
+        other.extend(not_images)
+    _log_ignored(spec, root, other)
     routes = _route_files(paths)
     bad = [p for p, r in zip(paths, routes) if r == 0]
     good = routes > 0
@@ -250,6 +262,25 @@ def _scan(
 # The skips already logged: the recipe may load a small folder twice (with and without its
 # validation split), and the same files need saying once.
 _LOGGED_SKIPS: set[tuple] = set()
+
+
+def _log_ignored(spec: str, root: str, other: Sequence[str]) -> None:
+    """Says once which files of the class folders are not read, by extension (e.g. HEIC photos
+    to convert), so that no image is left out unnoticed."""
+    key = (spec, root, tuple(other))
+    if other and key not in _LOGGED_SKIPS:
+        _LOGGED_SKIPS.add(key)
+        extensions = collections.Counter(os.path.splitext(path)[1].lower() or "(none)" for path in other)
+        counts = ", ".join(f"{extension} {count}" for extension, count in extensions.most_common())
+        files = f"{len(other)} file" + ("s" if len(other) > 1 else "")
+        logging.warning(
+            "data %s: ignored %s in %s's class folders that kft does not read as images (%s; it reads %s)",
+            spec,
+            files,
+            root,
+            counts,
+            " ".join(IMAGE_EXTENSIONS),
+        )
 
 
 def _log_skipped(spec: str, bad: Sequence[str], total: int) -> None:

@@ -287,9 +287,20 @@ def _write_good_images(class_dir, color):
     rgb.convert("CMYK").save(os.path.join(class_dir, "j_cmyk.jpg"))
     os.makedirs(os.path.join(class_dir, "nested"), exist_ok=True)
     rgb.save(os.path.join(class_dir, "nested", "k.Png"))
-    with open(os.path.join(class_dir, "notes.txt"), "w") as f:  # Not an image extension.
-        f.write("ignored, not counted")
-    return 12
+    rgb.save(os.path.join(class_dir, "l.webp"), lossless=True)
+    rgb.save(os.path.join(class_dir, "m.tif"))
+    # 16-bit grayscale TIFF (scanners, microscopes): the gray value in the top 8 bits.
+    gray16 = np.asarray(rgb.convert("L"), np.uint16) * 257
+    Image.fromarray(gray16).save(os.path.join(class_dir, "n_gray16.tiff"))
+    rgb.save(os.path.join(class_dir, "o.jfif"), format="JPEG", quality=98)
+    with open(os.path.join(class_dir, "notes.txt"), "w") as f:  # Not an image extension: said, not counted.
+        f.write("ignored")
+    # Hidden files (macOS metadata, AppleDouble "._" twins) are neither read nor counted.
+    with open(os.path.join(class_dir, ".DS_Store"), "wb") as f:
+        f.write(b"\0\0\0\1Bud1")
+    with open(os.path.join(class_dir, "._a.jpg"), "wb") as f:
+        f.write(b"\0\5\26\7 Mac OS X")
+    return 16
 
 
 def _write_bad_images(class_dir):
@@ -328,15 +339,16 @@ def test_folder_formats_modes_and_skipped(tmp_path, caplog):
     assert splits.class_names == ("cat", "dog", "fox")
     assert splits.skipped == bad
     assert splits.num_train + splits.num_val == good
-    assert (splits.num_train, splits.num_val) == (27, 9)  # 12 per class, 3 val each.
+    assert (splits.num_train, splits.num_val) == (36, 12)  # 16 per class, 4 val each.
     assert f"skipped {bad} of {good + bad}" in caplog.text and "bad_" in caplog.text
+    assert "ignored 3 files in" in caplog.text and "(.txt 3; it reads .jpg" in caplog.text
     # Loaded again (as the recipe does without the validation split): counted, not said twice.
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         assert data.load(f"folder:{tmp_path}", image_size=SIZE, batch_size=4, val_fraction=0).skipped == bad
-    assert "could not be decoded" not in caplog.text
+    assert "could not be decoded" not in caplog.text and "ignored" not in caplog.text
     _check_batch_types(splits.train)
-    for dataset, count in ((splits.train, 24), (splits.val, 9)):  # Train drops 27 % 4.
+    for dataset, count in ((splits.train, 36), (splits.val, 12)):
         images, labels = _batches(dataset)
         assert len(labels) == count
         _assert_class_colors(images, labels, splits.class_names)
