@@ -63,7 +63,9 @@ def _image_files(paths: list[str]) -> list[str]:
         for dirpath, dirnames, filenames in os.walk(path):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             files.extend(
-                os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(data_folder.IMAGE_EXTENSIONS)
+                os.path.join(dirpath, f)
+                for f in sorted(filenames)
+                if f.lower().endswith(data_folder.IMAGE_EXTENSIONS) and not f.startswith(".")  # As kft.data lists.
             )
     return files
 

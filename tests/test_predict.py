@@ -61,6 +61,7 @@ def setup(tmp_path_factory):
     (images / "nested" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (images / "notes.txt").write_text("not an image")  # Wrong extension: not listed.
     Image.fromarray(coloured(0)).save(images / ".hidden" / "skip.png")  # Hidden folder: skipped.
+    (images / "._blue.bmp").write_bytes(b"\0\5\26\7 Mac OS X")  # Hidden file (AppleDouble): skipped.
     return model, run, version, images, {str(k): v for k, v in expected.items()}
 
 
