@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import os
+import time
 import zlib
 from collections.abc import Sequence
 
@@ -54,6 +55,9 @@ def file_problem(path: str) -> str | None:
 # valid/); a user's own validation images are never to be ignored for want of a name.
 _VAL_DIRS = ("val", "valid", "validation")
 _SPLIT_LAYOUT_DIRS = ("train", *_VAL_DIRS, "test")
+
+# How often the up-front check of a folder's files reports its progress.
+PROGRESS_SECONDS = 15
 
 
 def _val_dir(spec: str, root: str) -> str | None:
@@ -169,6 +173,21 @@ def decode_with_pil(path) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
+class _Progress:
+    """Logs how many of `total` image files have been checked, every PROGRESS_SECONDS: decoding
+    50,000 camera photos once takes many minutes on a few cores."""
+
+    def __init__(self, total: int, how: str = ""):
+        self.total, self.how = total, f" {how}" if how else ""
+        self.started = self.last = time.monotonic()
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS and done < self.total:
+            self.last = now
+            logging.info("checking image files%s: %d of %d (%.0f s)", self.how, done, self.total, now - self.started)
+
+
 def _route_files(paths: Sequence[str]) -> np.ndarray:
     """Decodes every file once; returns per file 0 = unusable, 1 = TF decodes it, 2 = PIL.
 
@@ -193,11 +212,18 @@ def _route_files(paths: Sequence[str]) -> np.ndarray:
         )
         return index, ok
 
-    probe = tf.data.Dataset.from_tensor_slices((eligible, [paths[i] for i in eligible]))
-    # Unreadable or undecodable files raise inside map; ignore_errors drops exactly those.
-    probe = probe.map(try_tf, num_parallel_calls=AUTOTUNE, deterministic=False).ignore_errors()
-    for index, ok in probe.batch(4096).as_numpy_iterator():
+    probe = tf.data.Dataset.from_tensor_slices((eligible, np.arange(len(eligible)), [paths[i] for i in eligible]))
+    # Unreadable or undecodable files raise inside map; ignore_errors drops exactly those, so
+    # the position of the last file seen, not a count, says how far the check has come.
+    probe = probe.map(
+        lambda index, position, path: (*try_tf(index, path), position),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=False,
+    ).ignore_errors()
+    progress = _Progress(len(eligible))
+    for index, ok, position in probe.batch(256).as_numpy_iterator():
         routes[index[ok]] = 1
+        progress.update(int(position.max()) + 1)
 
     def try_pil(path):
         try:
@@ -208,9 +234,11 @@ def _route_files(paths: Sequence[str]) -> np.ndarray:
 
     rest = eligible[routes[eligible] == 0]
     workers = min(16, 4 * (os.cpu_count() or 1))
+    progress = _Progress(len(rest), "with PIL")
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        for index, ok in zip(rest, pool.map(try_pil, [paths[i] for i in rest])):
+        for done, (index, ok) in enumerate(zip(rest, pool.map(try_pil, [paths[i] for i in rest])), 1):
             routes[index] = 2 if ok else 0
+            progress.update(done)
     return routes
 
 

@@ -3,6 +3,7 @@
 import dataclasses
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -371,6 +372,21 @@ def _write_numbered(root, counts):
 def _ids(dataset):
     images, labels = _batches(dataset)
     return images[:, 0, 0, 0].tolist(), labels.tolist()
+
+
+def test_the_up_front_check_of_a_large_folder_shows_progress(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(data_folder, "PROGRESS_SECONDS", 0)
+    for name in ("a", "b"):
+        os.makedirs(tmp_path / name)
+        for i in range(300):
+            Image.new("RGB", (4, 4), (i % 256, 0, 0)).save(tmp_path / name / f"{i}.png")
+        for i in range(3):
+            Image.new("RGB", (4, 4)).save(tmp_path / name / f"{i}.tif")  # TF rejects TIFF: PIL decodes it.
+    with caplog.at_level(logging.INFO):
+        splits = data.load(f"folder:{tmp_path}", image_size=SIZE, batch_size=8, val_fraction=0)
+    assert splits.num_train == 606
+    assert re.search(r"checking image files: \d+ of 606 \(", caplog.text)
+    assert re.search(r"checking image files with PIL: \d of 6 \(", caplog.text)
 
 
 def test_folder_split_is_seeded_stratified_and_limit_applies(tmp_path):
