@@ -113,10 +113,9 @@ def folder_identity(spec: str) -> str | None:
     if not isinstance(parsed, FolderSpec) or not os.path.isdir(parsed.path):
         return None
     digest, count = hashlib.sha256(), 0
-    for dirpath, dirnames, filenames in os.walk(parsed.path):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # As the loader walks.
-        for name in sorted(filenames):
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+    for dirpath, filenames in walk_files(parsed.path):
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
                 path = os.path.join(dirpath, name)
                 try:
                     size = os.stat(path).st_size
@@ -140,12 +139,26 @@ def _class_dirs(spec: str, root: str) -> list[str]:
     return names
 
 
-def _image_files(class_dir: str) -> tuple[list[str], list[str]]:
-    """The image files under `class_dir`, and the other files there (hidden ones aside)."""
-    found, other = [], []
-    for dirpath, dirnames, filenames in os.walk(class_dir):
+def walk_files(top: str):
+    """Yields (folder, its file names) under `top`, folders and names sorted, hidden ones (.DS_Store,
+    macOS's ._ twins, .git) left out. Linked folders are walked like folders (datasets are often
+    assembled from links), each real folder once, so a link back up the tree ends the descent."""
+    seen = set()
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(f for f in filenames if not f.startswith(".")):
+        yield dirpath, sorted(f for f in filenames if not f.startswith("."))
+
+
+def _image_files(class_dir: str) -> tuple[list[str], list[str]]:
+    """The image files under `class_dir`, and the other files there."""
+    found, other = [], []
+    for dirpath, filenames in walk_files(class_dir):
+        for name in filenames:
             (found if name.lower().endswith(IMAGE_EXTENSIONS) else other).append(os.path.join(dirpath, name))
     return found, other
 

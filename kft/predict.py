@@ -60,12 +60,9 @@ def _image_files(paths: list[str]) -> list[str]:
         if not os.path.isdir(path):
             files.append(path)
             continue
-        for dirpath, dirnames, filenames in os.walk(path):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for dirpath, filenames in data_folder.walk_files(path):  # As kft.data lists a folder.
             files.extend(
-                os.path.join(dirpath, f)
-                for f in sorted(filenames)
-                if f.lower().endswith(data_folder.IMAGE_EXTENSIONS) and not f.startswith(".")  # As kft.data lists.
+                os.path.join(dirpath, f) for f in filenames if f.lower().endswith(data_folder.IMAGE_EXTENSIONS)
             )
     return files
 

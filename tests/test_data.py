@@ -374,6 +374,22 @@ def _ids(dataset):
     return images[:, 0, 0, 0].tolist(), labels.tolist()
 
 
+def test_linked_folders_are_read_and_a_link_loop_ends(tmp_path):
+    # A dataset assembled from links: a linked class folder, a linked subfolder inside a class,
+    # and a link back up the tree.
+    _write_numbered(tmp_path / "store", {"cat": 3, "dog": 2})  # ids cat 0-2, dog 3-4.
+    _write_numbered(tmp_path / "extra", {"more_cats": 4})  # ids 0-3 again: count, not ids.
+    os.makedirs(tmp_path / "data")
+    os.symlink(tmp_path / "store" / "cat", tmp_path / "data" / "cat", target_is_directory=True)
+    os.symlink(tmp_path / "store" / "dog", tmp_path / "data" / "dog", target_is_directory=True)
+    os.symlink(tmp_path / "extra" / "more_cats", tmp_path / "store" / "cat" / "more", target_is_directory=True)
+    os.symlink(tmp_path / "store" / "cat", tmp_path / "store" / "cat" / "loop", target_is_directory=True)
+    splits = data.load(f"folder:{tmp_path / 'data'}", image_size=SIZE, batch_size=16, val_fraction=0)
+    assert splits.class_names == ("cat", "dog")
+    assert np.bincount(_ids(splits.train)[1]).tolist() == [7, 2]
+    assert data_folder.folder_identity(f"folder:{tmp_path / 'data'}").endswith("/9files")
+
+
 def test_the_up_front_check_of_a_large_folder_shows_progress(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(data_folder, "PROGRESS_SECONDS", 0)
     for name in ("a", "b"):
