@@ -286,3 +286,27 @@ def test_a_drawn_size_trains_each_seed_on_its_own_draw_from_the_pool(tmp_path):
     assert tb.parse_args(["--sizes=5d,10"]).sizes == ["5d", "10"]
     with pytest.raises(SystemExit):
         tb.parse_args(["--sizes=fulld"])
+
+
+def test_the_long_tailed_size_gives_each_seed_its_own_rare_class(tmp_path):
+    # Five classes, as digits 5-9: 40, 20, 10, 5 and 2 images, in a seeded order.
+    names = [str(d) for d in range(5, 10)]
+    orders = {seed: tb.drawn_counts("lt", names, seed) for seed in range(6)}
+    for counts in orders.values():
+        assert sorted(counts) == names and sorted(counts.values()) == [2, 5, 10, 20, 40]
+    assert len({min(counts, key=counts.get) for counts in orders.values()}) > 1  # The rare class moves.
+    assert tb.drawn_counts("lt", ["a", "b", "c", "d", "e", "f"], 0)["a"] in (2, 5, 10, 20, 40)
+    assert sorted(tb.drawn_counts("lt", ["a", "b", "c", "d", "e", "f"], 0).values()) == [2, 2, 5, 10, 20, 40]
+    assert tb.drawn_counts("10d", names, 3) == dict.fromkeys(names, 10)
+    # Faces: 40 and 20 of the pool's 50 per class, never a test image, a draw per seed.
+    data = str(tmp_path / "data" / "faces")
+    tb.build_task("faces", data)
+    pool, _ = _hashes(os.path.join(data, "train_full"))
+    test_files, _ = _hashes(os.path.join(data, "test"))
+    for seed in range(2):
+        path, _ = tb.draw_folder(data, "lt", seed)
+        counts = {c: len(os.listdir(os.path.join(path, c))) for c in ("face", "nonface")}
+        assert counts == tb.drawn_counts("lt", ["face", "nonface"], seed) and sorted(counts.values()) == [20, 40]
+        files = _hashes(path)[0]
+        assert files <= pool and not files & test_files
+    assert tb.parse_args(["--sizes=lt,5d"]).sizes == ["lt", "5d"]

@@ -33,7 +33,10 @@ carves its own validation split from it); the hand-written recipes train on all 
 Those folders are the same for every seed, so a few-shot cell's seeds vary only the training's
 randomness. The drawn sizes `5d`, `10d`, `50d` vary the images too: seed s trains on its own
 random draw of N per class from train_full (seed 0 on train_N), written to
-`draws/train_N_seedS/`; the test folder stays the same.
+`draws/train_N_seedS/`; the test folder stays the same. The drawn size `lt` is long-tailed, as
+users' folders often are: its classes get 40, 20, 10, 5 and 2 images (2 for any further class),
+in an order each seed draws anew, so every seed has its own rare class; the balanced test
+folder then weighs the rare classes as much as the common ones.
 
 Pretrained weights: each backbone is trained from random init on the source task with
 `python -m kft.train --weights=none --stages=all:15@1e-3:bn=train --augment=crop
@@ -116,7 +119,9 @@ SIZES = ("5", "10", "50", "full")
 # class from the train pool (seed 0 on the fixed train_N): "5d" is 5 per class, a draw per seed.
 # With a fixed draw the seeds vary only the training's randomness, so one unlucky (or lucky)
 # set of 10 images decides a whole cell; few-shot results are usually averaged over draws.
-DRAWN_SIZES = tuple(f"{size}d" for size in SIZES if size != "full")
+# "lt": a long-tailed draw per seed, LONG_TAIL images for the classes in a seeded order.
+LONG_TAIL = (40, 20, 10, 5, 2)
+DRAWN_SIZES = (*(f"{size}d" for size in SIZES if size != "full"), "lt")
 BACKBONES = ("MobileNetV2", "ResNet50", "EfficientNetB0")
 IMAGE_SIZE = 32
 # Seeds the test/train split of the target images: fixed, so every run sees the same folders.
@@ -394,7 +399,19 @@ def _size_count(size: str) -> int | None:
 
 def _train_count(manifest: dict, size: str) -> int:
     """Training images of a size, from the manifest (a drawn size has its fixed size's count)."""
+    if size == "lt":
+        return sum(drawn_counts(size, manifest["target_classes"], seed=0).values())
     return sum(manifest["counts"][f"train_{size.removesuffix('d')}"].values())
+
+
+def drawn_counts(size: str, class_names, seed: int) -> dict:
+    """Images per class of a drawn size for `seed`: N each for "Nd"; for "lt", LONG_TAIL's
+    counts (then 2s) down a seeded order of the classes."""
+    names = sorted(class_names)
+    if size != "lt":
+        return {name: int(size.removesuffix("d")) for name in names}
+    order = np.random.default_rng([DATA_SEED, len(names), seed]).permutation(len(names))
+    return {names[i]: LONG_TAIL[min(rank, len(LONG_TAIL) - 1)] for rank, i in enumerate(order)}
 
 
 def draw_path(data_dir: str, size: str, seed: int) -> str:
@@ -408,18 +425,21 @@ def draw_folder(data_dir: str, size: str, seed: int) -> tuple[str, str]:
 
     Seed 0 draws train_N's images (the fixed draw); seed s > 0 draws N per class at random from
     train_full (the whole train pool, so never a test image), seeded by (DATA_SEED, class, s).
+    The long-tailed size "lt" draws `drawn_counts` from the pool for every seed, seed 0 too.
     The images are copied, not linked: a user's folder holds files, and kft reads it as such.
     """
-    count = int(size.removesuffix("d"))
     pool = os.path.join(data_dir, "train_full")
     path = draw_path(data_dir, size, seed)
+    counts = drawn_counts(size, os.listdir(pool), seed)
     chosen = {}
     for index, name in enumerate(sorted(os.listdir(pool))):
-        if seed == 0:
-            chosen[name] = sorted(os.listdir(os.path.join(data_dir, f"train_{count}", name)))
+        if seed == 0 and size != "lt":
+            chosen[name] = sorted(os.listdir(os.path.join(data_dir, f"train_{counts[name]}", name)))
         else:
             files = sorted(os.listdir(os.path.join(pool, name)))
-            picked = np.random.default_rng([DATA_SEED, index, seed]).choice(len(files), count, replace=False)
+            if counts[name] > len(files):
+                raise ValueError(f"size {size}: class {name!r} has {len(files)} images in its pool, not {counts[name]}")
+            picked = np.random.default_rng([DATA_SEED, index, seed]).choice(len(files), counts[name], replace=False)
             chosen[name] = sorted(files[i] for i in picked)
     listing = json.dumps(chosen, sort_keys=True)
     draw_hash = hashlib.sha256(listing.encode()).hexdigest()[:16]
@@ -1077,7 +1097,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--sizes",
         default=None,
         help="comma list of 5, 10, 50, full (images per class; the same images for every seed), "
-        "or 5d, 10d, 50d (that many per class, a new draw from the train pool for each seed)",
+        "or 5d, 10d, 50d (that many per class, a new draw from the train pool for each seed), "
+        "or lt (long-tailed: 40, 20, 10, 5, 2 per class, a new draw and class order for each seed)",
     )
     parser.add_argument("--backbones", default=None, help=f"keras.applications names (default {','.join(BACKBONES)})")
     parser.add_argument("--methods", default=None, help=f"comma list of {', '.join(METHODS)}")
