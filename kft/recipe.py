@@ -209,10 +209,16 @@ def _retention(accuracy: float, transformed_accuracy: float, chance: float) -> f
 
 
 def _nearest_neighbour_accuracy(queries: np.ndarray, database: np.ndarray, labels: np.ndarray) -> float:
-    """How often query i's most similar database row other than row i has label i (unit rows)."""
+    """How often query i's most similar database row other than row i has label i (unit rows),
+    averaged class by class. On a long-tailed set the plain rate counts the big classes' queries
+    most, which find their own class among its many images whatever a turn or mirror did to
+    them: 40 of 77 digits in one class scored turned digits 0.42 against 0.45 upright (chance
+    0.2), and the check added rot90 to digits. Class by class, a matcher that ignores the image
+    scores 1 / classes however the classes are sized; on balanced sets nothing changes."""
     similarity = queries @ database.T
     np.fill_diagonal(similarity, -np.inf)  # Leave one out: not the image itself, turned or not.
-    return float(np.mean(labels[similarity.argmax(1)] == labels))
+    hits = labels[similarity.argmax(1)] == labels
+    return float(np.mean([hits[labels == label].mean() for label in np.unique(labels)]))
 
 
 def mirror_check(images: np.ndarray, labels: np.ndarray) -> MirrorCheck:

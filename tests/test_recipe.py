@@ -322,6 +322,25 @@ def test_rotation_check_tells_turnable_tasks_from_upright_ones():
     assert recipe.derive(45, 3).augment == "crop,flip"  # No backbone to ask: no rot90.
 
 
+def test_on_a_long_tailed_set_the_checks_weigh_every_class_alike():
+    # 40, 20, 10, 5 and 2 images and features that tell nothing apart: a neighbour at random is
+    # most often of a big class, so the plain rate is 0.35 upright and turned alike, which read
+    # as turns keeping the classes (rot90 was added to digits). Class by class it is chance.
+    labels = np.repeat(np.arange(5), [40, 20, 10, 5, 2])
+    images = np.zeros((len(labels), 8, 8, 3), np.uint8)
+
+    def features_of(batch):
+        return np.random.default_rng(int(batch.sum()) + len(batch)).normal(size=(len(batch), 16))
+
+    check = recipe.rotation_check(features_of, images, labels)
+    assert check.accuracy == pytest.approx(0.2, abs=0.05) and check.turned_accuracy == pytest.approx(0.2, abs=0.05)
+    assert not check.invariant and recipe.derive(77, 5, rotation=check).augment == "crop,flip"
+    # Balanced, nothing changes: the rate class by class is the plain rate.
+    balanced = np.repeat(np.arange(3), 10)
+    hits = recipe.rotation_check(lambda batch: np.eye(3)[balanced], images[:30], balanced)
+    assert hits.accuracy == 1.0 and hits.turned_accuracy == 1.0 and hits.invariant
+
+
 def test_the_recipe_asks_the_starting_backbone_about_rotation(tmp_path):
     from kft import checkpoint, model, trainer
 
