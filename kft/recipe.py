@@ -94,7 +94,8 @@ class MirrorCheck:
     measured here kept about half, mirror-symmetric digits (0, 1, 8) 90%, digits 5-9 none.
 
     Attributes:
-      accuracy: leave-one-out nearest-neighbour accuracy of the images among themselves.
+      accuracy: leave-one-out nearest-neighbour accuracy of the images among themselves, averaged
+        class by class.
       mirrored_accuracy: the same for their mirror images as queries.
       chance: 1 / the number of classes.
       margin: the loss that counts as real: two standard errors of the difference of two
@@ -140,7 +141,7 @@ class RotationCheck:
 
     Attributes:
       accuracy: leave-one-out nearest-neighbour accuracy of the images' features among
-        themselves (cosine similarity, centred on their mean).
+        themselves (cosine similarity, centred on their mean), averaged class by class.
       turned_accuracy: the same with the images turned by one, two and three quarter turns as
         queries, averaged over the three.
       chance: 1 / the number of classes.
