@@ -387,10 +387,10 @@ def _load(
     files, bad = _scan(spec, train_root, class_names)
     total = len(files.labels) + len(bad)
     val_name = _val_dir(spec, root) if split_layout else None
-    val_root = os.path.join(root, val_name or "val")
     carved = val_name is None
     not_in_val = ()  # A val/ folder's missing classes are warned about below.
     if not carved:
+        val_root = os.path.join(root, val_name)
         val_classes = _class_dirs(spec, val_root)
         val_files, val_bad = _scan(spec, val_root, val_classes, allowed=class_names)
         missing = sorted(set(class_names) - set(val_classes))
