@@ -13,6 +13,15 @@ from kft import export
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
+# The recipe's path in seconds: a small random-weight backbone, a probe and two steps, no export.
+TINY_RECIPE_RUN = (
+    "--backbone=MobileNetV2",
+    "--weights=none",
+    "--image_size=32",
+    "--stages=probe,all:2steps@1e-4",
+    "--verbose=0",
+    "--export_dir=none",
+)
 
 
 def run_train_in_process(argv: list[str]) -> None:
@@ -186,17 +195,7 @@ def test_stage_naming_missing_block_and_resume_conflicts(tmp_path):
 
 def test_rerunning_a_recipe_run_resumes_it_with_the_recipe_it_recorded(tmp_path):
     model_dir = tmp_path / "run"
-    command = [
-        f"--model_dir={model_dir}",
-        "--dataset=digits:0-1",
-        "--train_limit_per_class=8",
-        "--backbone=MobileNetV2",
-        "--weights=none",
-        "--image_size=32",
-        "--stages=probe,all:2steps@1e-4",
-        "--verbose=0",
-        "--export_dir=none",
-    ]
+    command = [f"--model_dir={model_dir}", "--dataset=digits:0-1", "--train_limit_per_class=8", *TINY_RECIPE_RUN]
     first = run_module("kft.train", *command)
     assert first.returncode == 0, first.stderr[-3000:]
     # A run from a kft whose recipe gave no test views (before --test_views): this kft's
@@ -231,15 +230,7 @@ def test_a_folder_with_a_class_of_a_few_images_trains_with_the_defaults(tmp_path
         os.makedirs(folder)
         for i in range(count):
             Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-    common = [
-        f"--dataset=folder:{tmp_path / 'images'}",
-        "--backbone=MobileNetV2",
-        "--weights=none",
-        "--image_size=32",
-        "--stages=probe,all:2steps@1e-4",
-        "--verbose=0",
-        "--export_dir=none",
-    ]
+    common = [f"--dataset=folder:{tmp_path / 'images'}", *TINY_RECIPE_RUN]
     # The recipe's default: no split to carve from 14 images, every image trains.
     default = run_module("kft.train", f"--model_dir={tmp_path / 'default'}", *common)
     assert default.returncode == 0, default.stderr[-3000:]

@@ -430,9 +430,10 @@ def draw_folder(data_dir: str, size: str, seed: int) -> tuple[str, str]:
     """
     pool = os.path.join(data_dir, "train_full")
     path = draw_path(data_dir, size, seed)
-    counts = drawn_counts(size, os.listdir(pool), seed)
+    names = sorted(os.listdir(pool))
+    counts = drawn_counts(size, names, seed)
     chosen = {}
-    for index, name in enumerate(sorted(os.listdir(pool))):
+    for index, name in enumerate(names):
         if seed == 0 and size != "lt":
             chosen[name] = sorted(os.listdir(os.path.join(data_dir, f"train_{counts[name]}", name)))
         else:
