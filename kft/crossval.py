@@ -5,8 +5,8 @@ On a small set kft.train's recipe trains on every image (a carved validation spl
 kft.schedule.MIN_RANKING_VAL images cannot rank models, and it costs training images). Ranking
 tuning trials on such a split is ranking on noise: at 10 images per class, ranked on 3 or 5
 validation images, kft.tune's best was 2.5-2.9 points below the recipe alone (BENCHMARKS.md).
-Cross-validation holds out every image once, so a trial is scored on all N images instead of a
-tenth of them, and the tuned model still trains on every image.
+Cross-validation holds out every image once (but a class's only one), so a trial is scored on
+all N images instead of a tenth of them, and the tuned model still trains on every image.
 
 Each fold trains on (FOLDS - 1) / FOLDS of the images: the trial's cost is FOLDS runs.
 """
@@ -15,6 +15,7 @@ import zlib
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from kft import data
 
@@ -34,7 +35,7 @@ def check(num_train: int, class_names, class_counts) -> int:
       class_counts: training images per class, in class_names' order.
 
     Raises:
-      ValueError: more than MAX_IMAGES images, or a class with a single image (one line each).
+      ValueError: more than MAX_IMAGES images, or no class with two images (one line each).
     """
     if num_train > MAX_IMAGES:
         raise ValueError(
@@ -42,18 +43,18 @@ def check(num_train: int, class_names, class_counts) -> int:
             f"images is more than the {MAX_IMAGES} it cross-validates instead; hold some out "
             "(--val_fraction=0.1, or a val/ folder)"
         )
-    fewest = int(np.argmin(class_counts))
-    if class_counts[fewest] < 2:
+    if max(class_counts) < 2:
         raise ValueError(
-            f"class {class_names[fewest]!r} has {class_counts[fewest]} training image: ranking kft.tune's "
-            "trials by cross-validation needs at least 2 per class (or a validation split: a val/ folder)"
+            f"every class has a single training image ({len(class_names)} classes): ranking kft.tune's trials "
+            "by cross-validation needs a class of at least 2 (or a validation split: a val/ folder)"
         )
-    return int(min(FOLDS, min(class_counts)))
+    # A class with fewer images than folds is held out in as many folds as it has images.
+    return int(min(FOLDS, max(class_counts)))
 
 
 def folds(splits: data.Splits, seed: int) -> list[data.Splits]:
     """The training images of `splits` as stratified folds: fold i validates on the i-th share
-    of every class and trains on the rest.
+    of every class and trains on the rest; a class of one image trains in every fold.
 
     Args:
       splits: the run's data; its training images are read once, in their fixed order.
@@ -69,9 +70,19 @@ def folds(splits: data.Splits, seed: int) -> list[data.Splits]:
     images, labels = _read(splits.train_in_order)
     counts = np.bincount(labels, minlength=len(splits.class_names))
     num_folds = check(len(labels), splits.class_names, counts)
+    single = [name for name, count in zip(splits.class_names, counts) if count < 2]
+    if single:
+        logging.warning(
+            "cross-validation scores no image of %s: a class of one image trains in every fold",
+            ", ".join(repr(name) for name in single),
+        )
     fold_of = np.empty(len(labels), np.int64)
     for index, name in enumerate(splits.class_names):
         members = np.flatnonzero(labels == index)
+        if len(members) < 2:
+            # Held out, its class would be missing from that fold's training: it trains in every fold.
+            fold_of[members] = -1
+            continue
         rng = np.random.default_rng([seed % 2**32, zlib.crc32(name.encode())])
         fold_of[rng.permutation(members)] = np.arange(len(members)) % num_folds
     return [

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from absl import flags
 from PIL import Image
 
@@ -539,12 +540,41 @@ def test_folds_hold_every_training_image_out_once_stratified_and_seeded():
     assert sorted(held_out) == everything
     assert [_image_keys(f.val) for f in crossval.folds(splits, seed=0)] == [_image_keys(f.val) for f in folds]
     assert [_image_keys(f.val) for f in crossval.folds(splits, seed=1)] != [_image_keys(f.val) for f in folds]
-    # Two images of a class make two folds; one cannot be both trained on and held out.
+    # Two images per class make two folds; one image cannot be both trained on and held out.
     assert len(crossval.folds(_digits(limit=2), seed=0)) == 2
-    with pytest.raises(ValueError, match=r"^class '0' has 1 training image: ranking kft.tune's trials"):
+    with pytest.raises(ValueError, match=r"^every class has a single training image \(3 classes\): ranking kft.tune"):
         crossval.folds(_digits(limit=1), seed=0)
     with pytest.raises(ValueError, match=r"^kft.tune ranks .* 2001 training images is more than the 2000"):
         crossval.check(2001, ("a", "b"), [1000, 1001])
+
+
+def _uneven_splits(counts: list[int]) -> data.Splits:
+    labels = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+    images = np.arange(len(labels), dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 3), np.uint8)
+    in_order = tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+    names = tuple(f"c{i}" for i in range(len(counts)))
+    return data.Splits(
+        train=in_order, val=None, class_names=names, num_train=len(labels), num_val=0, skipped=0,
+        train_in_order=in_order, batch_size=4,
+    )  # fmt: skip
+
+
+def test_folds_of_uneven_classes_keep_every_class_in_every_folds_training(caplog):
+    # Classes of 7, 2 and 1 images: three folds (the largest class sets them, not the smallest);
+    # the 2-image class is held out in two folds, one image each; the 1-image class trains in all.
+    splits = _uneven_splits([7, 2, 1])
+    with caplog.at_level("WARNING"):
+        folds = crossval.folds(splits, seed=0)
+    assert len(folds) == 3
+    assert "cross-validation scores no image of 'c2': a class of one image trains in every fold" in caplog.text
+    held_out = []
+    for fold in folds:
+        train_labels = [int(y) for _, labels in fold.train_in_order for y in labels]
+        val_labels = [int(y) for _, labels in fold.val for y in labels]
+        assert set(train_labels) == {0, 1, 2} and fold.num_train + fold.num_val == 10
+        assert val_labels.count(0) in (2, 3) and val_labels.count(1) <= 1 and 2 not in val_labels
+        held_out += [int(x[0, 0, 0]) for images, _ in fold.val for x in images.numpy()]
+    assert sorted(held_out) == list(range(9))  # Every image but the single one, once.
 
 
 def test_without_a_validation_split_each_trial_is_scored_by_cross_validation(tmp_path, monkeypatch, capsys):
@@ -651,7 +681,7 @@ def test_cross_validated_search_trains_for_real_and_its_best_cfg_trains(tmp_path
         (["--tune_dir="], "--tune_dir is required"),
         (
             ["--val_fraction=0", "--train_limit_per_class=1"],
-            "class '0' has 1 training image: ranking kft.tune's trials by cross-validation needs at least 2",
+            "every class has a single training image (3 classes): ranking kft.tune's trials by cross-validation",
         ),
     ],
 )
