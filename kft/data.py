@@ -250,6 +250,18 @@ def load(
         stored,
         stored,
     )
+    limit = kwargs["cache_bytes"]
+    if limit and not should_cache(splits.num_train + splits.num_val, stored, limit):
+        # Nothing else tells the user why every epoch is slow: a folder of large photos is
+        # decoded again each time.
+        logging.warning(
+            "data %s: its decoded images (%.1f GiB at %d px) exceed the cache limit (%.1f GiB, "
+            "kft.train's --cache_gb), so they are decoded again every epoch",
+            spec,
+            (splits.num_train + splits.num_val) * stored * stored * 3 / 1024**3,
+            stored,
+            limit / 1024**3,
+        )
     return splits
 
 

@@ -228,12 +228,18 @@ def test_tfds_fixed_size_images_stay_at_their_size_for_a_larger_model():
     assert classifier.feature_map(images).shape[1:3] == (7, 7)  # 224 px features
 
 
-@pytest.mark.parametrize("cache_bytes,cached", [(0, False), (123 * 1024, True)])
-def test_cache_bytes_decides_the_memory_cache(tmp_path, cache_bytes, cached):
+@pytest.mark.parametrize(
+    "cache_bytes,cached,warned", [(0, False, False), (4 * 1024, False, True), (123 * 1024, True, False)]
+)
+def test_cache_bytes_decides_the_memory_cache(tmp_path, caplog, cache_bytes, cached, warned):
     # digits:0-1 at 8 px: 360 images x 192 bytes = 69 kB decoded.
-    splits = data.load("digits:0-1", image_size=8, batch_size=8, cache_bytes=cache_bytes)
+    with caplog.at_level("WARNING"):
+        splits = data.load("digits:0-1", image_size=8, batch_size=8, cache_bytes=cache_bytes)
     for dataset in (splits.train, splits.val):
         assert (b"CacheDataset" in dataset._as_serialized_graph().numpy()) == cached
+    # A set over a limit it was given is named (0 = never cache, asked for: nothing to say).
+    message = "data digits:0-1: its decoded images (0.0 GiB at 8 px) exceed the cache limit (0.0 GiB, kft.train's --cache_gb), so they are decoded again every epoch"
+    assert (message in caplog.text) == warned
 
 
 def test_tfds_split_choice():
