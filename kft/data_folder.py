@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import os
 import time
-import zlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -113,16 +112,13 @@ def folder_identity(spec: str) -> str | None:
     if not isinstance(parsed, FolderSpec) or not os.path.isdir(parsed.path):
         return None
     digest, count = hashlib.sha256(), 0
-    for dirpath, filenames in walk_files(parsed.path):
-        for name in filenames:
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                path = os.path.join(dirpath, name)
-                try:
-                    size = os.stat(path).st_size
-                except OSError:
-                    size = -1
-                digest.update(f"{os.path.relpath(path, parsed.path)}\0{size}\n".encode())
-                count += 1
+    for path in image_files(parsed.path)[0]:
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = -1
+        digest.update(f"{os.path.relpath(path, parsed.path)}\0{size}\n".encode())
+        count += 1
     return f"sha256:{digest.hexdigest()[:16]}/{count}files"
 
 
@@ -154,10 +150,10 @@ def walk_files(top: str):
         yield dirpath, sorted(f for f in filenames if not f.startswith("."))
 
 
-def _image_files(class_dir: str) -> tuple[list[str], list[str]]:
-    """The image files under `class_dir`, and the other files there."""
+def image_files(top: str) -> tuple[list[str], list[str]]:
+    """The image files under `top` in `walk_files` order, and the other files there."""
     found, other = [], []
-    for dirpath, filenames in walk_files(class_dir):
+    for dirpath, filenames in walk_files(top):
         for name in filenames:
             (found if name.lower().endswith(IMAGE_EXTENSIONS) else other).append(os.path.join(dirpath, name))
     return found, other
@@ -277,7 +273,7 @@ def _scan(
         )
     paths, labels, other = [], [], []
     for name in class_names:
-        found, not_images = _image_files(os.path.join(root, name))
+        found, not_images = image_files(os.path.join(root, name))
         paths.extend(found)
         labels.extend([allowed.index(name)] * len(found))
         other.extend(not_images)
@@ -396,10 +392,7 @@ def _load(
         missing = sorted(set(class_names) - set(val_classes))
         if missing:
             logging.warning("data %s: %s/ has no folder for classes %s", spec, val_name, missing)
-        train_per_class = [
-            np.random.default_rng([seed % 2**32, zlib.crc32(n.encode())]).permutation(np.flatnonzero(files.labels == i))
-            for i, n in enumerate(class_names)
-        ]
+        train_per_class = data.split_per_class(files.labels, class_names, 0.0, seed)[0]  # Each class seeded, all train.
         train_files = _subset(files, data.limit_train(train_per_class, train_limit_per_class))
         bad, total = bad + val_bad, total + len(val_files.labels) + len(val_bad)
     else:

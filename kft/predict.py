@@ -60,10 +60,7 @@ def _image_files(paths: list[str]) -> list[str]:
         if not os.path.isdir(path):
             files.append(path)
             continue
-        for dirpath, filenames in data_folder.walk_files(path):  # As kft.data lists a folder.
-            files.extend(
-                os.path.join(dirpath, f) for f in filenames if f.lower().endswith(data_folder.IMAGE_EXTENSIONS)
-            )
+        files.extend(data_folder.image_files(path)[0])  # As kft.data lists a folder.
     return files
 
 
